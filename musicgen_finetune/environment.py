@@ -1,0 +1,76 @@
+"""Process environment for every entry point, set before dora, Hydra, AudioCraft or transformers are imported.
+
+Each of these libraries reads its settings from the environment at import time, so this module must be imported
+first and must not import them itself (Hydra only, for the search-path plugin).
+"""
+import getpass
+import os
+import sys
+
+from . import CONFIG_DIR, output_dir, upstream_config_dir
+
+TEAM = "musicgen_finetune"
+
+
+def offline_hub() -> None:
+    """Never reach the Hugging Face hub: without this, a missing T5 retries the network for minutes.
+
+    `MUSICGEN_FT_ALLOW_HUB=1` keeps the hub reachable for users who want AudioCraft's default downloads.
+    """
+    if os.environ.get("MUSICGEN_FT_ALLOW_HUB") == "1":
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    if "huggingface_hub" in sys.modules:  # imported before us: its constants were read already
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def user_name() -> None:
+    """Upstream's teams files and config.yaml interpolate ${oc.env:USER}; containers and CI often lack it."""
+    if not os.environ.get("USER"):
+        try:
+            os.environ["USER"] = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry for this uid
+            os.environ["USER"] = "musicgen"
+
+
+def audiocraft_team() -> None:
+    """Our teams file (dora directory, cluster partitions) instead of upstream's, which points at /checkpoint."""
+    os.environ.setdefault("AUDIOCRAFT_TEAM", TEAM)
+    os.environ.setdefault("AUDIOCRAFT_CONFIG", str(CONFIG_DIR / "teams" / f"{TEAM}.yaml"))
+    os.environ.setdefault("AUDIOCRAFT_DORA_DIR", str(output_dir() / "xps"))
+
+
+def register_upstream_config() -> None:
+    """Make AudioCraft's config tree a Hydra search path below ours, through a plugin.
+
+    A `hydra.searchpath` entry in our primary config is not enough: dora lists config groups from the primary
+    directory only, so `solver=` and `dset=` overrides of upstream groups would fail.
+    """
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    upstream = upstream_config_dir()
+
+    class AudioCraftConfigSearchPath(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            search_path.append(provider="audiocraft", path=f"file://{upstream}")
+
+    Plugins.instance().register(AudioCraftConfigSearchPath)
+
+
+_prepared = False
+
+
+def prepare() -> None:
+    """Idempotent: every entry point calls it before importing dora, Hydra's compose or AudioCraft."""
+    global _prepared
+    if _prepared:
+        return
+    _prepared = True
+    offline_hub()
+    user_name()
+    audiocraft_team()
+    register_upstream_config()

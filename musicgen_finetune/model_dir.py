@@ -1,0 +1,214 @@
+"""A local model folder in the facebook/musicgen-small snapshot layout, checked before anything trains.
+
+    <model>/state_dict.bin              LM weights + the config it was trained with ('best_state', 'xp.cfg')
+    <model>/compression_state_dict.bin  the full EnCodec ('best_state', 'xp.cfg')
+    <model>/t5/ (optional)              a local T5 encoder + spiece.model (else T5=, or the Hugging Face cache)
+
+Transformers files in the same folder (config.json, model.safetensors, ...) are ignored here.
+"""
+import dataclasses
+import os
+import typing as tp
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+LM_FILE = "state_dict.bin"
+COMPRESSION_FILE = "compression_state_dict.bin"
+T5_SUBDIR = "t5"
+T5_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+PRETRAINED_PREFIX = "//pretrained/"
+# What must match between a snapshot and the run's config for its weights to load; the rest is optimisation.
+ARCHITECTURE_SECTIONS = ("lm_model", "sample_rate", "channels", "transformer_lm", "codebooks_pattern", "fuser",
+                         "conditioners")
+
+
+class ModelDirError(FileNotFoundError):
+    """A model folder or its T5 is missing something; the message names what and how to provide it."""
+
+
+@dataclasses.dataclass
+class ModelFiles:
+    root: Path
+    lm: Path
+    compression: Path
+    t5: tp.Optional[Path]
+    xp_cfg: DictConfig
+    tensors: int
+
+    def describe(self) -> str:
+        t5 = f", T5 from {self.t5}" if self.t5 else ""
+        return f"{self.root}: LM {self.lm.name} ({self.tensors} tensors), EnCodec {self.compression.name}{t5}"
+
+
+@dataclasses.dataclass
+class StateDictReport:
+    matched: int
+    total: int
+    missing: tp.List[str]       # in the model, not in the file: keep their initial values
+    unexpected: tp.List[str]    # in the file, not in the model
+    mismatched: tp.List[str]    # in both, with different shapes
+
+    def describe(self) -> str:
+        parts = []
+        for label, keys in (("unexpected", self.unexpected), ("shape mismatch", self.mismatched),
+                            ("missing", self.missing)):
+            if keys:
+                parts.append(f"{len(keys)} {label} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
+        return "; ".join(parts) or f"all {self.total} tensors match"
+
+
+def compare_state_dicts(model_state: tp.Mapping[str, tp.Any], loaded: tp.Mapping[str, tp.Any]) -> StateDictReport:
+    matched = [k for k in loaded if k in model_state and tuple(loaded[k].shape) == tuple(model_state[k].shape)]
+    return StateDictReport(
+        matched=len(matched), total=len(model_state),
+        missing=[k for k in model_state if k not in loaded],
+        unexpected=[k for k in loaded if k not in model_state],
+        mismatched=[k for k in loaded if k in model_state and k not in matched])
+
+
+def lm_file(name: tp.Union[str, Path]) -> Path:
+    """The LM file behind a `//pretrained/<name>` reference to a folder or file."""
+    path = Path(name)
+    return path / LM_FILE if path.is_dir() else path
+
+
+def load_package(path: Path) -> dict:
+    """A snapshot file's dict, memory-mapped (no copy of the weights), with the safe unpickler."""
+    import torch
+    from .patches import refused, _checkpoint_globals
+    import pickle
+    torch.serialization.add_safe_globals(_checkpoint_globals())
+    try:
+        package = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise refused(path, err) from err
+    except RuntimeError as err:  # not a zip-format torch file
+        raise ModelDirError(f"{path} is not a readable torch file ({err}).") from err
+    if not isinstance(package, dict) or "best_state" not in package:
+        raise ModelDirError(f"{path} has no 'best_state': it is not an AudioCraft model file. A training "
+                            "checkpoint (checkpoint.th) must be exported first: `make export XP=<signature>`.")
+    return package
+
+
+def _hf_cache_dirs() -> tp.List[Path]:
+    if os.environ.get("HF_HUB_CACHE"):
+        return [Path(os.environ["HF_HUB_CACHE"])]
+    home = Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface")
+    return [home / "hub"]
+
+
+def is_t5_dir(path: Path) -> bool:
+    return ((path / "config.json").is_file() and (path / "spiece.model").is_file()
+            and any((path / w).is_file() for w in T5_WEIGHTS))
+
+
+def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = None) -> Path:
+    """The local T5 for a model whose xp.cfg names T5 `name`: T5=, <model>/t5, a folder named so, the HF cache."""
+    if explicit:
+        path = Path(explicit).expanduser().resolve()
+        if not is_t5_dir(path):
+            raise ModelDirError(
+                f"T5={path} is not a T5 folder: it needs config.json, spiece.model and "
+                f"{' or '.join(T5_WEIGHTS)} (T5EncoderModel.save_pretrained + T5Tokenizer.save_pretrained).")
+        return path
+    candidates = [root / T5_SUBDIR, root / Path(name).name, Path(name).expanduser()]
+    short = name.split("/")[-1]
+    for cache in _hf_cache_dirs():
+        for repo in {name, f"google-t5/{short}", short}:
+            snapshots = cache / f"models--{repo.replace('/', '--')}" / "snapshots"
+            candidates += sorted(snapshots.glob("*")) if snapshots.is_dir() else [snapshots]
+    for path in candidates:
+        if is_t5_dir(path):
+            return path.resolve()
+    looked = "\n  ".join(str(c) for c in dict.fromkeys(candidates))
+    raise ModelDirError(
+        f"No local copy of the T5 text encoder '{name}' that {root / LM_FILE} was trained with. Looked in:\n  "
+        f"{looked}\nProvide it with T5=/path/to/{short} (a folder with config.json, spiece.model and the weights), "
+        f"or put it at {root / T5_SUBDIR}, or download it once where the hub is reachable: "
+        f"`huggingface-cli download {name}` (then copy ~/.cache/huggingface here).")
+
+
+def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = None) -> ModelFiles:
+    """Everything a fine-tune of `model` needs, or a ModelDirError naming what is missing and how to fix it."""
+    root = Path(model).expanduser().resolve()
+    if not root.is_dir():
+        raise ModelDirError(f"MODEL={model}: {root} is not a folder. Point MODEL at a local copy of "
+                            "facebook/musicgen-small (state_dict.bin, compression_state_dict.bin).")
+    lm, compression = root / LM_FILE, root / COMPRESSION_FILE
+    missing = [p for p in (lm, compression) if not p.is_file()]
+    if missing:
+        hint = ""
+        if (root / "model.safetensors").is_file() and (root / "config.json").is_file():
+            hint = (" It looks like a transformers-format MusicGen (config.json + model.safetensors); AudioCraft "
+                    "needs the original snapshot files, which facebook/musicgen-small also ships.")
+        raise ModelDirError(f"MODEL={root} lacks {', '.join(p.name for p in missing)}.{hint} Download the "
+                            "snapshot of facebook/musicgen-small (state_dict.bin and compression_state_dict.bin) "
+                            "into that folder.")
+    package = load_package(lm)
+    if "xp.cfg" not in package:
+        raise ModelDirError(f"{lm} has no 'xp.cfg': the LM's architecture cannot be known. Use an exported "
+                            "AudioCraft model (MusicGen snapshot or `make export`).")
+    xp_cfg = OmegaConf.create(package["xp.cfg"])
+    compression_package = load_package(compression)
+    if "pretrained" in compression_package or "xp.cfg" not in compression_package:
+        raise ModelDirError(
+            f"{compression} only points at '{compression_package.get('pretrained')}' instead of holding the "
+            "EnCodec weights, which would need the hub. Copy the real compression_state_dict.bin of "
+            "facebook/musicgen-small there.")
+    t5_dir = None
+    t5_cfg = OmegaConf.select(xp_cfg, "conditioners.description.t5")
+    if OmegaConf.select(xp_cfg, "conditioners.description.model") == "t5" and t5_cfg is not None:
+        t5_dir = find_t5(root, str(t5_cfg.name), t5)
+    return ModelFiles(root=root, lm=lm, compression=compression, t5=t5_dir, xp_cfg=xp_cfg,
+                      tensors=len(package["best_state"]))
+
+
+def _leaves(value: tp.Any, prefix: str) -> tp.Iterator[tp.Tuple[str, tp.Any]]:
+    if isinstance(value, dict):
+        for key, child in value.items():
+            yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
+
+
+def hydra_value(value: tp.Any) -> str:
+    """A Python value written as a Hydra command-line override value."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    text = str(value)
+    if text and all(c.isalnum() or c in "-_./" for c in text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.List[str]:
+    """`key=value` overrides that give the run's config the snapshot's architecture, where they differ."""
+    snapshot = OmegaConf.to_container(snapshot_cfg, resolve=True)
+    run = OmegaConf.to_container(run_cfg, resolve=True)
+    run_leaves = dict(_leaves(run, ""))
+    overrides = []
+    for section in ARCHITECTURE_SECTIONS:
+        if section not in snapshot:
+            continue
+        for key, value in _leaves({section: snapshot[section]}, ""):
+            if key.endswith("t5.name") or key not in run_leaves or value == {}:
+                continue  # the T5 path is set separately; keys this AudioCraft has no more are irrelevant
+            if run_leaves[key] != value:
+                overrides.append(f"{key}={hydra_value(value)}")
+    return overrides
+
+
+def pretrained_overrides(files: ModelFiles) -> tp.List[str]:
+    """Continue from the local LM, use its EnCodec and its T5: no hub call."""
+    overrides = [f"continue_from={PRETRAINED_PREFIX}/{files.root}",
+                 f"compression_model_checkpoint={PRETRAINED_PREFIX}/{files.root}"]
+    if files.t5 is not None:
+        overrides.append(f"conditioners.description.t5.name={files.t5}")
+    return overrides

@@ -1,0 +1,121 @@
+"""The dora entry point: `dora -P musicgen_finetune run solver=finetune/... key=value ...`.
+
+The same steps as AudioCraft's `audiocraft/train.py` `main`, with our config overlay (config/) on top of
+upstream's tree, our teams file and dora directory, the hub switched off, and our patches applied. It also
+stands in for `audiocraft.train`, which upstream code imports to resolve checkpoints and signatures.
+"""
+import logging
+import multiprocessing
+import os
+import random
+import sys
+import typing as tp
+
+from . import environment
+
+environment.prepare()  # before dora, Hydra and AudioCraft read the environment
+
+import flashy  # noqa: E402
+import hydra  # noqa: E402
+import omegaconf  # noqa: E402
+from dora import XP, git_save, hydra_main  # noqa: E402
+
+from audiocraft.environment import AudioCraftEnvironment  # noqa: E402
+from audiocraft.utils.cluster import get_slurm_parameters  # noqa: E402
+
+from . import patches  # noqa: E402
+
+patches.apply()
+patches.register_train_module(sys.modules[__name__])
+
+logger = logging.getLogger(__name__)
+DATASET_SPLITS = ("train", "valid", "evaluate", "generate")
+
+
+def split_batch_over_gpus(cfg: omegaconf.DictConfig) -> None:
+    """`dataset.batch_size` is the total over all GPUs, as upstream; each process gets its share."""
+    world_size = flashy.distrib.world_size()
+    sections = [("dataset", cfg.dataset)] + [
+        (f"dataset.{split}", cfg.dataset[split]) for split in DATASET_SPLITS
+        if split in cfg.dataset and cfg.dataset[split].get("batch_size") is not None]
+    for name, section in sections:
+        if section.batch_size % world_size:
+            raise ValueError(f"{name}.batch_size={section.batch_size} does not split over {world_size} GPUs; "
+                             f"use a multiple of {world_size}.")
+        section.batch_size //= world_size
+
+
+def get_solver(cfg: omegaconf.DictConfig):
+    from audiocraft import solvers
+    from .solver import FinetuneSolver
+    split_batch_over_gpus(cfg)
+    for split, path in cfg.datasource.items():
+        if isinstance(path, str):
+            cfg.datasource[split] = git_save.to_absolute_path(path)
+    if cfg.solver == FinetuneSolver.NAME:
+        return FinetuneSolver(cfg)
+    return solvers.get_solver(cfg)
+
+
+def get_solver_from_xp(xp: XP, override_cfg: tp.Optional[tp.Union[dict, omegaconf.DictConfig]] = None,
+                       restore: bool = True, load_best: bool = True,
+                       ignore_state_keys: tp.List[str] = [], disable_fsdp: bool = True):
+    """A solver for an existing experiment (upstream `train.get_solver_from_xp`, used by export and eval)."""
+    cfg = xp.cfg
+    if override_cfg is not None:
+        cfg = omegaconf.OmegaConf.merge(cfg, omegaconf.DictConfig(override_cfg))
+    if disable_fsdp and cfg.fsdp.use:
+        cfg.fsdp.use = False
+        ignore_state_keys = ignore_state_keys + ["model", "ema", "best_state"]
+    try:
+        with xp.enter():
+            solver = get_solver(cfg)
+            if restore:
+                solver.restore(load_best=load_best, ignore_state_keys=ignore_state_keys)
+        return solver
+    finally:
+        hydra.core.global_hydra.GlobalHydra.instance().clear()
+
+
+def get_solver_from_sig(sig: str, *args, **kwargs):
+    return get_solver_from_xp(main.get_xp_from_sig(sig), *args, **kwargs)
+
+
+def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
+    import numpy as np
+    import torch
+    from audiocraft.modules.transformer import set_efficient_attention_backend
+    multiprocessing.set_start_method(cfg.mp_start_method, force=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.num_threads)
+    os.environ["MKL_NUM_THREADS"] = str(cfg.num_threads)
+    os.environ["OMP_NUM_THREADS"] = str(cfg.num_threads)
+    set_efficient_attention_backend(cfg.efficient_attention_backend)
+
+
+@hydra_main(config_path="../config", config_name="musicgen_finetune", version_base="1.1")
+def main(cfg):
+    init_seed_and_system(cfg)
+    log_name = f"{cfg.execute_only}.log.{{rank}}" if cfg.execute_only else "solver.log.{rank}"
+    flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name=log_name)
+    flashy.distrib.init()
+    solver = get_solver(cfg)
+    if cfg.show:
+        solver.show()
+        return
+    if cfg.execute_only:
+        if not (cfg.execute_inplace or cfg.continue_from is not None):
+            raise ValueError("execute_only needs continue_from=<sig or path>, or execute_inplace=true.")
+        solver.restore(replay_metrics=False)
+        solver.run_one_stage(cfg.execute_only)
+        return
+    return solver.run()
+
+
+main.dora.dir = AudioCraftEnvironment.get_dora_dir()
+main._base_cfg.slurm = get_slurm_parameters(main._base_cfg.slurm)
+
+if __name__ == "__main__":
+    main()
