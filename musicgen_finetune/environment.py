@@ -39,7 +39,7 @@ def audiocraft_team() -> None:
     """Our teams file (dora directory, cluster partitions) instead of upstream's, which points at /checkpoint."""
     os.environ.setdefault("AUDIOCRAFT_TEAM", TEAM)
     os.environ.setdefault("AUDIOCRAFT_CONFIG", str(CONFIG_DIR / "teams" / f"{TEAM}.yaml"))
-    os.environ.setdefault("AUDIOCRAFT_DORA_DIR", str(output_dir() / "xps"))
+    os.environ.setdefault("AUDIOCRAFT_DORA_DIR", str(output_dir()))  # dora puts each experiment in xps/<sig>
 
 
 def register_upstream_config() -> None:

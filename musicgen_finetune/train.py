@@ -45,9 +45,24 @@ def split_batch_over_gpus(cfg: omegaconf.DictConfig) -> None:
         section.batch_size //= world_size
 
 
+def check_required(cfg: omegaconf.DictConfig) -> None:
+    """Our presets leave these null (dora cannot name an XP whose config holds ???); say how to set them."""
+    if cfg.solver != "musicgen_finetune":
+        return
+    if not cfg.get("compression_model_checkpoint"):
+        raise ValueError("compression_model_checkpoint is not set: use `make train MODEL=<folder>`, or pass "
+                         "compression_model_checkpoint=//pretrained//<abs model folder> and "
+                         "continue_from=//pretrained//<abs model folder>.")
+    for split in ("train", "valid"):
+        if not cfg.datasource.get(split):
+            raise ValueError(f"datasource.{split} is not set: use `make train NAME=<dataset>`, or pass "
+                             f"datasource.{split}=<abs path to manifests/<name>/{split}>.")
+
+
 def get_solver(cfg: omegaconf.DictConfig):
     from audiocraft import solvers
     from .solver import FinetuneSolver
+    check_required(cfg)
     split_batch_over_gpus(cfg)
     for split, path in cfg.datasource.items():
         if isinstance(path, str):

@@ -1,0 +1,77 @@
+"""`make train`: check the model folder and dataset, build the `dora run` command, run it, say where things are.
+
+The command is printed in full, so it can be re-run or edited by hand; running it again resumes the experiment
+(same overrides, same signature, same folder).
+"""
+import os
+import shlex
+import subprocess
+import sys
+import typing as tp
+from pathlib import Path
+
+from . import environment, model_dir
+from .data import manifests_root
+
+SPLITS = ("train", "valid", "evaluate", "generate")
+DEFAULT_PRESET = "finetune/musicgen_small"
+
+
+class LaunchError(ValueError):
+    """Something to fix before training can start; the message says what."""
+
+
+def dataset_overrides(name: str) -> tp.List[str]:
+    """datasource.* for a dataset written by `make manifests NAME=<name>` (evaluate and generate use valid)."""
+    root = manifests_root() / name
+    paths = {"train": root / "train", "valid": root / "valid"}
+    for split, path in paths.items():
+        if not (path / "data.jsonl").is_file():
+            raise LaunchError(f"NAME={name}: {path / 'data.jsonl'} does not exist. "
+                              f"Run `make manifests DATA=<your folder> NAME={name}` first.")
+    paths["evaluate"] = paths["generate"] = paths["valid"]
+    return [f"datasource.{split}={paths[split]}" for split in SPLITS]
+
+
+def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False) -> tp.List[str]:
+    return ["dora", "-P", "musicgen_finetune", "run", *(["-d"] if multi_gpu else []), *overrides]
+
+
+def check_device(cfg) -> None:
+    import torch
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("This preset trains on a CUDA GPU and none is visible. On a CPU, train the tiny model "
+                          "(`make demo`), or pass ARGS='device=cpu autocast=false' to try anyway (very slow).")
+
+
+def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
+         extra: tp.Sequence[str] = ()) -> tp.Tuple[tp.List[str], tp.Any]:
+    """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config)."""
+    environment.prepare()
+    files = model_dir.check(model, t5)
+    base = [f"solver={preset}", *model_dir.pretrained_overrides(files), *dataset_overrides(name)]
+    from .train import main  # imports AudioCraft: after the cheap checks
+    composed = main.get_xp([*base, *extra]).cfg
+    overrides = [*base, *model_dir.architecture_overrides(files.xp_cfg, composed), *extra]
+    xp = main.get_xp(overrides)
+    check_device(xp.cfg)
+    print(f"Model: {files.describe()}")
+    return overrides, xp
+
+
+def run(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
+        extra: tp.Sequence[str] = (), multi_gpu: bool = False) -> Path:
+    overrides, xp = plan(model, name, t5, preset, extra)
+    command = dora_command(overrides, multi_gpu)
+    print("Running: " + shlex.join(command), flush=True)
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    result = subprocess.run(command, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"Training failed (exit {result.returncode}); the log is {xp.folder / 'solver.log.0'}. "
+                         f"Re-running the same command resumes from the last checkpoint.")
+    print(f"Experiment {xp.sig}: {xp.folder}\n"
+          f"  checkpoint {xp.folder / 'checkpoint.th'}\n"
+          f"  log        {xp.folder / 'solver.log.0'}\n"
+          f"  samples    {xp.folder / 'samples'}")
+    return xp.folder

@@ -1,0 +1,123 @@
+"""Write a tiny, deterministic, random-initialised MusicGen in the facebook/musicgen-small snapshot layout.
+
+No real weights exist on a fresh machine, so the demo and the tests make this one. It goes through the very code
+path that loads the real musicgen-small: `state_dict.bin` (fp16 LM weights + its xp.cfg), the full EnCodec in
+`compression_state_dict.bin`, and a local T5 encoder with a real sentencepiece tokenizer in `t5/`.
+"""
+import io
+import json
+import shutil
+import tempfile
+import typing as tp
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import model_dir
+from .config import compose
+
+# A few hundred words a caption may use, for the tokenizer: the demo's styles, and general music vocabulary.
+TOKENIZER_CORPUS = """
+hip hop 808 beat with trap drums, hard kick with long decay, crisp snare and rolling hi hats
+boom bap beat with dusty drums, vinyl crackle, jazzy piano chords and a deep bass line
+lofi chill instrumental, soft keys, warm tape saturation, relaxed groove for studying
+ambient pad with slow evolving synths, reverb, no drums, calm and spacious
+electronic dance track, four on the floor kick, bright lead synth, energetic build up and drop
+acoustic guitar ballad, gentle strumming, warm and intimate, folk song
+orchestral cinematic score with strings, brass, timpani, epic and dramatic
+rock song with distorted electric guitars, live drums, bass, powerful and driving
+major minor key tempo bpm slow fast medium dark bright happy sad aggressive mellow
+C D E F G A B sharp flat 60 70 80 90 100 110 120 130 140 150 160 170 180 beats per minute
+""".strip().splitlines()
+
+
+def train_tokenizer(out: Path, vocab_size: int = 200) -> Path:
+    """A real sentencepiece model with T5's special ids (pad 0, eos 1, unk 2), trained deterministically."""
+    import sentencepiece as spm
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TOKENIZER_CORPUS * 4), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        num_threads=1, minloglevel=2, seed_sentencepiece_size=10000, shuffle_input_sentence=False)
+    path = out / "spiece.model"
+    path.write_bytes(model.getvalue())
+    return path
+
+
+def write_t5(out: Path, seed: int, width: int = 32) -> Path:
+    """A 2-layer T5 encoder and its tokenizer, as `T5EncoderModel/T5Tokenizer.save_pretrained` write them."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = T5Tokenizer(str(train_tokenizer(Path(tmp))), legacy=False)
+        tokenizer.save_pretrained(out)
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=width // 2, d_ff=2 * width, num_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    torch.manual_seed(seed)
+    T5EncoderModel(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _plain_cfg(cfg) -> str:
+    """The config as upstream stores it in 'xp.cfg': a yaml string, here with interpolations resolved."""
+    return OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
+
+
+def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebooks: int) -> None:
+    """A small SEANet EnCodec at 32 kHz and 50 Hz (musicgen-small's rates), its codebooks initialised by k-means."""
+    from audiocraft.models import builders
+    cfg = compose(["solver=compression/encodec_musicgen_32khz", "device=cpu", "seanet.n_filters=4",
+                   "seanet.dimension=16", "seanet.lstm=0", f"rvq.bins={codebook_size}", f"rvq.n_q={num_codebooks}",
+                   "rvq.kmeans_iters=5"])
+    torch.manual_seed(seed)
+    model = builders.get_compression_model(cfg)
+    model.train()
+    with torch.no_grad():  # first forward initialises the codebooks from data (k-means), as in training
+        model(torch.randn(4, 1, 32000) * 0.1)
+    model.eval()
+    torch.save({"xp.cfg": _plain_cfg(cfg), "best_state": model.state_dict()}, out / model_dir.COMPRESSION_FILE)
+
+
+def write_lm(out: Path, seed: int, codebook_size: int, num_codebooks: int, t5_dir: Path,
+             extra_overrides: tp.Sequence[str] = ()) -> None:
+    """The musicgen_lm architecture at 'xsmall' scale, with T5 text conditioning, weights stored in fp16."""
+    import audiocraft
+    from audiocraft.models import builders
+    from . import patches
+    patches.apply()
+    overrides = ["solver=finetune/cpu_tiny", "model/lm/model_scale=xsmall", f"transformer_lm.card={codebook_size}",
+                 f"transformer_lm.n_q={num_codebooks}", f"conditioners.description.t5.name={t5_dir}",
+                 *extra_overrides]
+    cfg = compose(overrides)
+    torch.manual_seed(seed)
+    lm = builders.get_lm_model(cfg)
+    cfg.conditioners.description.t5.name = model_dir.T5_SUBDIR  # found beside the model, wherever it is moved
+    state = {k: v.half() if v.is_floating_point() else v for k, v in lm.state_dict().items()}
+    torch.save({"best_state": state, "xp.cfg": _plain_cfg(cfg), "version": audiocraft.__version__,
+                "exported": True}, out / model_dir.LM_FILE)
+
+
+def write_tiny_model(out: tp.Union[str, Path], seed: int = 0, codebook_size: int = 64,
+                     num_codebooks: int = 4) -> Path:
+    """Write the whole snapshot folder (replacing `out` only once it is complete)."""
+    out = Path(out).resolve()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        t5_dir = write_t5(staging / model_dir.T5_SUBDIR, seed)
+        write_compression_model(staging, seed, codebook_size, num_codebooks)
+        write_lm(staging, seed, codebook_size, num_codebooks, t5_dir)
+        (staging / "README.md").write_text(
+            "A tiny random-initialised MusicGen written by `musicgen_finetune.tiny_model` for demos and tests.\n"
+            "Same layout as facebook/musicgen-small; it makes noise, not music.\n")
+        (staging / "tiny_model.json").write_text(json.dumps(
+            {"seed": seed, "codebook_size": codebook_size, "num_codebooks": num_codebooks}, indent=2) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
+    return out

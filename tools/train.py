@@ -1,0 +1,19 @@
+"""make train MODEL=<folder> NAME=<dataset> [T5=<folder>] [PRESET=finetune/musicgen_small] [ARGS='k=v ...']"""
+import argparse
+import shlex
+import sys
+
+from musicgen_finetune import launch, model_dir
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--model", required=True, help="local MusicGen folder (musicgen-small snapshot layout)")
+parser.add_argument("--name", required=True, help="dataset written by `make manifests NAME=...`")
+parser.add_argument("--t5", default=None, help="local T5 folder (default: <model>/t5, then the HF cache)")
+parser.add_argument("--preset", default=launch.DEFAULT_PRESET, help="solver preset under config/solver/")
+parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
+parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
+opts = parser.parse_args()
+try:
+    launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu)
+except (launch.LaunchError, model_dir.ModelDirError) as err:
+    sys.exit(f"error: {err}")
