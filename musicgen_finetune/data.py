@@ -12,6 +12,7 @@ The split is by file name hash, so adding files never moves an existing file to 
 """
 import hashlib
 import json
+import os
 import shutil
 import typing as tp
 from pathlib import Path
@@ -28,7 +29,8 @@ class DatasetError(ValueError):
 
 
 def manifests_root() -> Path:
-    return REPO_ROOT / "manifests"
+    """`$MUSICGEN_FT_MANIFESTS` or `<repo>/manifests`."""
+    return Path(os.environ.get("MUSICGEN_FT_MANIFESTS") or REPO_ROOT / "manifests").resolve()
 
 
 def read_metadata(data_dir: Path) -> tp.List[dict]:

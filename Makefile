@@ -1,0 +1,72 @@
+# musicgen-finetune: every user-facing step is a target. `make help` lists them.
+# Each target runs `make setup` first when needed (a fresh clone runs `make demo` or `make test` directly).
+
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-stamp
+
+# The venv's bin first: its ffmpeg (when the system has none) and dora.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+# Never reach the Hugging Face hub (MUSICGEN_FT_ALLOW_HUB=1 to allow it).
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+ifdef OUTPUT
+export MUSICGEN_FT_OUTPUT := $(abspath $(OUTPUT))
+endif
+
+# make train / manifests / doctor
+MODEL ?=
+NAME ?=
+DATA ?=
+T5 ?=
+PRESET ?= finetune/musicgen_small
+ARGS ?=
+GPUS ?= 1
+VALID ?= 0.25
+TEXT ?=
+# make demo
+DEMO_MODEL ?= output/models/tiny-musicgen
+DEMO_DATA ?= output/data/hiphop808
+DEMO_NAME ?= hiphop808-demo
+# make test
+PYTEST_ARGS ?=
+
+.PHONY: help setup demo test manifests train doctor tiny-model demo-data clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+setup: $(STAMP)  ## .venv with the pinned stack, AudioCraft's source in audiocraft/, ffmpeg on PATH
+$(STAMP): requirements.lock tools/setup.sh
+	@bash tools/setup.sh
+
+demo: setup  ## the whole job on the embedded tiny model and synthetic 808 beats, on the CPU
+	$(PY) tools/tiny_model.py --out $(DEMO_MODEL)
+	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
+	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME)
+	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny --args "$(ARGS)"
+
+test: setup  ## the test suite (real dora runs on a tiny model; a few minutes on 2 CPU cores)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+manifests: setup  ## DATA=<folder with metadata.json> NAME=<dataset> [VALID=0.25] [TEXT=caption]
+	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
+	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --valid $(VALID) $(if $(TEXT),--text "$(TEXT)")
+
+train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
+	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
+	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)" --args "$(ARGS)" \
+		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu)
+
+doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
+	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")
+
+tiny-model: setup  ## write the embedded tiny model to DEMO_MODEL (output/models/tiny-musicgen)
+	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --force
+
+demo-data: setup  ## synthesise the 808 demo dataset to DEMO_DATA
+	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
+
+clean:  ## remove outputs and manifests (keeps .venv and audiocraft/)
+	rm -rf output manifests

@@ -1,0 +1,13 @@
+"""Synthesise the hip-hop 808 demo dataset: python egs/hiphop808/make_data.py --out output/data/hiphop808"""
+import argparse
+
+from musicgen_finetune.synth808 import write_dataset
+
+parser = argparse.ArgumentParser(description=__doc__)
+parser.add_argument("--out", required=True)
+parser.add_argument("--count", type=int, default=16)
+parser.add_argument("--seconds", type=float, default=4.0)
+parser.add_argument("--seed", type=int, default=808)
+opts = parser.parse_args()
+out = write_dataset(opts.out, opts.count, opts.seconds, opts.seed)
+print(f"808 dataset: {opts.count} beats of {opts.seconds:g} s in {out} (captions in metadata.json)")

@@ -1,0 +1,107 @@
+"""`make doctor`: is this machine ready to fine-tune, and if not, what to do about it."""
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import typing as tp
+from pathlib import Path
+
+from . import model_dir, output_dir, upstream_config_dir
+from .data import manifests_root
+
+# A musicgen-small training checkpoint (weights + AdamW state) is about 8.8 GB; keep room for two and exports.
+MIN_FREE_GB = 20.0
+
+
+class Check(tp.NamedTuple):
+    ok: bool
+    what: str
+    detail: str  # what was found, or what to do
+
+
+def check_python() -> Check:
+    version = ".".join(map(str, sys.version_info[:3]))
+    ok = (3, 10) <= sys.version_info[:2] <= (3, 12)
+    return Check(ok, "python", version if ok else f"{version}: use Python 3.10-3.12 (make setup PYTHON=...)")
+
+
+def check_gpu() -> Check:
+    import torch
+    if not torch.cuda.is_available():
+        return Check(True, "gpu", "none visible: the tiny demo runs on the CPU; fine-tuning musicgen-small needs a "
+                                  "CUDA GPU (the finetune/musicgen_small preset is sized for 24 GB)")
+    props = torch.cuda.get_device_properties(0)
+    memory = props.total_memory / 2 ** 30
+    bf16 = torch.cuda.is_bf16_supported()
+    detail = f"{torch.cuda.device_count()} x {props.name}, {memory:.0f} GiB, bf16 {'yes' if bf16 else 'no'}"
+    if not bf16:
+        detail += " (use ARGS='autocast_dtype=float16', which adds loss scaling)"
+    return Check(memory >= 15, "gpu", detail if memory >= 15 else detail + ": under 16 GiB, lower dataset.batch_size")
+
+
+def check_ffmpeg() -> Check:
+    path = shutil.which("ffmpeg")
+    if not path:
+        return Check(False, "ffmpeg", "not on PATH: AudioCraft writes every audio file through it. Run `make setup` "
+                                      "(it links the imageio-ffmpeg binary into .venv/bin) or install ffmpeg.")
+    result = subprocess.run([path, "-version"], capture_output=True, text=True)
+    first = (result.stdout.splitlines() or ["?"])[0]
+    return Check(result.returncode == 0, "ffmpeg", f"{path}: {first}")
+
+
+def check_upstream() -> Check:
+    try:
+        return Check(True, "audiocraft config", str(upstream_config_dir()))
+    except FileNotFoundError as err:
+        return Check(False, "audiocraft config", str(err))
+
+
+def check_model(model: str, t5: tp.Optional[str]) -> tp.List[Check]:
+    try:
+        files = model_dir.check(model, t5)
+    except (model_dir.ModelDirError, Exception) as err:  # noqa: BLE001 - every failure is reported the same way
+        return [Check(False, "model", str(err))]
+    checks = [Check(True, "model", f"{files.lm} ({files.tensors} tensors), {files.compression}")]
+    if files.t5 is not None:
+        checks.append(Check(True, "t5", str(files.t5)))
+    return checks
+
+
+def check_writable(path: Path, what: str) -> Check:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return Check(False, what, f"{path} is not writable ({err.strerror}); set OUTPUT=<writable folder>")
+    return Check(True, what, f"{path} writable")
+
+
+def check_disk(path: Path) -> Check:
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    free = shutil.disk_usage(existing).free / 2 ** 30
+    detail = f"{free:.0f} GiB free at {existing}"
+    if free < MIN_FREE_GB:
+        return Check(False, "disk", f"{detail}: a musicgen-small checkpoint is ~8.8 GB; free {MIN_FREE_GB:.0f} GiB "
+                                    "or move outputs with OUTPUT=<folder>")
+    return Check(True, "disk", detail)
+
+
+def check_hub() -> Check:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return Check(True, "hub", "offline (HF_HUB_OFFLINE=1): nothing is downloaded" if offline
+                 else "reachable if the network allows: AudioCraft may try to download")
+
+
+def run(model: tp.Optional[str] = None, t5: tp.Optional[str] = None) -> int:
+    checks = [check_python(), check_gpu(), check_ffmpeg(), check_upstream(), check_hub()]
+    if model:
+        checks += check_model(model, t5)
+    checks += [check_writable(output_dir(), "output"), check_writable(manifests_root(), "manifests"),
+               check_disk(output_dir())]
+    for check in checks:
+        print(f"{'ok ' if check.ok else 'FIX'}  {check.what:<18} {check.detail}")
+    failed = [c for c in checks if not c.ok]
+    print("All good." if not failed else f"{len(failed)} thing(s) to fix, above.")
+    return 1 if failed else 0

@@ -1,0 +1,111 @@
+"""End to end: the real `dora run`, through `tools/train.py` in a subprocess, on the tiny model, offline, no USER."""
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import DATASET, run_tool
+
+TRAIN = "tools/train.py"
+
+
+def train(workdir, model, args="", preset="finetune/cpu_tiny"):
+    return run_tool([TRAIN, "--model", str(model), "--name", DATASET, "--preset", preset, "--args", args], workdir)
+
+
+def xp_folder(result) -> Path:
+    match = re.search(r"^Experiment (\w+): (\S+)$", result.stdout, re.MULTILINE)
+    assert match, f"no experiment line in the output:\n{result.stdout}\n{result.stderr[-3000:]}"
+    return Path(match.group(2))
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir, tiny_model, dataset):
+    log = workdir / "network_attempts.log"
+    log.unlink(missing_ok=True)
+    result = train(workdir, tiny_model)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def test_fine_tune_writes_checkpoint_history_and_samples(first_run):
+    folder = xp_folder(first_run)
+    assert folder.parent.name == "xps" and folder.parent.parent.name == "output"
+    assert (folder / "checkpoint.th").is_file()
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 3
+    for epoch in history:
+        assert math.isfinite(epoch["train"]["ce"]) and math.isfinite(epoch["valid"]["ce"])
+    assert history[-1]["train"]["ce"] < history[0]["train"]["ce"]  # it learned something
+    assert list((folder / "samples").rglob("*.wav")), "the last epoch generates samples to listen to"
+
+
+def test_log_says_what_was_loaded_trained_and_written(first_run, tiny_model):
+    snapshot = torch.load(tiny_model / "state_dict.bin", weights_only=True)
+    tensors = len(snapshot["best_state"])
+    log = first_run.stderr + first_run.stdout
+    assert f"Loaded pretrained LM weights from {tiny_model / 'state_dict.bin'}: {tensors} of {tensors} tensors " \
+           "matched" in log
+    assert f"T5 from {tiny_model / 't5'}" in log
+    assert re.search(r"Training [\d,]+ of [\d,]+ LM parameters", log)
+    assert "Checkpoint: " in log and "samples: " in log
+
+
+def test_run_makes_no_network_call(first_run, workdir):
+    log = workdir / "network_attempts.log"
+    assert not log.exists() or log.read_text() == ""
+
+
+def test_network_guard_catches_a_connection(workdir):
+    """The guard above must be able to fail: a process that tries the network is caught and logged."""
+    log = workdir / "guard_check.log"
+    result = run_tool(["-c", "import urllib.request; urllib.request.urlopen('http://example.com', timeout=2)"],
+                      workdir, extra_env={"NETWORK_GUARD_LOG": str(log)})
+    assert result.returncode != 0 and "example.com" in log.read_text()
+
+
+def test_rerun_resumes_instead_of_restarting(first_run, workdir, tiny_model):
+    folder = xp_folder(first_run)
+    history_before = (folder / "history.json").read_text()
+    again = train(workdir, tiny_model)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert xp_folder(again) == folder  # same overrides, same signature
+    log = again.stderr + again.stdout
+    assert f"Loading existing checkpoint: {folder / 'checkpoint.th'}" in log
+    assert "Train | Epoch" not in log  # nothing retrained
+    assert (folder / "history.json").read_text() == history_before
+
+
+def test_weights_at_step_zero_are_the_snapshot(workdir, tiny_model, dataset):
+    """Fine-tuning, not training from scratch: with lr=0 the trained weights are exactly the snapshot's."""
+    result = train(workdir, tiny_model, args="optim.lr=0 schedule.lr_scheduler=null optim.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained = torch.load(xp_folder(result) / "checkpoint.th", weights_only=True)["model"]
+    snapshot = torch.load(tiny_model / "state_dict.bin", weights_only=True)["best_state"]
+    assert trained.keys() == snapshot.keys()
+    for key, value in snapshot.items():
+        assert torch.equal(trained[key], value.to(trained[key].dtype)), key
+
+
+def test_dora_info_knows_the_experiment(first_run, workdir):
+    folder = xp_folder(first_run)
+    command = re.search(r"^Running: dora -P musicgen_finetune run (.*)$", first_run.stdout, re.MULTILINE).group(1)
+    result = run_tool(["-m", "dora", "-P", "musicgen_finetune", "info", *command.split()], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert folder.name in result.stdout + result.stderr
+
+
+def test_bad_model_folder_fails_before_training(workdir, dataset):
+    result = train(workdir, workdir / "no-such-model")
+    assert result.returncode != 0
+    assert f"{workdir / 'no-such-model'} is not a folder" in result.stderr
+    assert "Running: dora" not in result.stdout
+
+
+def test_missing_dataset_names_the_manifest(workdir, tiny_model):
+    result = run_tool([TRAIN, "--model", str(tiny_model), "--name", "not-prepared"], workdir)
+    assert result.returncode != 0
+    assert "not-prepared/train/data.jsonl does not exist" in result.stderr and "make manifests" in result.stderr
