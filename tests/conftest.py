@@ -13,6 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 NETWORK_GUARD = Path(__file__).resolve().parent / "network_guard"
 DATASET = "hiphop808-test"
+# As `make test` runs it: the venv's bin (its ffmpeg, dora) first on PATH.
+os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,65 @@
+"""Our Hydra overlay on AudioCraft's config tree: composition, presets, signatures, no USER."""
+import os
+
+import pytest
+from omegaconf import OmegaConf
+
+from musicgen_finetune import model_dir
+from musicgen_finetune.config import compose
+
+
+def architecture(cfg) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {section: plain.get(section) for section in model_dir.ARCHITECTURE_SECTIONS}
+
+
+def test_upstream_groups_are_found_through_the_search_path():
+    cfg = compose(["solver=musicgen/musicgen_base_32khz", "dset=audio/example"])
+    assert cfg.solver == "musicgen" and cfg.optim.optimizer == "dadam"  # upstream's own values
+
+
+def test_musicgen_small_preset_keeps_the_released_architecture():
+    """Key names and shapes must match facebook/musicgen-small's weights: same architecture as upstream's."""
+    ours = architecture(compose(["solver=finetune/musicgen_small"]))
+    upstream = architecture(compose(["solver=musicgen/musicgen_base_32khz"]))
+    assert ours == upstream
+    assert ours["transformer_lm"]["dim"] == 1024 and ours["transformer_lm"]["num_layers"] == 24
+
+
+def test_musicgen_small_preset_is_for_one_24gb_gpu():
+    cfg = compose(["solver=finetune/musicgen_small"])
+    assert cfg.solver == "musicgen_finetune" and cfg.device == "cuda"
+    assert cfg.optim.optimizer == "adamw" and 5e-5 <= cfg.optim.lr <= 2e-4  # not D-Adaptation at lr 1
+    assert cfg.schedule.lr_scheduler == "cosine" and cfg.schedule.cosine.warmup > 0
+    assert cfg.dataset.batch_size // cfg.optim.grad_accum_steps <= 4  # upstream: 192 for 32 GPUs
+    assert cfg.autocast and cfg.autocast_dtype == "bfloat16"
+    assert cfg.checkpoint.save_last and not cfg.optim.ema.use
+    assert cfg.generate.every and cfg.generate.every <= cfg.optim.epochs
+
+
+def test_cpu_preset_runs_without_cuda():
+    cfg = compose(["solver=finetune/cpu_tiny"])
+    assert cfg.device == "cpu" and not cfg.autocast and cfg.dataset.num_workers == 0
+
+
+def test_config_resolves_without_user(monkeypatch):
+    """Upstream's config.yaml and teams files interpolate ${oc.env:USER} (InterpolationResolutionError)."""
+    from audiocraft.environment import AudioCraftEnvironment
+    monkeypatch.delenv("USER", raising=False)
+    cfg = compose(["solver=finetune/cpu_tiny"])
+    assert cfg.dora.dir == os.environ["AUDIOCRAFT_DORA_DIR"]
+    AudioCraftEnvironment.reset()
+    try:
+        assert str(AudioCraftEnvironment.get_dora_dir()) == os.environ["AUDIOCRAFT_DORA_DIR"]
+    finally:
+        AudioCraftEnvironment.reset()
+
+
+def test_signature_ignores_overrides_equal_to_defaults():
+    """make train passes only the architecture keys that differ; equal ones would not change the name anyway."""
+    from musicgen_finetune.train import main
+    base = ["solver=finetune/musicgen_small", "datasource.train=/d/train", "datasource.valid=/d/valid"]
+    plain = main.get_xp(base)
+    assert main.get_xp([*base, "transformer_lm.dim=1024"]).sig == plain.sig
+    assert main.get_xp([*base, "transformer_lm.dim=64"]).sig != plain.sig
+    assert main.get_xp(list(base)).sig == plain.sig

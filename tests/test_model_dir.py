@@ -1,0 +1,123 @@
+"""The checks of a local model folder, and the overrides that make training use it offline."""
+import shutil
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from musicgen_finetune import model_dir
+from musicgen_finetune.config import compose
+
+
+def copy_model(tiny_model, tmp_path, name="model"):
+    target = tmp_path / name
+    shutil.copytree(tiny_model, target)
+    return target
+
+
+def test_tiny_model_passes(tiny_model):
+    files = model_dir.check(tiny_model)
+    assert files.lm == tiny_model / "state_dict.bin" and files.t5 == tiny_model / "t5"
+    assert files.tensors == len(torch.load(files.lm, weights_only=True)["best_state"])
+
+
+def test_missing_weights_are_named(tiny_model, tmp_path):
+    model = copy_model(tiny_model, tmp_path)
+    (model / "compression_state_dict.bin").unlink()
+    with pytest.raises(model_dir.ModelDirError, match="lacks compression_state_dict.bin"):
+        model_dir.check(model)
+
+
+def test_transformers_format_folder_gets_a_hint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(model_dir.ModelDirError, match="transformers-format"):
+        model_dir.check(tmp_path)
+
+
+def test_training_checkpoint_is_not_a_model(tiny_model, tmp_path):
+    model = copy_model(tiny_model, tmp_path)
+    torch.save({"model": {}, "xp.cfg": "{}"}, model / "state_dict.bin")
+    with pytest.raises(model_dir.ModelDirError, match="make export"):
+        model_dir.check(model)
+
+
+def test_compression_file_pointing_at_the_hub_is_refused(tiny_model, tmp_path):
+    """ac#489: exported compression files that only name a hub model."""
+    model = copy_model(tiny_model, tmp_path)
+    torch.save({"pretrained": "facebook/encodec_32khz", "best_state": {}}, model / "compression_state_dict.bin")
+    with pytest.raises(model_dir.ModelDirError, match="facebook/encodec_32khz"):
+        model_dir.check(model)
+
+
+def rename_t5(model, name):
+    package = torch.load(model / "state_dict.bin", weights_only=True)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.conditioners.description.t5.name = name
+    package["xp.cfg"] = OmegaConf.to_yaml(cfg)
+    torch.save(package, model / "state_dict.bin")
+
+
+def test_missing_t5_lists_where_it_looked(tiny_model, tmp_path, monkeypatch):
+    model = copy_model(tiny_model, tmp_path)
+    t5 = tmp_path / "elsewhere" / "t5-base"
+    shutil.move(model / "t5", t5)
+    rename_t5(model, "t5-base")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    with pytest.raises(model_dir.ModelDirError) as err:
+        model_dir.check(model)
+    assert str(model / "t5") in str(err.value) and "T5=" in str(err.value)
+    assert str(tmp_path / "hf" / "hub" / "models--t5-base") in str(err.value)
+    assert model_dir.check(model, t5=t5).t5 == t5  # T5= wins
+
+
+def test_t5_is_found_in_the_hugging_face_cache(tiny_model, tmp_path, monkeypatch):
+    model = copy_model(tiny_model, tmp_path)
+    rename_t5(model, "t5-base")
+    snapshot = tmp_path / "hf" / "hub" / "models--google-t5--t5-base" / "snapshots" / "abc123"
+    shutil.move(model / "t5", snapshot)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    assert model_dir.check(model).t5 == snapshot
+
+
+def test_bad_explicit_t5_is_named(tiny_model, tmp_path):
+    with pytest.raises(model_dir.ModelDirError, match=f"T5={tmp_path} is not a T5 folder"):
+        model_dir.check(tiny_model, t5=tmp_path)
+
+
+def test_pretrained_overrides_point_at_the_folder(tiny_model):
+    overrides = model_dir.pretrained_overrides(model_dir.check(tiny_model))
+    assert f"continue_from=//pretrained/{tiny_model}" in overrides  # //pretrained/ + /abs/path
+    assert f"compression_model_checkpoint=//pretrained/{tiny_model}" in overrides
+    assert f"conditioners.description.t5.name={tiny_model / 't5'}" in overrides
+
+
+def test_architecture_comes_from_the_snapshot(tiny_model):
+    files = model_dir.check(tiny_model)
+    run_cfg = compose(["solver=finetune/cpu_tiny"])
+    overrides = model_dir.architecture_overrides(files.xp_cfg, run_cfg)
+    applied = compose(["solver=finetune/cpu_tiny", *overrides])
+    for section in ("transformer_lm", "codebooks_pattern"):
+        assert OmegaConf.to_container(applied[section]) == OmegaConf.to_container(files.xp_cfg[section])
+    assert not any("t5.name" in o for o in overrides)
+
+
+def test_architecture_overrides_are_empty_for_a_matching_model():
+    run_cfg = compose(["solver=finetune/musicgen_small"])
+    assert model_dir.architecture_overrides(run_cfg, run_cfg) == []
+
+
+@pytest.mark.parametrize("value, text", [(None, "null"), (True, "true"), (3, "3"), (0.5, "0.5"),
+                                         ([0, 1, 2], "[0,1,2]"), ("delay", "delay"),
+                                         ("a b", "'a b'"), ("it's", "'it\\'s'")])
+def test_hydra_values(value, text):
+    assert model_dir.hydra_value(value) == text
+
+
+def test_state_dict_report():
+    model = {"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(1)}
+    loaded = {"a": torch.ones(2), "b": torch.ones(4), "x": torch.ones(1)}
+    report = model_dir.compare_state_dicts(model, loaded)
+    assert (report.matched, report.missing, report.unexpected, report.mismatched) == (1, ["c"], ["x"], ["b"])

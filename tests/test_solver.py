@@ -1,0 +1,34 @@
+"""Pieces of our solver that need no training run (the runs are in test_train_e2e.py)."""
+import pytest
+import torch
+
+from musicgen_finetune import environment
+
+environment.prepare()
+from musicgen_finetune.solver import count_segments, split_batch  # noqa: E402
+
+
+def test_split_batch_covers_every_item_once():
+    audio = torch.arange(5).view(5, 1, 1).float()
+    infos = list("abcde")
+    parts = split_batch((audio, infos), 2)
+    assert [len(p[1]) for p in parts] == [2, 3] or [len(p[1]) for p in parts] == [3, 2]
+    assert torch.equal(torch.cat([p[0] for p in parts]), audio)
+    assert sum((p[1] for p in parts), []) == infos
+
+
+def test_split_batch_of_cached_tokens():
+    parts = split_batch((list(range(4)),), 4)
+    assert [p[0] for p in parts] == [[0], [1], [2], [3]]
+
+
+def test_split_batch_too_small_says_what_to_change():
+    with pytest.raises(ValueError, match="grad_accum_steps=4"):
+        split_batch((torch.zeros(2, 1, 1), ["a", "b"]), 4)
+
+
+def test_count_segments(dataset, tmp_path):
+    lines = (dataset / "train" / "data.jsonl").read_text().splitlines()
+    assert count_segments(str(dataset / "train")) == len(lines)
+    with pytest.raises(FileNotFoundError, match="make manifests"):
+        count_segments(str(tmp_path))
