@@ -61,9 +61,20 @@ class FinetuneSolver(MusicGenSolver):
                                  split, self.cfg.dataset[split].num_samples, path)
         super().build_dataloaders()
 
+    def fit_warmup_to_run(self) -> None:
+        """Upstream's cosine schedule divides by (total - warmup) updates (optim/cosine_lr_scheduler.py:38): a small
+        dataset with few epochs can have no more updates than the warmup. Shorten the warmup to a tenth then."""
+        cosine = self.cfg.schedule.cosine
+        if self.cfg.schedule.lr_scheduler == "cosine" and cosine.warmup and cosine.warmup >= self.total_updates:
+            shorter = self.total_updates // 10
+            self.logger.warning("schedule.cosine.warmup=%d is not shorter than this run's %d updates; using %d.",
+                                cosine.warmup, self.total_updates, shorter)
+            cosine.warmup = shorter
+
     def build_model(self) -> None:
         if self.grad_accum_steps > 1 and self.cfg.fsdp.use:
             raise ValueError("optim.grad_accum_steps > 1 is not supported with fsdp.use=true.")
+        self.fit_warmup_to_run()
         super().build_model()
         self.logger.info("Compression model (frozen): %s", self.cfg.compression_model_checkpoint)
         t5 = self.cfg.conditioners.get("description", {}).get("t5", {})

@@ -37,6 +37,13 @@ def test_musicgen_small_preset_is_for_one_24gb_gpu():
     assert cfg.generate.every and cfg.generate.every <= cfg.optim.epochs
 
 
+def test_runs_need_no_slurm_git_or_xformers_kernel():
+    cfg = compose(["solver=finetune/musicgen_small"])
+    assert cfg.dora.git_save is False  # upstream: true, grids then need a pristine git checkout
+    assert cfg.efficient_attention_backend == "torch"  # xformers 0.0.33 has no CPU kernel
+    assert cfg.transformer_lm.memory_efficient  # custom attention: the released checkpoints' key names
+
+
 def test_cpu_preset_runs_without_cuda():
     cfg = compose(["solver=finetune/cpu_tiny"])
     assert cfg.device == "cpu" and not cfg.autocast and cfg.dataset.num_workers == 0

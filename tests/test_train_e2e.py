@@ -109,3 +109,47 @@ def test_missing_dataset_names_the_manifest(workdir, tiny_model):
     result = run_tool([TRAIN, "--model", str(tiny_model), "--name", "not-prepared"], workdir)
     assert result.returncode != 0
     assert "not-prepared/train/data.jsonl does not exist" in result.stderr and "make manifests" in result.stderr
+
+
+def test_gradient_accumulation_matches_the_full_batch(workdir, tiny_model, beats):
+    """One epoch in 1 micro-batch or in 2 ends at the same weights. All randomness of the step is switched off,
+    and every caption is the same: AudioCraft's cross-attention also attends to T5 padding, so captions of other
+    lengths would legitimately give micro-batches other outputs than the full batch."""
+    import json
+    import shutil
+    from musicgen_finetune.data import build_manifests
+    same_caption = workdir / "same-caption"
+    shutil.copytree(beats, same_caption, dirs_exist_ok=True)
+    entries = [{"audio": e["audio"], "text": "hip hop 808 beat"}
+               for e in json.loads((beats / "metadata.json").read_text())]
+    (same_caption / "metadata.json").write_text(json.dumps(entries))
+    build_manifests(same_caption, "same-caption", valid_fraction=0.3)
+    deterministic = ("optim.epochs=2 generate.every=1000 classifier_free_guidance.training_dropout=0 "
+                     "conditioners.description.t5.word_dropout=0 dataset.train.merge_text_p=0 "
+                     "dataset.train.drop_desc_p=0 dataset.train.drop_other_p=0 ")
+    histories = []
+    for steps in (1, 2):
+        result = run_tool([TRAIN, "--model", str(tiny_model), "--name", "same-caption", "--preset",
+                           "finetune/cpu_tiny", "--args", deterministic + f"optim.grad_accum_steps={steps}"], workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"in {steps} micro-batch(es)" in result.stderr + result.stdout
+        histories.append(json.loads((xp_folder(result) / "history.json").read_text()))
+    # Same gradient norm at every update, and the same losses in epoch 2, which start from the updated weights.
+    # (Weights themselves are no fair comparison: Adam turns float noise in near-zero gradients into +-lr steps.)
+    for full, accumulated in zip(*histories):
+        for stage, metric in (("train", "ce"), ("train", "grad_norm"), ("valid", "ce")):
+            assert accumulated[stage][metric] == pytest.approx(full[stage][metric], rel=1e-4), (stage, metric)
+    assert histories[0][1]["train"]["ce"] < histories[0][0]["train"]["ce"]
+
+
+def test_snapshot_of_another_architecture_is_refused_by_name(workdir, tiny_model, dataset, tmp_path):
+    import shutil
+    model = tmp_path / "odd-model"
+    shutil.copytree(tiny_model, model)
+    package = torch.load(model / "state_dict.bin", weights_only=True)
+    package["best_state"]["transformer.layers.9.linear1.weight"] = torch.zeros(4, 4, dtype=torch.float16)
+    torch.save(package, model / "state_dict.bin")
+    result = train(workdir, model)
+    assert result.returncode != 0
+    assert f"{model / 'state_dict.bin'} does not fit the LM this config builds: 1 unexpected " \
+           "(transformer.layers.9.linear1.weight)" in result.stderr
