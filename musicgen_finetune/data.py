@@ -13,11 +13,11 @@ The split is by file name hash, so adding files never moves an existing file to 
 import hashlib
 import json
 import os
-import shutil
 import typing as tp
 from pathlib import Path
 
 from . import REPO_ROOT
+from .files import replaced_when_complete
 
 METADATA_FILE = "metadata.json"
 # MusicDataset (data/music_dataset.py ~105) raises KeyError for a sidecar missing any of these.
@@ -93,13 +93,12 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, sample_rate: int =
     data_dir = Path(data_dir).resolve()
     out = (out_root or manifests_root()).resolve() / name
     entries = read_metadata(data_dir)
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
     metas: tp.Dict[str, list] = {"train": [], "valid": []}
-    try:
+    with replaced_when_complete(out) as staging:
         for entry in entries:
             split = "valid" if is_valid_split(entry["audio"], valid_fraction) else "train"
-            target = staging / split / "audio" / (Path(entry["audio"]).with_suffix("").as_posix().replace("/", "__") + ".wav")
+            flat_name = Path(entry["audio"]).with_suffix("").as_posix().replace("/", "__") + ".wav"
+            target = staging / split / "audio" / flat_name
             target.parent.mkdir(parents=True, exist_ok=True)
             duration, rate = convert(data_dir / entry["audio"], target, sample_rate, channels)
             target.with_suffix(".json").write_text(json.dumps(music_info(entry, default_text), indent=2) + "\n")
@@ -115,9 +114,4 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, sample_rate: int =
                   "splits": {s: {"files": len(m), "seconds": round(sum(x.duration for x in m), 2)}
                              for s, m in metas.items()}}
         (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
     return out

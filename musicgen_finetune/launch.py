@@ -25,7 +25,7 @@ def dataset_overrides(name: str) -> tp.List[str]:
     """datasource.* for a dataset written by `make manifests NAME=<name>` (evaluate and generate use valid)."""
     root = manifests_root() / name
     paths = {"train": root / "train", "valid": root / "valid"}
-    for split, path in paths.items():
+    for path in paths.values():
         if not (path / "data.jsonl").is_file():
             raise LaunchError(f"NAME={name}: {path / 'data.jsonl'} does not exist. "
                               f"Run `make manifests DATA=<your folder> NAME={name}` first.")

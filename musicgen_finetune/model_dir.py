@@ -75,14 +75,11 @@ def lm_file(name: tp.Union[str, Path]) -> Path:
 
 def load_package(path: Path) -> dict:
     """A snapshot file's dict, memory-mapped (no copy of the weights), with the safe unpickler."""
-    import torch
-    from .patches import refused, _checkpoint_globals
-    import pickle
-    torch.serialization.add_safe_globals(_checkpoint_globals())
+    from .patches import UnsafeCheckpointError, safe_load
     try:
-        package = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise refused(path, err) from err
+        package = safe_load(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
     except RuntimeError as err:  # not a zip-format torch file
         raise ModelDirError(f"{path} is not a readable torch file ({err}).") from err
     if not isinstance(package, dict) or "best_state" not in package:
@@ -188,20 +185,22 @@ def hydra_value(value: tp.Any) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _sections(cfg: DictConfig) -> dict:
+    """The architecture sections as plain values. Only they are resolved: a released xp.cfg also holds paths
+    such as ${oc.env:USER} that need not resolve here."""
+    return {s: OmegaConf.to_container(cfg[s], resolve=True) if OmegaConf.is_config(cfg[s]) else cfg[s]
+            for s in ARCHITECTURE_SECTIONS if s in cfg}
+
+
 def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.List[str]:
     """`key=value` overrides that give the run's config the snapshot's architecture, where they differ."""
-    snapshot = OmegaConf.to_container(snapshot_cfg, resolve=True)
-    run = OmegaConf.to_container(run_cfg, resolve=True)
-    run_leaves = dict(_leaves(run, ""))
+    run_leaves = dict(_leaves(_sections(run_cfg), ""))
     overrides = []
-    for section in ARCHITECTURE_SECTIONS:
-        if section not in snapshot:
-            continue
-        for key, value in _leaves({section: snapshot[section]}, ""):
-            if key.endswith("t5.name") or key not in run_leaves or value == {}:
-                continue  # the T5 path is set separately; keys this AudioCraft has no more are irrelevant
-            if run_leaves[key] != value:
-                overrides.append(f"{key}={hydra_value(value)}")
+    for key, value in _leaves(_sections(snapshot_cfg), ""):
+        if key.endswith("t5.name") or key not in run_leaves or value == {}:
+            continue  # the T5 path is set separately; keys this AudioCraft has no more are irrelevant
+        if run_leaves[key] != value:
+            overrides.append(f"{key}={hydra_value(value)}")
     return overrides
 
 

@@ -67,12 +67,12 @@ def refused(path: tp.Union[str, Path], err: Exception) -> UnsafeCheckpointError:
         "or re-save its state_dict with torch.save.")
 
 
-def safe_load(path: tp.Union[str, Path], map_location: tp.Any = "cpu") -> tp.Any:
+def safe_load(path: tp.Union[str, Path], map_location: tp.Any = "cpu", mmap: bool = False) -> tp.Any:
     """torch.load with the safe (weights-only) unpickler and our allow-list, naming the file if it refuses it."""
     import torch
     torch.serialization.add_safe_globals(_checkpoint_globals())
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise refused(path, err) from err
 

@@ -25,7 +25,7 @@ def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
                          f"raise dataset.batch_size or lower optim.grad_accum_steps.")
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     micro_batches = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         micro_batches.append(tuple(part[start:end] for part in batch))
     return micro_batches
 
@@ -133,7 +133,7 @@ class FinetuneSolver(MusicGenSolver):
             ce_total += ce.detach() * weight
             if not ce_per_codebook_total:
                 ce_per_codebook_total = [torch.zeros_like(c) for c in ce_per_codebook]
-            for total, ce_q in zip(ce_per_codebook_total, ce_per_codebook):
+            for total, ce_q in zip(ce_per_codebook_total, ce_per_codebook, strict=True):
                 total += ce_q * weight
         flashy.distrib.sync_model(self.model)  # average gradients over GPUs once per update
 

@@ -6,7 +6,6 @@ path that loads the real musicgen-small: `state_dict.bin` (fp16 LM weights + its
 """
 import io
 import json
-import shutil
 import tempfile
 import typing as tp
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import model_dir
+from .files import replaced_when_complete
 from .config import compose
 
 # A few hundred words a caption may use, for the tokenizer: the demo's styles, and general music vocabulary.
@@ -103,10 +103,7 @@ def write_tiny_model(out: tp.Union[str, Path], seed: int = 0, codebook_size: int
                      num_codebooks: int = 4) -> Path:
     """Write the whole snapshot folder (replacing `out` only once it is complete)."""
     out = Path(out).resolve()
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with replaced_when_complete(out) as staging:
         t5_dir = write_t5(staging / model_dir.T5_SUBDIR, seed)
         write_compression_model(staging, seed, codebook_size, num_codebooks)
         write_lm(staging, seed, codebook_size, num_codebooks, t5_dir)
@@ -115,9 +112,4 @@ def write_tiny_model(out: tp.Union[str, Path], seed: int = 0, codebook_size: int
             "Same layout as facebook/musicgen-small; it makes noise, not music.\n")
         (staging / "tiny_model.json").write_text(json.dumps(
             {"seed": seed, "codebook_size": codebook_size, "num_codebooks": num_codebooks}, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
     return out

@@ -4,7 +4,6 @@ The same steps as AudioCraft's `audiocraft/train.py` `main`, with our config ove
 upstream's tree, our teams file and dora directory, the hub switched off, and our patches applied. It also
 stands in for `audiocraft.train`, which upstream code imports to resolve checkpoints and signatures.
 """
-import logging
 import multiprocessing
 import os
 import random
@@ -28,7 +27,6 @@ from . import patches  # noqa: E402
 patches.apply()
 patches.register_train_module(sys.modules[__name__])
 
-logger = logging.getLogger(__name__)
 DATASET_SPLITS = ("train", "valid", "evaluate", "generate")
 
 
@@ -74,19 +72,19 @@ def get_solver(cfg: omegaconf.DictConfig):
 
 def get_solver_from_xp(xp: XP, override_cfg: tp.Optional[tp.Union[dict, omegaconf.DictConfig]] = None,
                        restore: bool = True, load_best: bool = True,
-                       ignore_state_keys: tp.List[str] = [], disable_fsdp: bool = True):
+                       ignore_state_keys: tp.Sequence[str] = (), disable_fsdp: bool = True):
     """A solver for an existing experiment (upstream `train.get_solver_from_xp`, used by export and eval)."""
     cfg = xp.cfg
     if override_cfg is not None:
         cfg = omegaconf.OmegaConf.merge(cfg, omegaconf.DictConfig(override_cfg))
     if disable_fsdp and cfg.fsdp.use:
         cfg.fsdp.use = False
-        ignore_state_keys = ignore_state_keys + ["model", "ema", "best_state"]
+        ignore_state_keys = [*ignore_state_keys, "model", "ema", "best_state"]
     try:
         with xp.enter():
             solver = get_solver(cfg)
             if restore:
-                solver.restore(load_best=load_best, ignore_state_keys=ignore_state_keys)
+                solver.restore(load_best=load_best, ignore_state_keys=list(ignore_state_keys))
         return solver
     finally:
         hydra.core.global_hydra.GlobalHydra.instance().clear()

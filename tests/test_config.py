@@ -1,7 +1,6 @@
 """Our Hydra overlay on AudioCraft's config tree: composition, presets, signatures, no USER."""
 import os
 
-import pytest
 from omegaconf import OmegaConf
 
 from musicgen_finetune import model_dir

@@ -121,3 +121,20 @@ def test_state_dict_report():
     loaded = {"a": torch.ones(2), "b": torch.ones(4), "x": torch.ones(1)}
     report = model_dir.compare_state_dicts(model, loaded)
     assert (report.matched, report.missing, report.unexpected, report.mismatched) == (1, ["c"], ["x"], ["b"])
+
+
+def test_unresolvable_keys_outside_the_architecture_are_ignored(tiny_model):
+    """A released xp.cfg carries e.g. dora.dir: /checkpoint/${oc.env:USER}/...; only the architecture is read."""
+    files = model_dir.check(tiny_model)
+    snapshot = OmegaConf.create(OmegaConf.to_yaml(files.xp_cfg))
+    snapshot.dora.dir = "/checkpoint/${oc.env:NO_SUCH_VARIABLE_HERE}/outputs"
+    run_cfg = compose(["solver=finetune/cpu_tiny"])
+    assert model_dir.architecture_overrides(snapshot, run_cfg) == model_dir.architecture_overrides(
+        files.xp_cfg, run_cfg)
+
+
+def test_unreadable_model_file_is_named(tiny_model, tmp_path):
+    model = copy_model(tiny_model, tmp_path)
+    (model / "state_dict.bin").write_bytes(b"this is not a torch file")
+    with pytest.raises(model_dir.ModelDirError, match="state_dict.bin is not a readable torch file"):
+        model_dir.check(model)

@@ -1,5 +1,4 @@
 """Each run-time patch of AudioCraft, against the upstream behaviour it answers."""
-import pickle
 import sys
 
 import pytest

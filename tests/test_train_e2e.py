@@ -136,7 +136,7 @@ def test_gradient_accumulation_matches_the_full_batch(workdir, tiny_model, beats
         histories.append(json.loads((xp_folder(result) / "history.json").read_text()))
     # Same gradient norm at every update, and the same losses in epoch 2, which start from the updated weights.
     # (Weights themselves are no fair comparison: Adam turns float noise in near-zero gradients into +-lr steps.)
-    for full, accumulated in zip(*histories):
+    for full, accumulated in zip(*histories, strict=True):
         for stage, metric in (("train", "ce"), ("train", "grad_norm"), ("valid", "ce")):
             assert accumulated[stage][metric] == pytest.approx(full[stage][metric], rel=1e-4), (stage, metric)
     assert histories[0][1]["train"]["ce"] < histories[0][0]["train"]["ce"]
