@@ -23,7 +23,11 @@ T5 ?=
 PRESET ?= finetune/musicgen_small
 ARGS ?=
 GPUS ?= 1
-VALID ?= 0.25
+VALID ?= 0.2
+SEGMENT ?= 30
+SEED ?= 0
+STRICT ?=
+DESCRIBE ?= 1
 TEXT ?=
 # make demo
 DEMO_MODEL ?= output/models/tiny-musicgen
@@ -44,15 +48,17 @@ $(STAMP): requirements.lock tools/setup.sh
 demo: setup  ## the whole job on the embedded tiny model and synthetic 808 beats, on the CPU
 	$(PY) tools/tiny_model.py --out $(DEMO_MODEL)
 	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
-	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME)
+	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny --args "$(ARGS)"
 
 test: setup  ## the test suite (real dora runs on a tiny model; a few minutes on 2 CPU cores)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-manifests: setup  ## DATA=<folder with metadata.json> NAME=<dataset> [VALID=0.25] [TEXT=caption]
+manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [TEXT=] [STRICT=1] [DESCRIBE=0]
 	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
-	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --valid $(VALID) $(if $(TEXT),--text "$(TEXT)")
+	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --segment $(SEGMENT) --valid $(VALID) --seed $(SEED) \
+		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
+		$(if $(filter 0,$(DESCRIBE)),--no-describe)
 
 train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }

@@ -1,31 +1,77 @@
-"""From a folder of captioned audio to AudioCraft manifests (`make manifests`).
+"""From a folder of captioned audio to an AudioCraft dataset (`make manifests`).
 
-Reads our first users' layout, `<data>/metadata.json` = [{"audio": "train/a.wav", "text": "...", ...}], converts
-each file to the model's sample rate and channels, and writes
+    manifests/<name>/{train,valid}/data.jsonl   AudioCraft manifests (one AudioMeta per line, absolute paths, the
+                                                true duration and sample rate of each written file)
+    manifests/<name>/audio/<source>-<hash>/     converted segments (wav) and their MusicInfo sidecars (.json, every
+                                                field present); source.json caches the conversion for re-runs
+    manifests/<name>/dset.yaml                  what `make train NAME=<name>` passes to dora (paths, segment plan)
+    manifests/<name>/report.json                files found, used, skipped with reasons, splits, distributions
 
-    manifests/<name>/{train,valid}/data.jsonl     AudioCraft's manifest (AudioMeta per line), absolute paths
-    manifests/<name>/{train,valid}/audio/*.wav    the converted audio; the user's files are never touched
-    manifests/<name>/{train,valid}/audio/*.json   a MusicInfo sidecar per file, every field present
-    manifests/<name>/report.json                  what was written
-
-The split is by file name hash, so adding files never moves an existing file to the other side.
+The user's files are only read. The whole folder is replaced only once the new one is complete.
 """
+import collections
+import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import typing as tp
 from pathlib import Path
 
+import numpy as np
+
 from . import REPO_ROOT
+from .audio_analysis import AUDIO_EXTENSIONS, TARGET_LUFS
+from .captions import Caption, CaptionFileError, read_metadata_files, sidecar_caption
 from .files import replaced_when_complete
 
-METADATA_FILE = "metadata.json"
 # MusicDataset (data/music_dataset.py ~105) raises KeyError for a sidecar missing any of these.
 MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "description", "name", "instrument")
+SPLITS = ("train", "valid")
+LAYOUT_FOLDERS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid"}
+CONVERSION_VERSION = 1  # bump when the conversion changes, so cached audio is rebuilt
+DURATION_BINS = (0, 5, 10, 20, 30, 60, 120, float("inf"))
 
 
 class DatasetError(ValueError):
-    """The user's folder cannot become a dataset; the message names the file and the fix."""
+    """The folder cannot become a dataset; the message names the file and the fix."""
+
+
+@dataclasses.dataclass
+class ManifestOptions:
+    sample_rate: int = 32000
+    channels: int = 1
+    segment: float = 30.0            # training segment length in seconds; longer files are cut
+    valid: float = 0.2               # fraction of source files held out
+    seed: int = 0                    # of the train/valid split
+    text: tp.Optional[str] = None    # caption for files that have none
+    strict: bool = False             # stop at the first bad file instead of skipping it
+    describe: bool = True            # add tempo and key to descriptions that lack them
+    min_seconds: float = 1.0         # shorter files are skipped
+    min_segment_ratio: float = 0.8   # a remainder shorter than this fraction of a segment is dropped
+    loudness: float = TARGET_LUFS    # integrated loudness target (LUFS)
+    workers: tp.Optional[int] = None  # processes; default: all cores
+
+    def conversion(self) -> dict:
+        """Everything that changes the converted audio: cached audio is reused only if all of it is equal."""
+        return {"version": CONVERSION_VERSION, "sample_rate": self.sample_rate, "channels": self.channels,
+                "segment": self.segment, "min_segment_ratio": self.min_segment_ratio,
+                "min_seconds": self.min_seconds, "loudness": self.loudness}
+
+
+@dataclasses.dataclass
+class Source:
+    relative: str
+    path: Path
+    sha1: str
+    split: str
+    caption: Caption
+
+    @property
+    def folder_name(self) -> str:
+        stem = re.sub(r"[^\w.-]+", "_", Path(self.relative).with_suffix("").as_posix().replace("/", "__"))
+        return f"{stem[:80]}-{self.sha1[:12]}"
 
 
 def manifests_root() -> Path:
@@ -33,85 +79,329 @@ def manifests_root() -> Path:
     return Path(os.environ.get("MUSICGEN_FT_MANIFESTS") or REPO_ROOT / "manifests").resolve()
 
 
-def read_metadata(data_dir: Path) -> tp.List[dict]:
-    path = data_dir / METADATA_FILE
-    if not path.is_file():
-        raise DatasetError(f"{path} not found: the folder needs a metadata.json listing "
-                           '[{"audio": "train/a.wav", "text": "caption"}, ...].')
+def file_sha1(path: Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_fraction(*parts: tp.Any) -> float:
+    digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def layout_split(relative: str) -> tp.Optional[str]:
+    """'train' or 'valid' for a file under a train/ or valid/ (validation/, val/) top folder."""
+    top = relative.split("/", 1)[0].lower() if "/" in relative else ""
+    return LAYOUT_FOLDERS.get(top)
+
+
+def has_split_layout(relatives: tp.Iterable[str]) -> bool:
+    """The folder is already split: it has audio under both a train and a valid top folder."""
+    return {layout_split(r) for r in relatives} >= set(SPLITS)
+
+
+def find_audio(folder: Path) -> tp.List[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+# -- one source file, in a worker process ---------------------------------------------------------------------
+
+def process_source(path: str, sha1: str, target: str, previous: str, options: dict) -> dict:
+    """Convert one file into segments under `target` (reusing `previous` if it holds the same conversion).
+    Returns the cache record, or {"error": reason}."""
+    from . import audio_analysis as aa
+    target_dir, previous_dir = Path(target), Path(previous)
+    conversion = ManifestOptions(**options).conversion()
+    record_path = previous_dir / "source.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        files = [previous_dir / s["file"] for s in record["segments"]]
+        if record.get("sha1") == sha1 and record.get("conversion") == conversion and all(f.is_file() for f in files):
+            target_dir.mkdir(parents=True, exist_ok=True)
+            for file in files + [record_path]:
+                os.link(file, target_dir / file.name)
+            return {**record, "reused": True}
     try:
-        entries = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path} is not valid JSON ({err}).") from err
-    if not isinstance(entries, list) or not entries:
-        raise DatasetError(f"{path} must be a non-empty JSON list of {{\"audio\": ..., \"text\": ...}} objects.")
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not entry.get("audio"):
-            raise DatasetError(f"{path}, entry {i}: needs an \"audio\" path relative to {data_dir}.")
-        if not (data_dir / entry["audio"]).is_file():
-            raise DatasetError(f"{path}, entry {i}: audio file {data_dir / entry['audio']} does not exist.")
-    return entries
+        audio, rate = aa.decode(Path(path))
+        aa.check(audio, rate, options["min_seconds"])
+        source_seconds = audio.shape[-1] / rate
+        audio = aa.convert(audio, rate, options["sample_rate"], options["channels"])
+        audio = aa.normalize_loudness(audio, options["sample_rate"], options["loudness"])
+        tempo, key = aa.estimate_tempo(audio, options["sample_rate"]), aa.estimate_key(audio, options["sample_rate"])
+    except aa.BadAudio as err:
+        return {"error": str(err)}
+    import soundfile as sf
+    target_dir.mkdir(parents=True, exist_ok=True)
+    segments = []
+    bounds = aa.segment_bounds(audio.shape[-1], options["sample_rate"], options["segment"],
+                               options["min_segment_ratio"])
+    for index, (start, end) in enumerate(bounds):
+        name = f"seg_{index:03d}.wav"
+        sf.write(target_dir / name, audio[:, start:end].T, options["sample_rate"], subtype="PCM_16")
+        segments.append({"file": name, "start": round(start / options["sample_rate"], 3),
+                         "seconds": (end - start) / options["sample_rate"]})
+    record = {"sha1": sha1, "conversion": conversion, "source_seconds": round(source_seconds, 3),
+              "tempo": tempo, "key": key, "segments": segments}
+    (target_dir / "source.json").write_text(json.dumps(record, indent=2) + "\n")
+    return {**record, "reused": False}
 
 
-def music_info(entry: dict, default_text: tp.Optional[str]) -> dict:
-    """A complete MusicInfo sidecar: the entry's known fields, the rest empty (never a KeyError in training)."""
-    info = {field: None for field in MUSIC_INFO_FIELDS}
-    info.update({k: v for k, v in entry.items() if k in MUSIC_INFO_FIELDS})
-    info["description"] = entry.get("text") or entry.get("description") or default_text
-    info["name"] = info["name"] or Path(entry["audio"]).stem
+def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options: ManifestOptions,
+                progress: bool) -> tp.List[dict]:
+    from tqdm import tqdm
+    settings = dataclasses.asdict(options)
+    workers = max(1, min(options.workers or os.cpu_count() or 1, len(sources)))
+    jobs = [(str(s.path), s.sha1, str(staging / "audio" / s.folder_name), str(previous / "audio" / s.folder_name),
+             settings) for s in sources]
+    bar = tqdm(total=len(jobs), desc="converting", unit="file", disable=not progress)
+    results: tp.List[tp.Optional[dict]] = [None] * len(jobs)
+    if workers == 1:
+        for i, job in enumerate(jobs):
+            results[i] = process_source(*job)
+            bar.update()
+    else:
+        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+            futures = {pool.submit(process_source, *job): i for i, job in enumerate(jobs)}
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return tp.cast(tp.List[dict], results)
+
+
+# -- the dataset ------------------------------------------------------------------------------------------------
+
+def describe(caption: str, bpm: tp.Any, key: tp.Any) -> str:
+    """'hip hop 808 beat' -> 'hip hop 808 beat, 140 bpm, F minor', adding only what the caption lacks."""
+    parts = [caption.rstrip(" ,.")]
+    if bpm and not re.search(r"\d+\s*bpm", caption, re.IGNORECASE):
+        parts.append(f"{int(round(float(bpm)))} bpm")
+    if key and str(key).lower() not in caption.lower():
+        parts.append(str(key))
+    return ", ".join(parts)
+
+
+def music_info(source: Source, record: dict, segment: dict, index: int, options: ManifestOptions) -> dict:
+    """The complete MusicInfo sidecar of one segment (empty fields are null, never missing)."""
+    info: tp.Dict[str, tp.Any] = {field: None for field in MUSIC_INFO_FIELDS}
+    info.update(source.caption.fields)
+    measured = []
+    if info["bpm"] in (None, "") and record.get("tempo"):
+        info["bpm"], measured = round(record["tempo"]), measured + ["bpm"]
+    if info["key"] in (None, "") and record.get("key"):
+        info["key"], measured = record["key"], measured + ["key"]
     if isinstance(info["moods"], str):
-        info["moods"] = [info["moods"]]
+        info["moods"] = [m.strip() for m in info["moods"].split(",") if m.strip()]
     info["moods"] = info["moods"] or []
+    text = source.caption.text or ""
+    info["description"] = describe(text, info["bpm"], info["key"]) if options.describe else text
+    info["name"] = info.get("name") or Path(source.relative).stem
+    info.update({"measured": measured, "caption_source": source.caption.source, "source_file": source.relative,
+                 "segment": index, "start": segment["start"]})
     return info
 
 
-def is_valid_split(relative_path: str, valid_fraction: float) -> bool:
-    digest = hashlib.sha1(relative_path.encode()).digest()
-    return int.from_bytes(digest[:4], "big") / 2 ** 32 < valid_fraction
+def segment_plan(durations: tp.List[float], segment: float) -> dict:
+    """How training should treat segments shorter than the training length, and why."""
+    short = [d for d in durations if d < segment - 1e-3]
+    if not short:
+        return {"segment_duration": segment, "padding_with_special_token": False,
+                "why": f"every segment is a full {segment:g} s: nothing is padded"}
+    # the longest length that at most 10% of the segments are shorter than, to 0.1 s
+    fitting = float(np.floor(sorted(durations)[int(len(durations) * 0.1)] * 10) / 10)
+    if len(short) > len(durations) / 2 and fitting >= 1.0:
+        padded = sum(d < fitting - 1e-3 for d in durations)
+        return {"segment_duration": fitting, "padding_with_special_token": padded > 0,
+                "why": f"{len(short)} of {len(durations)} segments are shorter than {segment:g} s: training on "
+                       f"{fitting:g} s segments (at most 10% are shorter) instead of padding most of them"
+                       + (f"; the {padded} shorter ones are padded, masked from the loss" if padded else "")}
+    return {"segment_duration": segment, "padding_with_special_token": True,
+            "why": f"{len(short)} of {len(durations)} segments are shorter than {segment:g} s: their padding is "
+                   "masked from the loss (tokens.padding_with_special_token), so the model does not learn silence"}
 
 
-def convert(source: Path, target: Path, sample_rate: int, channels: int) -> tp.Tuple[float, int]:
-    """Decode anything AudioCraft reads, resample (julius, band-limited) and mix to the model's format."""
-    import soundfile as sf
-    from audiocraft.data.audio import audio_read
-    from audiocraft.data.audio_utils import convert_audio
+def histogram(values: tp.Iterable[float], bins: tp.Sequence[float], unit: str) -> tp.Dict[str, int]:
+    counts: tp.Dict[str, int] = {}
+    for low, high in zip(bins[:-1], bins[1:], strict=True):
+        label = f"{low:g}+ {unit}" if high == float("inf") else f"{low:g}-{high:g} {unit}"
+        counts[label] = sum(low <= v < high for v in values)
+    return {k: v for k, v in counts.items() if v}
+
+
+def dset_yaml(out: Path, options: ManifestOptions, plan: dict) -> str:
+    return "\n".join([
+        "# @package __global__",
+        f"# Written by `make manifests` for this dataset; `make train NAME={out.name}` passes it to dora.",
+        "datasource:",
+        f"  max_sample_rate: {options.sample_rate}",
+        f"  max_channels: {options.channels}",
+        *[f"  {split}: {out / source}" for split, source in
+          (("train", "train"), ("valid", "valid"), ("evaluate", "valid"), ("generate", "valid"))],
+        "dataset:",
+        f"  segment_duration: {plan['segment_duration']:g}",
+        "tokens:",
+        f"  padding_with_special_token: {'true' if plan['padding_with_special_token'] else 'false'}",
+        ""])
+
+
+class Collector:
+    """Skipped files, or the first one when STRICT=1."""
+
+    def __init__(self, strict: bool):
+        self.strict, self.skipped = strict, []
+
+    def skip(self, file: str, reason: str) -> None:
+        if self.strict:
+            raise DatasetError(f"{file}: {reason}. (STRICT=1 stops at the first bad file; without it, bad files "
+                               "are skipped and listed in the report.)")
+        self.skipped.append({"file": file, "reason": reason})
+
+
+def collect_sources(folder: Path, options: ManifestOptions,
+                    collector: Collector) -> tp.Tuple[tp.List[Source], int]:
+    """The files to convert, with caption and split, and the number of audio files found."""
     try:
-        wav, source_rate = audio_read(source)
-    except Exception as err:  # noqa: BLE001 - any decoder failure means the same thing to the user
-        raise DatasetError(f"{source} could not be decoded ({err}); re-encode it as wav or flac.") from err
-    if wav.numel() == 0:
-        raise DatasetError(f"{source} holds no audio samples; remove it from {METADATA_FILE}.")
-    wav = convert_audio(wav, source_rate, sample_rate, channels).clamp(-1, 1)
-    sf.write(target, wav.t().numpy(), sample_rate, subtype="PCM_16")
-    return wav.shape[-1] / sample_rate, sample_rate
+        index = read_metadata_files(folder)
+    except CaptionFileError as err:
+        raise DatasetError(str(err)) from err
+    for written, reason in index.problems:
+        collector.skip(written, reason)
+    sources, seen = [], {}
+    audio_files = find_audio(folder)
+    split_layout = has_split_layout(p.relative_to(folder).as_posix() for p in audio_files)
+    for path in audio_files:
+        relative = path.relative_to(folder).as_posix()
+        caption = index.by_path.get(relative)
+        if caption is None:
+            try:
+                caption = sidecar_caption(path)
+            except ValueError as err:
+                collector.skip(relative, str(err))
+                continue
+        if caption is None or not caption.text:
+            if not options.text:
+                collector.skip(relative, "no caption: add it to metadata.json, or a .txt beside the file, "
+                                         "or give a default with TEXT='...'")
+                continue
+            caption = Caption(options.text, caption.fields if caption else {}, "TEXT")
+        sha1 = file_sha1(path)
+        if sha1 in seen:
+            collector.skip(relative, f"duplicate of {seen[sha1]} (same content)")
+            continue
+        seen[sha1] = relative
+        split = layout_split(relative) if split_layout else None
+        sources.append(Source(relative, path, sha1, split or "", caption))
+    if not sources:
+        raise DatasetError(f"{folder}: no usable audio file (looked for {', '.join(sorted(AUDIO_EXTENSIONS))}; "
+                           f"{len(collector.skipped)} skipped).")
+    assign_splits([s for s in sources if not s.split], options)
+    return sources, len(audio_files)
 
 
-def build_manifests(data_dir: tp.Union[str, Path], name: str, sample_rate: int = 32000, channels: int = 1,
-                    valid_fraction: float = 0.25, default_text: tp.Optional[str] = None,
-                    out_root: tp.Optional[Path] = None) -> Path:
-    """Write manifests/<name>/ from `data_dir`; the previous version is replaced only when the new one is whole."""
-    from audiocraft.data.audio_dataset import AudioMeta, save_audio_meta
-    data_dir = Path(data_dir).resolve()
+def assign_splits(sources: tp.List[Source], options: ManifestOptions) -> None:
+    """Exactly round(valid x files) source files go to valid, chosen by a seeded hash of their path: the same
+    folder and seed always give the same split, and all segments of a file stay on its side."""
+    ranked = sorted(sources, key=lambda s: hash_fraction(options.seed, s.relative))
+    valid_count = min(len(ranked) - 1, max(1, round(options.valid * len(ranked)))) if len(ranked) > 1 else 0
+    for rank, source in enumerate(ranked):
+        source.split = "valid" if rank < valid_count else "train"
+
+
+def balance_splits(sources: tp.List[Source], options: ManifestOptions) -> tp.Optional[str]:
+    """A split left empty by chance (tiny datasets) gets the one source closest to the boundary."""
+    for empty, other in (("valid", "train"), ("train", "valid")):
+        if not any(s.split == empty for s in sources):
+            candidates = [s for s in sources if s.split == other]
+            if len(candidates) < 2:
+                raise DatasetError(f"only {len(sources)} usable file(s): a dataset needs at least 2 (one to "
+                                   "train on, one to validate on).")
+            chosen = min(candidates, key=lambda s: hash_fraction(options.seed, s.relative))
+            chosen.split = empty
+            return f"every {empty} file was skipped; moved {chosen.relative} there"
+    return None
+
+
+def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Optional[ManifestOptions] = None,
+                    out_root: tp.Optional[Path] = None, progress: bool = False) -> Path:
+    options = options or ManifestOptions()
+    folder = Path(data_dir).expanduser().resolve()
+    if not folder.is_dir():
+        raise DatasetError(f"DATA={data_dir}: {folder} is not a folder.")
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise DatasetError(f"NAME={name!r}: use letters, digits, '.', '_' and '-' only.")
     out = (out_root or manifests_root()).resolve() / name
-    entries = read_metadata(data_dir)
-    metas: tp.Dict[str, list] = {"train": [], "valid": []}
+    collector = Collector(options.strict)
+    sources, found = collect_sources(folder, options, collector)
     with replaced_when_complete(out) as staging:
-        for entry in entries:
-            split = "valid" if is_valid_split(entry["audio"], valid_fraction) else "train"
-            flat_name = Path(entry["audio"]).with_suffix("").as_posix().replace("/", "__") + ".wav"
-            target = staging / split / "audio" / flat_name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            duration, rate = convert(data_dir / entry["audio"], target, sample_rate, channels)
-            target.with_suffix(".json").write_text(json.dumps(music_info(entry, default_text), indent=2) + "\n")
-            final_path = out / target.relative_to(staging)
-            metas[split].append(AudioMeta(path=str(final_path), duration=duration, sample_rate=rate))
-        for split, split_metas in metas.items():
-            if not split_metas:
-                raise DatasetError(f"{data_dir}: no file fell in the {split} split ({len(entries)} files, "
-                                   f"valid fraction {valid_fraction}); add files or change VALID.")
-            save_audio_meta(staging / split / "data.jsonl", split_metas)
-        report = {"source": str(data_dir), "sample_rate": sample_rate, "channels": channels,
-                  "valid_fraction": valid_fraction,
-                  "splits": {s: {"files": len(m), "seconds": round(sum(x.duration for x in m), 2)}
-                             for s, m in metas.items()}}
-        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        records = run_workers(sources, staging, out, options, progress)
+        used = []
+        for source, record in zip(sources, records, strict=True):
+            if "error" in record:
+                collector.skip(source.relative, record["error"])
+            else:
+                used.append((source, record))
+        used_sources = [s for s, _ in used]
+        if not used_sources:
+            raise DatasetError(f"{folder}: none of the {len(sources)} audio files could be used; see the reasons: "
+                               + "; ".join(f"{s['file']}: {s['reason']}" for s in collector.skipped[:5]))
+        moved = balance_splits(used_sources, options)
+        manifests: tp.Dict[str, tp.List[str]] = {split: [] for split in SPLITS}
+        durations, tempos, keys = [], [], collections.Counter()
+        for source, record in used:
+            for index, segment in enumerate(record["segments"]):
+                wav = staging / "audio" / source.folder_name / segment["file"]
+                info = music_info(source, record, segment, index, options)
+                wav.with_suffix(".json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+                final = out / wav.relative_to(staging)
+                manifests[source.split].append(json.dumps({
+                    "path": str(final), "duration": segment["seconds"], "sample_rate": options.sample_rate,
+                    "amplitude": None, "weight": None, "info_path": None}, ensure_ascii=False))
+                durations.append(segment["seconds"])
+            info0 = music_info(source, record, record["segments"][0], 0, options)
+            if info0["bpm"]:
+                tempos.append(float(info0["bpm"]))
+            if info0["key"]:
+                keys[str(info0["key"])] += 1
+        for split in SPLITS:
+            (staging / split).mkdir()
+            (staging / split / "data.jsonl").write_text("\n".join(manifests[split]) + "\n")
+        plan = segment_plan(durations, options.segment)
+        (staging / "dset.yaml").write_text(dset_yaml(out, options, plan))
+        report = {
+            "name": name, "source": str(folder), "options": dataclasses.asdict(options),
+            "files_found": found,
+            "files_used": len(used), "files_reused": sum(bool(r.get("reused")) for _, r in used),
+            "skipped": collector.skipped, "split_note": moved,
+            "splits": {split: {"files": sum(s.split == split for s in used_sources),
+                               "segments": len(manifests[split]),
+                               "hours": round(sum(json.loads(m)["duration"] for m in manifests[split]) / 3600, 4)}
+                       for split in SPLITS},
+            "segment_plan": plan,
+            "source_durations": histogram([r["source_seconds"] for _, r in used], DURATION_BINS, "s"),
+            "tempo": histogram(tempos, list(range(0, 301, 10)) + [float("inf")], "bpm"),
+            "keys": dict(keys.most_common()),
+        }
+        (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+def summary(report: dict) -> str:
+    """The printed summary of a report.json."""
+    lines = [f"Dataset {report['name']}: {report['files_found']} audio files found, {report['files_used']} used "
+             f"({report['files_reused']} reused from the last run), {len(report['skipped'])} skipped"]
+    lines += [f"  skipped   {s['file']}: {s['reason']}" for s in report["skipped"]]
+    for split, numbers in report["splits"].items():
+        lines.append(f"  {split:<9} {numbers['files']} files -> {numbers['segments']} segments, "
+                     f"{numbers['hours']:.3f} h")
+    if report.get("split_note"):
+        lines.append(f"  note      {report['split_note']}")
+    plan = report["segment_plan"]
+    lines.append(f"  segments  {plan['segment_duration']:g} s: {plan['why']}")
+    for label, key in (("durations", "source_durations"), ("tempo", "tempo"), ("keys", "keys")):
+        if report[key]:
+            lines.append(f"  {label:<9} " + ", ".join(f"{k}: {v}" for k, v in report[key].items()))
+    return "\n".join(lines)

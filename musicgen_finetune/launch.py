@@ -13,7 +13,6 @@ from pathlib import Path
 from . import environment, model_dir
 from .data import manifests_root
 
-SPLITS = ("train", "valid", "evaluate", "generate")
 DEFAULT_PRESET = "finetune/musicgen_small"
 
 
@@ -21,16 +20,23 @@ class LaunchError(ValueError):
     """Something to fix before training can start; the message says what."""
 
 
-def dataset_overrides(name: str) -> tp.List[str]:
-    """datasource.* for a dataset written by `make manifests NAME=<name>` (evaluate and generate use valid)."""
+def dataset_overrides(name: str, files: model_dir.ModelFiles) -> tp.List[str]:
+    """The overrides in manifests/<name>/dset.yaml (data paths, segment length, padding), checked against the
+    model's sample rate and channels."""
+    from omegaconf import OmegaConf
     root = manifests_root() / name
-    paths = {"train": root / "train", "valid": root / "valid"}
-    for path in paths.values():
-        if not (path / "data.jsonl").is_file():
-            raise LaunchError(f"NAME={name}: {path / 'data.jsonl'} does not exist. "
+    dset = root / "dset.yaml"
+    for path in (root / "train" / "data.jsonl", root / "valid" / "data.jsonl", dset):
+        if not path.is_file():
+            raise LaunchError(f"NAME={name}: {path} does not exist. "
                               f"Run `make manifests DATA=<your folder> NAME={name}` first.")
-    paths["evaluate"] = paths["generate"] = paths["valid"]
-    return [f"datasource.{split}={paths[split]}" for split in SPLITS]
+    values = OmegaConf.to_container(OmegaConf.load(dset), resolve=True)
+    rate, channels = values["datasource"]["max_sample_rate"], values["datasource"]["max_channels"]
+    wanted = (files.xp_cfg.get("sample_rate"), files.xp_cfg.get("channels"))
+    if (rate, channels) != wanted:
+        raise LaunchError(f"NAME={name} was converted to {rate} Hz, {channels} channel(s), but {files.lm} expects "
+                          f"{wanted[0]} Hz, {wanted[1]}: run `make manifests ... NAME={name} MODEL={files.root}`.")
+    return [f"{key}={model_dir.hydra_value(value)}" for key, value in model_dir.leaves(values)]
 
 
 def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False) -> tp.List[str]:
@@ -49,7 +55,7 @@ def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAU
     """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config)."""
     environment.prepare()
     files = model_dir.check(model, t5)
-    base = [f"solver={preset}", *model_dir.pretrained_overrides(files), *dataset_overrides(name)]
+    base = [f"solver={preset}", *model_dir.pretrained_overrides(files), *dataset_overrides(name, files)]
     from .train import main  # imports AudioCraft: after the cheap checks
     composed = main.get_xp([*base, *extra]).cfg
     overrides = [*base, *model_dir.architecture_overrides(files.xp_cfg, composed), *extra]

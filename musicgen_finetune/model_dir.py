@@ -161,10 +161,11 @@ def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = Non
                       tensors=len(package["best_state"]))
 
 
-def _leaves(value: tp.Any, prefix: str) -> tp.Iterator[tp.Tuple[str, tp.Any]]:
+def leaves(value: tp.Any, prefix: str = "") -> tp.Iterator[tp.Tuple[str, tp.Any]]:
+    """(dotted key, value) for every leaf of nested dicts."""
     if isinstance(value, dict):
         for key, child in value.items():
-            yield from _leaves(child, f"{prefix}.{key}" if prefix else str(key))
+            yield from leaves(child, f"{prefix}.{key}" if prefix else str(key))
     else:
         yield prefix, value
 
@@ -194,9 +195,9 @@ def _sections(cfg: DictConfig) -> dict:
 
 def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.List[str]:
     """`key=value` overrides that give the run's config the snapshot's architecture, where they differ."""
-    run_leaves = dict(_leaves(_sections(run_cfg), ""))
+    run_leaves = dict(leaves(_sections(run_cfg), ""))
     overrides = []
-    for key, value in _leaves(_sections(snapshot_cfg), ""):
+    for key, value in leaves(_sections(snapshot_cfg), ""):
         if key.endswith("t5.name") or key not in run_leaves or value == {}:
             continue  # the T5 path is set separately; keys this AudioCraft has no more are irrelevant
         if run_leaves[key] != value:

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from musicgen_finetune import environment
+
 REPO = Path(__file__).resolve().parent.parent
 NETWORK_GUARD = Path(__file__).resolve().parent / "network_guard"
 DATASET = "hiphop808-test"
 # As `make test` runs it: the venv's bin (its ffmpeg, dora) first on PATH.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+environment.prepare()  # the harness's environment (offline hub, our teams file), as every entry point sets it
 
 
 @pytest.fixture(scope="session")
@@ -34,13 +37,14 @@ def tiny_model(workdir) -> Path:
 @pytest.fixture(scope="session")
 def beats(workdir) -> Path:
     from musicgen_finetune.synth808 import write_dataset
-    return write_dataset(workdir / "beats", count=12, seconds=3.0, seed=808)
+    return write_dataset(workdir / "beats", count=8, seconds=3.0, seed=808)
 
 
 @pytest.fixture(scope="session")
 def dataset(beats) -> Path:
-    from musicgen_finetune.data import build_manifests
-    return build_manifests(beats, DATASET, valid_fraction=0.3)
+    """The beats cut into 1 s segments (short segments keep the end-to-end runs fast)."""
+    from musicgen_finetune.data import ManifestOptions, build_manifests
+    return build_manifests(beats, DATASET, ManifestOptions(segment=1.0, valid=0.25))
 
 
 def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -117,13 +117,13 @@ def test_gradient_accumulation_matches_the_full_batch(workdir, tiny_model, beats
     lengths would legitimately give micro-batches other outputs than the full batch."""
     import json
     import shutil
-    from musicgen_finetune.data import build_manifests
+    from musicgen_finetune.data import ManifestOptions, build_manifests
     same_caption = workdir / "same-caption"
     shutil.copytree(beats, same_caption, dirs_exist_ok=True)
     entries = [{"audio": e["audio"], "text": "hip hop 808 beat"}
                for e in json.loads((beats / "metadata.json").read_text())]
     (same_caption / "metadata.json").write_text(json.dumps(entries))
-    build_manifests(same_caption, "same-caption", valid_fraction=0.3)
+    build_manifests(same_caption, "same-caption", ManifestOptions(segment=1.0, valid=0.25, describe=False))
     deterministic = ("optim.epochs=2 generate.every=1000 classifier_free_guidance.training_dropout=0 "
                      "conditioners.description.t5.word_dropout=0 dataset.train.merge_text_p=0 "
                      "dataset.train.drop_desc_p=0 dataset.train.drop_other_p=0 ")

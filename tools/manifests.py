@@ -1,22 +1,44 @@
-"""make manifests DATA=<folder with metadata.json> NAME=<dataset> [VALID=0.25] [TEXT='default caption']"""
+"""make manifests DATA=<folder> NAME=<dataset> [MODEL=<folder>] [SEGMENT=30] [VALID=0.2] [TEXT=...] [STRICT=1]"""
 import argparse
+import json
 import sys
 
 from musicgen_finetune import environment
 
 environment.prepare()
-from musicgen_finetune.data import DatasetError, build_manifests  # noqa: E402
+from musicgen_finetune import data, model_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("--data", required=True)
-parser.add_argument("--name", required=True)
-parser.add_argument("--valid", type=float, default=0.25, help="fraction of files held out for validation")
-parser.add_argument("--text", default=None, help="caption for entries that have none")
-parser.add_argument("--sample-rate", type=int, default=32000)
-parser.add_argument("--channels", type=int, default=1)
+parser.add_argument("--data", required=True, help="folder of audio files and their captions")
+parser.add_argument("--name", required=True, help="dataset name: manifests/<name>/")
+parser.add_argument("--model", default=None, help="take sample rate and channels from this model's xp.cfg")
+parser.add_argument("--segment", type=float, default=30.0, help="training segment length in seconds")
+parser.add_argument("--valid", type=float, default=0.2, help="fraction of source files held out for validation")
+parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
+parser.add_argument("--text", default=None, help="caption for files that have none")
+parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
+parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
+parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
 opts = parser.parse_args()
+
+
+def model_format(model):
+    """(sample_rate, channels) of the model, or of the default training config."""
+    if model:
+        cfg = model_dir.check(model).xp_cfg
+    else:
+        from musicgen_finetune.config import compose
+        cfg = compose([])
+    return int(cfg.sample_rate), int(cfg.channels)
+
+
 try:
-    out = build_manifests(opts.data, opts.name, opts.sample_rate, opts.channels, opts.valid, opts.text)
-except DatasetError as err:
+    sample_rate, channels = model_format(opts.model)
+    options = data.ManifestOptions(sample_rate=sample_rate, channels=channels, segment=opts.segment,
+                                   valid=opts.valid, seed=opts.seed, text=opts.text, strict=opts.strict,
+                                   describe=not opts.no_describe, workers=opts.workers)
+    out = data.build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
+except (data.DatasetError, model_dir.ModelDirError) as err:
     sys.exit(f"error: {err}")
-print(f"Dataset {opts.name}: {out} (report: {out / 'report.json'})")
+print(data.summary(json.loads((out / "report.json").read_text())))
+print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")
