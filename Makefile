@@ -36,7 +36,7 @@ DEMO_NAME ?= hiphop808-demo
 # make test
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test manifests train doctor tiny-model demo-data clean
+.PHONY: help setup demo test manifests train doctor bench tiny-model demo-data clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -67,6 +67,9 @@ train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [T5=] [PRESET=] [ARGS='k
 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")
+
+bench: setup  ## [QUICK=1]: measured speed, with the machine named, to output/bench/ (bench.json, bench.md)
+	$(PY) tools/bench.py $(if $(QUICK),--quick)
 
 tiny-model: setup  ## write the embedded tiny model to DEMO_MODEL (output/models/tiny-musicgen)
 	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --force
