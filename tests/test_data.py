@@ -260,3 +260,18 @@ def test_tempo_and_key_estimates():
     a_minor = sum(np.sin(2 * np.pi * f * t) for f in (220.0, 261.63, 329.63)).astype(np.float32)  # A C E
     assert estimate_key(a_minor[None] * 0.2, rate) == "A minor"
     assert estimate_tempo(np.zeros((1, rate), np.float32), rate) is None
+
+
+def test_make_manifests_command_prints_the_summary_and_strict_fails(beats, workdir, tmp_path):
+    from conftest import run_tool
+    folder = tmp_path / "beats"
+    shutil.copytree(beats, folder)
+    (folder / "train" / "beat_002.wav").write_bytes(b"broken")
+    result = run_tool(["tools/manifests.py", "--data", str(folder), "--name", "cli", "--segment", "1"], workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "8 audio files found, 7 used" in result.stdout
+    assert "skipped   train/beat_002.wav: not decodable audio" in result.stdout
+    assert "segments  1 s: every segment is a full 1 s" in result.stdout
+    strict = run_tool(["tools/manifests.py", "--data", str(folder), "--name", "cli2", "--strict"], workdir)
+    assert strict.returncode == 1 and "error: train/beat_002.wav: not decodable audio" in strict.stderr
+    assert not (workdir / "manifests" / "cli2").exists()

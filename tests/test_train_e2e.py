@@ -153,3 +153,12 @@ def test_snapshot_of_another_architecture_is_refused_by_name(workdir, tiny_model
     assert result.returncode != 0
     assert f"{model / 'state_dict.bin'} does not fit the LM this config builds: 1 unexpected " \
            "(transformer.layers.9.linear1.weight)" in result.stderr
+
+
+def test_padding_masked_from_the_loss_trains(workdir, tiny_model, dataset):
+    """The dataset's plan for short clips (tokens.padding_with_special_token) runs through our solver."""
+    result = train(workdir, tiny_model, args="dataset.segment_duration=1.5 tokens.padding_with_special_token=true "
+                                             "optim.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((xp_folder(result) / "history.json").read_text())
+    assert math.isfinite(history[0]["train"]["ce"]) and math.isfinite(history[0]["valid"]["ce"])
