@@ -21,6 +21,7 @@ NAME ?=
 DATA ?=
 T5 ?=
 PRESET ?= finetune/musicgen_small
+LORA ?=
 ARGS ?=
 GPUS ?= 1
 VALID ?= 0.2
@@ -60,9 +61,9 @@ manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
 		$(if $(filter 0,$(DESCRIBE)),--no-describe)
 
-train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
+train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
-	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)" --args "$(ARGS)" \
+	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1,$(LORA)),_lora)" --args "$(ARGS)" \
 		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu)
 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix

@@ -2,18 +2,25 @@
 
 - gradient accumulation (`optim.grad_accum_steps`): upstream has none; each batch is split in micro-batches;
 - epochs sized from the dataset (`dataset.<split>.num_samples: null`), instead of upstream's fixed 1,000,000;
+- LoRA (`lora.enabled`): adapters injected into the LM before the optimizer is built, the base frozen, the
+  optimizer over adapters only, checkpoints holding adapters (with the base model's path and hash) instead of
+  the whole LM;
 - a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go.
 """
+import contextlib
 import math
 import typing as tp
 from pathlib import Path
+from unittest import mock
 
 import flashy
 import torch
+from audiocraft import models
 from audiocraft.data.audio_dataset import load_audio_meta
+from audiocraft.solvers import builders
 from audiocraft.solvers.musicgen import MusicGenSolver
 
-from . import model_dir
+from . import lora, model_dir
 
 
 def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
@@ -51,6 +58,10 @@ class FinetuneSolver(MusicGenSolver):
     def grad_accum_steps(self) -> int:
         return int(self.cfg.optim.get("grad_accum_steps") or 1)
 
+    @property
+    def lora_config(self) -> lora.LoraConfig:
+        return lora.LoraConfig.from_dict(self.cfg.get("lora") or {})
+
     def build_dataloaders(self) -> None:
         for split, path in self.cfg.datasource.items():
             if not isinstance(path, str) or split not in self.cfg.dataset:
@@ -71,11 +82,43 @@ class FinetuneSolver(MusicGenSolver):
                                 cosine.warmup, self.total_updates, shorter)
             cosine.warmup = shorter
 
+    @contextlib.contextmanager
+    def lm_with_adapters(self) -> tp.Iterator[None]:
+        """While upstream's build_model runs, its LM comes with LoRA adapters and a frozen base."""
+        config = self.lora_config
+        if not config.enabled:
+            yield
+            return
+        if not (self.cfg.continue_from or "").startswith(model_dir.PRETRAINED_PREFIX):
+            raise ValueError("lora.enabled=true adapts a pretrained model: set continue_from=//pretrained/<model "
+                             "folder> (make train MODEL=... does).")
+        if self.cfg.optim.ema.use or self.cfg.fsdp.use:
+            raise ValueError("lora.enabled=true does not support optim.ema.use=true or fsdp.use=true (EMA would "
+                             "copy every frozen weight; FSDP shards what LoRA does not train): turn them off.")
+        upstream_get_lm_model = models.builders.get_lm_model
+
+        def get_lm_model(cfg):
+            lm = upstream_get_lm_model(cfg)
+            adapted = lora.inject(lm, config)
+            lora.freeze_base(lm)
+            self.logger.info("LoRA rank %d, alpha %g, dropout %g on %d projections (%s, ...)", config.rank,
+                             config.alpha, config.dropout, len(adapted), ", ".join(adapted[:4]))
+            return lm
+
+        with mock.patch.object(models.builders, "get_lm_model", get_lm_model):
+            yield
+
     def build_model(self) -> None:
         if self.grad_accum_steps > 1 and self.cfg.fsdp.use:
             raise ValueError("optim.grad_accum_steps > 1 is not supported with fsdp.use=true.")
         self.fit_warmup_to_run()
-        super().build_model()
+        self.lora_base: tp.Optional[dict] = None  # {"path", "hash"} of the base model the adapters belong to
+        with self.lm_with_adapters():
+            super().build_model()
+        if self.lora_config.enabled:  # upstream built the optimizer over every parameter: adapters only
+            self.optimizer = builders.get_optimizer(list(lora.adapter_parameters(self.model).values()),
+                                                    self.cfg.optim)
+            self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
         self.logger.info("Compression model (frozen): %s", self.cfg.compression_model_checkpoint)
         t5 = self.cfg.conditioners.get("description", {}).get("t5", {})
         if t5:
@@ -91,7 +134,10 @@ class FinetuneSolver(MusicGenSolver):
     def load_from_pretrained(self, name: str) -> dict:
         state = super().load_from_pretrained(name)
         source = model_dir.lm_file(name)
-        report = model_dir.compare_state_dicts(self.model.state_dict(), state["best_state"]["model"])
+        if self.lora_config.enabled:
+            self.lora_base = {"path": str(source), "hash": lora.base_model_hash(state["best_state"]["model"])}
+        model_state = {k: v for k, v in self.model.state_dict().items() if not lora.is_adapter_key(k)}
+        report = model_dir.compare_state_dicts(model_state, state["best_state"]["model"])
         if report.unexpected or report.mismatched:
             raise ValueError(
                 f"{source} does not fit the LM this config builds: {report.describe()}. `make train MODEL=` reads "
@@ -101,6 +147,45 @@ class FinetuneSolver(MusicGenSolver):
                          f" ({len(report.missing)} keep their initial values: {', '.join(report.missing[:5])})"
                          if report.missing else "")
         return state
+
+    def state_dict(self) -> dict:
+        """For a LoRA run: adapters, optimizer and schedule, plus the base model's path and hash (megabytes)."""
+        state = super().state_dict()
+        if not self.lora_config.enabled:
+            return state
+        state["model"] = {k: v for k, v in state["model"].items() if lora.is_adapter_key(k)}
+        state["best_state"] = {name: {k: v for k, v in values.items() if lora.is_adapter_key(k)}
+                               for name, values in state["best_state"].items()}
+        state["lora"] = {**(self.lora_base or {"path": None, "hash": None}), "config": self.lora_config.to_dict()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "lora" in state:
+            self.load_lora_checkpoint_base(state)
+        super().load_state_dict(state)
+
+    def load_lora_checkpoint_base(self, state: dict) -> None:
+        """A LoRA checkpoint holds adapters only: load the base from `continue_from`, check it is the one the
+        adapters were trained on, and complete the checkpoint's model and best state with it."""
+        saved = state.pop("lora")
+        if not self.lora_config.enabled:
+            raise ValueError("This checkpoint holds LoRA adapters only; resume it with lora.enabled=true.")
+        prefix = model_dir.PRETRAINED_PREFIX
+        if not (self.cfg.continue_from or "").startswith(prefix):
+            raise ValueError(f"Resuming LoRA needs its base model: continue_from=//pretrained/<folder> "
+                             f"(it was {saved['path']}).")
+        name = self.cfg.continue_from[len(prefix):]
+        base = super().load_from_pretrained(name)["best_state"]["model"]
+        base_hash = lora.base_model_hash(base)
+        if base_hash != saved["hash"]:
+            raise ValueError(f"The adapters in this checkpoint were trained on {saved['path']} (base hash "
+                             f"{saved['hash'][:16]}), but {model_dir.lm_file(name)} has hash {base_hash[:16]}: "
+                             "resume with the same base model, or start a new experiment.")
+        self.lora_base = {"path": str(model_dir.lm_file(name)), "hash": base_hash}
+        self.logger.info("LoRA base model %s (hash %s) matches the checkpoint", self.lora_base["path"],
+                         base_hash[:16])
+        state["model"] = {**base, **state["model"]}
+        state["best_state"] = {key: {**base, **values} for key, values in state["best_state"].items()}
 
     def run(self):
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)

@@ -69,3 +69,21 @@ def test_signature_ignores_overrides_equal_to_defaults():
     assert main.get_xp([*base, "transformer_lm.dim=1024"]).sig == plain.sig
     assert main.get_xp([*base, "transformer_lm.dim=64"]).sig != plain.sig
     assert main.get_xp(list(base)).sig == plain.sig
+
+
+def test_signature_reflects_lora_settings():
+    from musicgen_finetune.train import main
+    base = ["datasource.train=/d/train", "datasource.valid=/d/valid"]
+    full = main.get_xp(["solver=finetune/musicgen_small", *base]).sig
+    lora = main.get_xp(["solver=finetune/musicgen_small_lora", *base]).sig
+    rank8 = main.get_xp(["solver=finetune/musicgen_small_lora", "lora.rank=8", *base]).sig
+    assert len({full, lora, rank8}) == 3
+    disabled = main.get_xp(["solver=finetune/musicgen_small", "lora.enabled=false", *base]).sig
+    assert disabled == full  # LoRA off changes nothing
+
+
+def test_lora_preset_defaults():
+    cfg = compose(["solver=finetune/musicgen_small_lora"])
+    assert cfg.lora.enabled and (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (12, 24, 0.1)
+    assert cfg.lora.targets == "attention" and cfg.solver == "musicgen_finetune"
+    assert not compose(["solver=finetune/musicgen_small"]).lora.enabled

@@ -162,3 +162,65 @@ def test_padding_masked_from_the_loss_trains(workdir, tiny_model, dataset):
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((xp_folder(result) / "history.json").read_text())
     assert math.isfinite(history[0]["train"]["ce"]) and math.isfinite(history[0]["valid"]["ce"])
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model, tmp_path_factory):
+    """A copy of the tiny model, so that one test can change its weights under a LoRA experiment."""
+    import shutil
+    model = tmp_path_factory.mktemp("lora") / "tiny-musicgen"
+    shutil.copytree(tiny_model, model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_run(workdir, lora_model, dataset):
+    result = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+def test_lora_trains_adapters_only_and_checkpoints_them(lora_run, first_run, lora_model):
+    from musicgen_finetune import lora
+    log = lora_run.stderr + lora_run.stdout
+    assert "LoRA rank 4, alpha 8, dropout 0.1 on 16 projections" in log
+    trained, total = map(lambda s: int(s.replace(",", "")),
+                         re.search(r"Training ([\d,]+) of ([\d,]+) LM parameters", log).groups())
+    assert trained < total / 10
+    checkpoint = torch.load(xp_folder(lora_run) / "checkpoint.th", weights_only=True)
+    assert checkpoint["model"] and all(lora.is_adapter_key(k) for k in checkpoint["model"])
+    assert all(lora.is_adapter_key(k) for k in checkpoint["best_state"]["model"])
+    snapshot = torch.load(lora_model / "state_dict.bin", weights_only=True)["best_state"]
+    assert checkpoint["lora"]["hash"] == lora.base_model_hash(snapshot)
+    assert checkpoint["lora"]["path"] == str(lora_model / "state_dict.bin")
+    full_size = (xp_folder(first_run) / "checkpoint.th").stat().st_size
+    assert (xp_folder(lora_run) / "checkpoint.th").stat().st_size < full_size / 5
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in checkpoint["model"].items() if "lora_B" in k)
+
+
+def test_lora_experiment_restores_base_and_adapters(lora_run, lora_model):
+    """What a resume does: the base from the snapshot, the adapters from the checkpoint."""
+    from musicgen_finetune import lora
+    from musicgen_finetune.train import get_solver_from_sig
+    folder = xp_folder(lora_run)
+    solver = get_solver_from_sig(folder.name)
+    checkpoint = torch.load(folder / "checkpoint.th", weights_only=True)
+    state = solver.model.state_dict()
+    for key, value in checkpoint["best_state"]["model"].items():
+        assert torch.equal(state[key], value), key
+    snapshot = torch.load(lora_model / "state_dict.bin", weights_only=True)["best_state"]
+    for key, value in snapshot.items():
+        assert torch.equal(state[key], value.float()), key
+    assert lora.adapted_names(solver.model)
+
+
+def test_lora_resume_refuses_a_changed_base(lora_run, workdir, lora_model):
+    again = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
+    assert again.returncode == 0 and "matches the checkpoint" in again.stderr + again.stdout
+    package = torch.load(lora_model / "state_dict.bin", weights_only=True)
+    key = next(iter(package["best_state"]))
+    package["best_state"][key] = package["best_state"][key] + 1
+    torch.save(package, lora_model / "state_dict.bin")
+    changed = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
+    assert changed.returncode != 0
+    assert "were trained on" in changed.stderr and "resume with the same base model" in changed.stderr
