@@ -26,18 +26,33 @@ ARGS ?=
 GPUS ?= 1
 VALID ?= 0.2
 SEGMENT ?= 30
-SEED ?= 0
+SPLIT_SEED ?= 0
 STRICT ?=
 DESCRIBE ?= 1
 TEXT ?=
+# make export / generate
+XP ?=
+OUT ?=
+WHICH ?= best
+ADAPTER ?=
+PROMPTS ?=
+DURATION ?= 10
+SEED ?= 0
+TOP_K ?= 250
+TOP_P ?= 0
+TEMPERATURE ?= 1
+CFG ?= 3
+BATCH ?= 4
 # make demo
 DEMO_MODEL ?= output/models/tiny-musicgen
 DEMO_DATA ?= output/data/hiphop808
 DEMO_NAME ?= hiphop808-demo
+DEMO_OUT ?= output/demo
+DEMO_GENERATE = --prompts egs/hiphop808/prompts.txt --duration 2 --seeds 0,1 --top-k 50
 # make test
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test manifests train doctor bench tiny-model demo-data clean
+.PHONY: help setup demo test manifests train export generate doctor bench tiny-model demo-data clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -50,14 +65,25 @@ demo: setup  ## the whole job on the embedded tiny model and synthetic 808 beats
 	$(PY) tools/tiny_model.py --out $(DEMO_MODEL)
 	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
 	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25
-	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny --args "$(ARGS)"
+	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny --args "$(ARGS)" \
+		--xp-file $(DEMO_OUT)/full.xp
+	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny_lora --args "$(ARGS)" \
+		--xp-file $(DEMO_OUT)/lora.xp
+	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/full.xp) --out $(DEMO_OUT)/models/full
+	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/lora.xp) --out $(DEMO_OUT)/models/lora
+	$(PY) tools/generate.py --model $(DEMO_MODEL) $(DEMO_GENERATE) --out $(DEMO_OUT)/samples/base
+	$(PY) tools/generate.py --model $(DEMO_OUT)/models/full $(DEMO_GENERATE) --out $(DEMO_OUT)/samples/full
+	$(PY) tools/generate.py --model $(DEMO_MODEL) --adapter $(DEMO_OUT)/models/lora/adapters.safetensors \
+		$(DEMO_GENERATE) --out $(DEMO_OUT)/samples/lora
+	@echo "Demo done: models in $(DEMO_OUT)/models/{full,lora}, samples of base, full and LoRA from the same" \
+		"prompts and seeds in $(DEMO_OUT)/samples/{base,full,lora}"
 
 test: setup  ## the test suite (real dora runs on a tiny model; a few minutes on 2 CPU cores)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [TEXT=] [STRICT=1] [DESCRIBE=0]
+manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0]
 	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
-	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --segment $(SEGMENT) --valid $(VALID) --seed $(SEED) \
+	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --segment $(SEGMENT) --valid $(VALID) --seed $(SPLIT_SEED) \
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
 		$(if $(filter 0,$(DESCRIBE)),--no-describe)
 
@@ -65,6 +91,16 @@ train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
 	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1,$(LORA)),_lora)" --args "$(ARGS)" \
 		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu)
+
+export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout
+	@test -n "$(XP)" || { echo "usage: make export XP=<signature> [OUT=<folder>] [WHICH=best|last]"; exit 2; }
+	$(PY) tools/export.py --xp "$(XP)" --which $(WHICH) $(if $(OUT),--out "$(OUT)")
+
+generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=] [DURATION=10] [SEED=0,1] [OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]
+	@test -n "$(MODEL)" -a -n "$(PROMPTS)" || { echo "usage: make generate MODEL=<folder> PROMPTS=<file or text>"; exit 2; }
+	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --duration $(DURATION) --seeds $(SEED) \
+		--top-k $(TOP_K) --top-p $(TOP_P) --temperature $(TEMPERATURE) --cfg $(CFG) --batch $(BATCH) \
+		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(OUT),--out "$(OUT)")
 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")

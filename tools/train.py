@@ -2,6 +2,7 @@
 import argparse
 import shlex
 import sys
+from pathlib import Path
 
 from musicgen_finetune import launch, model_dir
 
@@ -12,8 +13,12 @@ parser.add_argument("--t5", default=None, help="local T5 folder (default: <model
 parser.add_argument("--preset", default=launch.DEFAULT_PRESET, help="solver preset under config/solver/")
 parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
 parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
+parser.add_argument("--xp-file", default=None, help="write the experiment folder's path to this file")
 opts = parser.parse_args()
 try:
-    launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu)
+    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu)
 except (launch.LaunchError, model_dir.ModelDirError) as err:
     sys.exit(f"error: {err}")
+if opts.xp_file:
+    Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(opts.xp_file).write_text(f"{folder}\n")

@@ -1,0 +1,129 @@
+"""`make export`: from a dora experiment to a model folder in the facebook/musicgen-small layout.
+
+    <out>/state_dict.bin               {'best_state', 'xp.cfg' (yaml), 'version', 'exported'}: AudioCraft's format
+    <out>/compression_state_dict.bin   the base model's own file, copied (never a pointer to a hub name)
+    <out>/adapters.safetensors(.json)  LoRA runs: the adapters alone (the state_dict.bin holds them merged)
+    <out>/export.json, README.md       base model, dataset, LoRA settings, epoch, validation loss
+
+The T5 text encoder is referenced, not copied: xp.cfg names the local folder the run used, and `load()` looks
+for it there, then beside the model (`t5/`), then in the Hugging Face cache.
+"""
+import json
+import shutil
+import typing as tp
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from . import lora, model_dir, output_dir
+from .files import replaced_when_complete
+from .patches import safe_load
+
+WHICH = ("best", "last")
+
+
+class ExportError(ValueError):
+    """The experiment cannot be exported; the message says why and what to do."""
+
+
+def find_experiment(xp: str) -> Path:
+    """An experiment folder from a signature (output/xps/<sig>) or a path."""
+    path = Path(xp).expanduser()
+    folder = path if path.is_dir() else output_dir() / "xps" / xp
+    if not (folder / "checkpoint.th").is_file():
+        known = sorted(p.name for p in (output_dir() / "xps").glob("*") if (p / "checkpoint.th").is_file())
+        raise ExportError(f"XP={xp}: no checkpoint.th in {folder}. Experiments with a checkpoint: "
+                          f"{', '.join(known) or 'none'} (make train prints the signature).")
+    return folder.resolve()
+
+
+def base_folder(cfg) -> Path:
+    prefix = model_dir.PRETRAINED_PREFIX
+    name = str(cfg.get("continue_from") or "")
+    if not name.startswith(prefix) or not Path(name[len(prefix):]).is_dir():
+        raise ExportError(f"The experiment did not start from a local model folder (continue_from={name!r}); "
+                          "its compression model cannot be copied.")
+    return Path(name[len(prefix):])
+
+
+def best_epoch(history: tp.List[dict]) -> tp.Tuple[tp.Optional[int], tp.Optional[float]]:
+    losses = [(e.get("valid", {}).get("ce"), i + 1) for i, e in enumerate(history)]
+    losses = [(ce, epoch) for ce, epoch in losses if ce is not None]
+    if not losses:
+        return None, None
+    ce, epoch = min(losses)
+    return epoch, ce
+
+
+def build_lm(cfg, state: tp.Mapping[str, torch.Tensor]):
+    """The LM of `cfg` (T5 patched to load locally) holding `state`, on the CPU."""
+    from audiocraft.models import builders
+    from . import patches
+    patches.apply()
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.device, cfg.dtype = "cpu", "float32"
+    lm = builders.get_lm_model(cfg)
+    lm.load_state_dict(state, strict=False)
+    return lm
+
+
+def merged_lora_state(cfg, checkpoint: dict, which: str, base: dict, out: Path) -> dict:
+    """Base + adapters: write the adapters file, return the merged weights (base keys only)."""
+    config = lora.LoraConfig.from_dict(checkpoint["lora"]["config"])
+    adapters = checkpoint["best_state"]["model"] if which == "best" else checkpoint["model"]
+    lm = build_lm(cfg, {})
+    lora.inject(lm, config)
+    missing, unexpected = lm.load_state_dict({**base, **adapters}, strict=False)
+    if unexpected or [k for k in missing if not k.startswith("condition_provider.conditioners.description.t5")]:
+        raise ExportError(f"The checkpoint's adapters do not fit the model: missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}.")
+    lora.save_adapters(lm, out / "adapters.safetensors", config, base_hash=checkpoint["lora"]["hash"])
+    lora.merge(lm)
+    return {k: v for k, v in lm.state_dict().items() if not lora.is_adapter_key(k)}
+
+
+def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "best") -> Path:
+    if which not in WHICH:
+        raise ExportError(f"WHICH={which!r}: use best (lowest validation loss) or last.")
+    folder = find_experiment(xp)
+    checkpoint = safe_load(folder / "checkpoint.th")
+    cfg = checkpoint["xp.cfg"]
+    base_dir = base_folder(cfg)
+    out = Path(out).expanduser().resolve() if out else output_dir() / "exports" / f"{folder.name}-{which}"
+    base_package = safe_load(base_dir / model_dir.LM_FILE)
+    with replaced_when_complete(out) as staging:
+        if "lora" in checkpoint:
+            base = base_package["best_state"]
+            base_hash = lora.base_model_hash(base)
+            if base_hash != checkpoint["lora"]["hash"]:
+                raise ExportError(f"{base_dir / model_dir.LM_FILE} changed since the adapters were trained (hash "
+                                  f"{base_hash[:16]}, expected {checkpoint['lora']['hash'][:16]}).")
+            state = merged_lora_state(cfg, checkpoint, which, {k: v.float() for k, v in base.items()}, staging)
+        else:
+            state = checkpoint["best_state"]["model"] if which == "best" else checkpoint["model"]
+        import audiocraft
+        torch.save({"best_state": state, "xp.cfg": OmegaConf.to_yaml(cfg), "version": audiocraft.__version__,
+                    "exported": True}, staging / model_dir.LM_FILE)
+        shutil.copyfile(base_dir / model_dir.COMPRESSION_FILE, staging / model_dir.COMPRESSION_FILE)
+        history = checkpoint.get("history") or []
+        epoch, valid_ce = best_epoch(history) if which == "best" else (len(history), None)
+        info = {
+            "experiment": folder.name, "which": which, "epoch": epoch, "epochs_trained": len(history),
+            "valid_ce": valid_ce if which == "best" else (history[-1].get("valid", {}).get("ce") if history else None),
+            "base_model": str(base_dir), "t5": str(OmegaConf.select(cfg, "conditioners.description.t5.name")),
+            "dataset": str(OmegaConf.select(cfg, "datasource.train")),
+            "segment_duration": OmegaConf.select(cfg, "dataset.segment_duration"),
+            "lora": checkpoint["lora"]["config"] if "lora" in checkpoint else None,
+        }
+        (staging / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / "README.md").write_text(
+            f"# Fine-tuned MusicGen ({folder.name}, {which} state)\n\n"
+            f"Fine-tuned from {base_dir} on {info['dataset']}, epoch {epoch} of {len(history)}, "
+            f"validation cross-entropy {info['valid_ce']}.\n"
+            + (f"LoRA rank {info['lora']['rank']}, alpha {info['lora']['alpha']}, targets "
+               f"{', '.join(info['lora']['targets'])}: merged into state_dict.bin, and alone in "
+               "adapters.safetensors.\n" if info["lora"] else "")
+            + "\nLoad it with `musicgen_finetune.generate.load(\"<this folder>\")` or `make generate MODEL=<this "
+              "folder>`; it has the musicgen-small layout (state_dict.bin + compression_state_dict.bin).\n")
+    return out
