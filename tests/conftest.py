@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny model and a synthetic 808 dataset, written once per test session into a temp folder.
+"""Shared fixtures: a tiny model, a synthetic 808 dataset and the tiny training runs, made once per session.
 
-Every test runs with outputs and manifests redirected there (MUSICGEN_FT_OUTPUT, MUSICGEN_FT_MANIFESTS), so the
-suite never touches the repository's output/ or manifests/.
+Every test runs with outputs, manifests and dora experiments redirected to a temp folder (MUSICGEN_FT_OUTPUT,
+MUSICGEN_FT_MANIFESTS, AUDIOCRAFT_DORA_DIR), so the suite never touches the repository's output/ or manifests/.
 """
+import atexit
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,15 +21,18 @@ NETWORK_GUARD = Path(__file__).resolve().parent / "network_guard"
 DATASET = "hiphop808-test"
 # As `make test` runs it: the venv's bin (its ffmpeg, dora) first on PATH.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
+# Outputs, manifests and dora experiments of the whole session go to a temp folder, set before anything reads them.
+WORKDIR = Path(tempfile.mkdtemp(prefix="musicgen_ft_tests_"))
+atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
+os.environ["MUSICGEN_FT_OUTPUT"] = str(WORKDIR / "output")
+os.environ["MUSICGEN_FT_MANIFESTS"] = str(WORKDIR / "manifests")
+os.environ["AUDIOCRAFT_DORA_DIR"] = str(WORKDIR / "output")
 environment.prepare()  # the harness's environment (offline hub, our teams file), as every entry point sets it
 
 
 @pytest.fixture(scope="session")
-def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("musicgen_ft")
-    os.environ["MUSICGEN_FT_OUTPUT"] = str(root / "output")
-    os.environ["MUSICGEN_FT_MANIFESTS"] = str(root / "manifests")
-    return root
+def workdir() -> Path:
+    return WORKDIR
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +63,46 @@ def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.Com
         "NETWORK_GUARD_LOG": str(workdir / "network_attempts.log"),
         "MUSICGEN_FT_OUTPUT": str(workdir / "output"),
         "MUSICGEN_FT_MANIFESTS": str(workdir / "manifests"),
+        "AUDIOCRAFT_DORA_DIR": str(workdir / "output"),
         **(extra_env or {}),
     })
     return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+TRAIN = "tools/train.py"
+
+
+def train(workdir, model, args="", preset="finetune/cpu_tiny"):
+    return run_tool([TRAIN, "--model", str(model), "--name", DATASET, "--preset", preset, "--args", args], workdir)
+
+
+def xp_folder(result) -> Path:
+    match = re.search(r"^Experiment (\w+): (\S+)$", result.stdout, re.MULTILINE)
+    assert match, f"no experiment line in the output:\n{result.stdout}\n{result.stderr[-3000:]}"
+    return Path(match.group(2))
+
+
+@pytest.fixture(scope="session")
+def first_run(workdir, tiny_model, dataset):
+    log = workdir / "network_attempts.log"
+    log.unlink(missing_ok=True)
+    result = train(workdir, tiny_model)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="session")
+def lora_model(tiny_model, tmp_path_factory):
+    """A copy of the tiny model, so that one test can change its weights under a LoRA experiment."""
+    import shutil
+    model = tmp_path_factory.mktemp("lora") / "tiny-musicgen"
+    shutil.copytree(tiny_model, model)
+    return model
+
+
+@pytest.fixture(scope="session")
+def lora_run(workdir, lora_model, dataset):
+    result = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
+    assert result.returncode == 0, result.stderr[-5000:]
+    return result

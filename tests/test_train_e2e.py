@@ -7,28 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import DATASET, run_tool
-
-TRAIN = "tools/train.py"
-
-
-def train(workdir, model, args="", preset="finetune/cpu_tiny"):
-    return run_tool([TRAIN, "--model", str(model), "--name", DATASET, "--preset", preset, "--args", args], workdir)
-
-
-def xp_folder(result) -> Path:
-    match = re.search(r"^Experiment (\w+): (\S+)$", result.stdout, re.MULTILINE)
-    assert match, f"no experiment line in the output:\n{result.stdout}\n{result.stderr[-3000:]}"
-    return Path(match.group(2))
-
-
-@pytest.fixture(scope="module")
-def first_run(workdir, tiny_model, dataset):
-    log = workdir / "network_attempts.log"
-    log.unlink(missing_ok=True)
-    result = train(workdir, tiny_model)
-    assert result.returncode == 0, result.stderr[-5000:]
-    return result
+from conftest import DATASET, TRAIN, run_tool, train, xp_folder
 
 
 def test_fine_tune_writes_checkpoint_history_and_samples(first_run):
@@ -164,22 +143,6 @@ def test_padding_masked_from_the_loss_trains(workdir, tiny_model, dataset):
     assert math.isfinite(history[0]["train"]["ce"]) and math.isfinite(history[0]["valid"]["ce"])
 
 
-@pytest.fixture(scope="module")
-def lora_model(tiny_model, tmp_path_factory):
-    """A copy of the tiny model, so that one test can change its weights under a LoRA experiment."""
-    import shutil
-    model = tmp_path_factory.mktemp("lora") / "tiny-musicgen"
-    shutil.copytree(tiny_model, model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def lora_run(workdir, lora_model, dataset):
-    result = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
-    assert result.returncode == 0, result.stderr[-5000:]
-    return result
-
-
 def test_lora_trains_adapters_only_and_checkpoints_them(lora_run, first_run, lora_model):
     from musicgen_finetune import lora
     log = lora_run.stderr + lora_run.stdout
@@ -217,10 +180,14 @@ def test_lora_experiment_restores_base_and_adapters(lora_run, lora_model):
 def test_lora_resume_refuses_a_changed_base(lora_run, workdir, lora_model):
     again = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
     assert again.returncode == 0 and "matches the checkpoint" in again.stderr + again.stdout
+    original = (lora_model / "state_dict.bin").read_bytes()
     package = torch.load(lora_model / "state_dict.bin", weights_only=True)
     key = next(iter(package["best_state"]))
     package["best_state"][key] = package["best_state"][key] + 1
     torch.save(package, lora_model / "state_dict.bin")
-    changed = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
+    try:
+        changed = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
+    finally:
+        (lora_model / "state_dict.bin").write_bytes(original)  # other tests export this run
     assert changed.returncode != 0
     assert "were trained on" in changed.stderr and "resume with the same base model" in changed.stderr

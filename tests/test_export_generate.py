@@ -1,0 +1,120 @@
+"""`make export` and `make generate` on the tiny runs: model folders AudioCraft loads, reproducible audio."""
+import json
+
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import run_tool, xp_folder
+from musicgen_finetune import export, generate, lora, model_dir
+from musicgen_finetune.patches import safe_load
+
+PROMPT = "hip hop 808 beat, 140 bpm"
+
+
+@pytest.fixture(scope="module")
+def full_export(first_run, tmp_path_factory):
+    return export.export(xp_folder(first_run).name, tmp_path_factory.mktemp("exports") / "full")
+
+
+@pytest.fixture(scope="module")
+def lora_export(lora_run, tmp_path_factory):
+    return export.export(str(xp_folder(lora_run)), tmp_path_factory.mktemp("exports") / "lora")
+
+
+def test_full_export_has_the_snapshot_layout_and_the_best_state(full_export, first_run, tiny_model):
+    checkpoint = safe_load(xp_folder(first_run) / "checkpoint.th")
+    package = torch.load(full_export / "state_dict.bin", weights_only=True)
+    assert set(package) == {"best_state", "xp.cfg", "version", "exported"} and isinstance(package["xp.cfg"], str)
+    for key, value in checkpoint["best_state"]["model"].items():
+        assert torch.equal(package["best_state"][key], value), key
+    assert (full_export / "compression_state_dict.bin").read_bytes() == \
+           (tiny_model / "compression_state_dict.bin").read_bytes()
+    info = json.loads((full_export / "export.json").read_text())
+    history = checkpoint["history"]
+    assert info["valid_ce"] == min(e["valid"]["ce"] for e in history) and info["epochs_trained"] == len(history)
+    assert info["base_model"] == str(tiny_model) and info["lora"] is None
+
+
+def test_last_state_on_request(first_run, tmp_path):
+    out = export.export(xp_folder(first_run).name, tmp_path / "last", which="last")
+    checkpoint = safe_load(xp_folder(first_run) / "checkpoint.th")
+    package = torch.load(out / "state_dict.bin", weights_only=True)
+    for key, value in checkpoint["model"].items():
+        assert torch.equal(package["best_state"][key], value), key
+
+
+def test_export_loads_with_audiocraft_own_loaders(full_export):
+    from audiocraft.models import loaders
+    lm = loaders.load_lm_model(str(full_export))
+    compression = loaders.load_compression_model(str(full_export))
+    assert lm.card == compression.cardinality and lm.num_codebooks == compression.num_codebooks
+
+
+def test_generation_is_reproducible_and_longer_than_training_segments(full_export, tmp_path):
+    """The tiny runs trained on 1 s segments; generation asks for 3 s, twice with the same seed."""
+    first = generate.generate(full_export, PROMPT, tmp_path / "a", duration=3.0, seeds=[7], top_k=50,
+                              progress=False)
+    again = generate.generate(full_export, PROMPT, tmp_path / "b", duration=3.0, seeds=[7, 8], top_k=50,
+                              progress=False)
+    items = json.loads((again / "generated.json").read_text())["items"]
+    assert [(i["seed"], i["prompt"], i["seconds"]) for i in items] == [(7, PROMPT, 3.0), (8, PROMPT, 3.0)]
+    wav_a, rate = sf.read(first / items[0]["file"])
+    wav_b, _ = sf.read(again / items[0]["file"])
+    wav_other, _ = sf.read(again / items[1]["file"])
+    assert rate == 32000 and len(wav_a) == 3 * rate
+    assert (wav_a == wav_b).all() and not (wav_a == wav_other).all()
+
+
+def test_lora_export_merged_equals_base_plus_adapters(lora_export, lora_model, tmp_path):
+    assert (lora_export / "adapters.safetensors").is_file()
+    saved = json.loads(lora.config_path(lora_export / "adapters.safetensors").read_text())
+    assert saved["base_hash"] == lora.base_model_hash(torch.load(lora_model / "state_dict.bin",
+                                                                 weights_only=True)["best_state"])
+    merged = generate.generate(lora_export, PROMPT, tmp_path / "merged", duration=1.0, seeds=[3], top_k=50,
+                               progress=False)
+    adapted = generate.generate(lora_model, PROMPT, tmp_path / "adapter", duration=1.0, seeds=[3], top_k=50,
+                                adapter=str(lora_export / "adapters.safetensors"), progress=False)
+    base = generate.generate(lora_model, PROMPT, tmp_path / "base", duration=1.0, seeds=[3], top_k=50,
+                             progress=False)
+    name = json.loads((merged / "generated.json").read_text())["items"][0]["file"]
+    assert (sf.read(merged / name)[0] == sf.read(adapted / name)[0]).all()
+    assert not (sf.read(merged / name)[0] == sf.read(base / name)[0]).all()  # the adapters do something
+
+
+def test_adapter_for_another_base_is_refused(lora_export, full_export):
+    with pytest.raises(lora.AdapterMismatchError, match="was trained on base model"):
+        generate.load(full_export, adapter=lora_export / "adapters.safetensors")
+
+
+def test_bad_generation_input_fails_before_loading(tmp_path, full_export):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("# only a comment\n\n")
+    with pytest.raises(generate.GenerationError, match="has no prompt"):
+        generate.generate(full_export, str(empty), tmp_path / "out")
+    with pytest.raises(generate.GenerationError, match="DURATION=0"):
+        generate.generate(full_export, PROMPT, tmp_path / "out", duration=0)
+    with pytest.raises(generate.GenerationError, match="TOP_K=250 is more than the 64 codes"):
+        generate.generate(full_export, PROMPT, tmp_path / "out", duration=1.0)
+    with pytest.raises(model_dir.ModelDirError, match="is not a folder"):
+        generate.load(tmp_path / "no-model")
+    with pytest.raises(generate.GenerationError, match="does not exist"):
+        generate.load(full_export, adapter=tmp_path / "missing.safetensors")
+
+
+def test_export_errors_name_the_experiment(tmp_path, first_run):
+    with pytest.raises(export.ExportError, match=f"Experiments with a checkpoint: .*{xp_folder(first_run).name}"):
+        export.export("nosuchsig")
+    with pytest.raises(export.ExportError, match="WHICH='worst'"):
+        export.export(xp_folder(first_run).name, tmp_path / "x", which="worst")
+
+
+def test_generate_command_writes_one_wav_per_prompt_and_seed(full_export, workdir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("808 beat one\n# skipped\n808 beat two\n")
+    result = run_tool(["tools/generate.py", "--model", str(full_export), "--prompts", str(prompts), "--duration",
+                       "1", "--seeds", "0,1", "--top-k", "50", "--out", str(tmp_path / "wavs")], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "wavs" / "generated.json").read_text())
+    assert len(manifest["items"]) == 4 and manifest["settings"]["top_k"] == 50
+    assert all((tmp_path / "wavs" / item["file"]).is_file() for item in manifest["items"])
