@@ -42,6 +42,7 @@ FEED_FORWARD_TARGETS = ("linear1", "linear2")
 OUTPUT_HEADS_TARGET = "linears"
 ALLOWED_TARGETS = ATTENTION_TARGETS + FEED_FORWARD_TARGETS + (OUTPUT_HEADS_TARGET,)
 PRESETS: tp.Dict[str, tp.Tuple[str, ...]] = {
+    "self_attention": ATTENTION_TARGETS[:4],
     "attention": ATTENTION_TARGETS,
     "attention_ff": ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
     "all": ALLOWED_TARGETS,

@@ -51,6 +51,30 @@ def count_segments(split_path: str) -> int:
     return len(load_audio_meta(path))
 
 
+class AdapterView(torch.nn.Module):
+    """The LM's LoRA adapters as a module of their own (same parameter names), for upstream's EMA: it then tracks
+    and swaps the adapters alone. Loading its state leaves the base untouched."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.__dict__["model"] = model  # not a child module: the base must stay out of named_parameters()
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(lora.adapter_parameters(self.model).items())
+
+    def named_buffers(self, *args, **kwargs):
+        return iter(())
+
+    def state_dict(self, *args, **kwargs):
+        return lora.adapter_state_dict(self.model)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        unexpected = [k for k in state_dict if not lora.is_adapter_key(k)]
+        if unexpected:
+            raise KeyError(f"not adapter tensors: {unexpected[:3]}")
+        return self.model.load_state_dict(state_dict, strict=False)
+
+
 class FinetuneSolver(MusicGenSolver):
     NAME = "musicgen_finetune"
 
@@ -92,9 +116,9 @@ class FinetuneSolver(MusicGenSolver):
         if not (self.cfg.continue_from or "").startswith(model_dir.PRETRAINED_PREFIX):
             raise ValueError("lora.enabled=true adapts a pretrained model: set continue_from=//pretrained/<model "
                              "folder> (make train MODEL=... does).")
-        if self.cfg.optim.ema.use or self.cfg.fsdp.use:
-            raise ValueError("lora.enabled=true does not support optim.ema.use=true or fsdp.use=true (EMA would "
-                             "copy every frozen weight; FSDP shards what LoRA does not train): turn them off.")
+        if self.cfg.fsdp.use:
+            raise ValueError("lora.enabled=true does not support fsdp.use=true (FSDP shards what LoRA does not "
+                             "train): turn it off.")
         upstream_get_lm_model = models.builders.get_lm_model
 
         def get_lm_model(cfg):
@@ -119,6 +143,10 @@ class FinetuneSolver(MusicGenSolver):
             self.optimizer = builders.get_optimizer(list(lora.adapter_parameters(self.model).values()),
                                                     self.cfg.optim)
             self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
+            # EMA (if enabled) averages the adapters only, not a second copy of the frozen base
+            self.lora_adapters = AdapterView(self.model)
+            self.register_stateful("lora_adapters")
+            self._ema_sources = {"lora_adapters": self.lora_adapters}
         self.logger.info("Compression model (frozen): %s", self.cfg.compression_model_checkpoint)
         t5 = self.cfg.conditioners.get("description", {}).get("t5", {})
         if t5:

@@ -191,3 +191,14 @@ def test_lora_resume_refuses_a_changed_base(lora_run, workdir, lora_model):
         (lora_model / "state_dict.bin").write_bytes(original)  # other tests export this run
     assert changed.returncode != 0
     assert "were trained on" in changed.stderr and "resume with the same base model" in changed.stderr
+
+
+def test_lora_with_ema_averages_the_adapters_only(workdir, lora_model, dataset):
+    from musicgen_finetune import lora
+    result = train(workdir, lora_model, preset="finetune/cpu_tiny_lora",
+                   args="optim.ema.use=true optim.ema.updates=1 optim.ema.device=cpu optim.epochs=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(xp_folder(result) / "checkpoint.th", weights_only=True)
+    averaged = checkpoint["ema"]["state"]["lora_adapters"]
+    assert averaged and all(lora.is_adapter_key(k) for k in averaged)
+    assert averaged.keys() == checkpoint["model"].keys()
