@@ -29,6 +29,8 @@ SEGMENT ?= 30
 SPLIT_SEED ?= 0
 STRICT ?=
 DESCRIBE ?= 1
+AUGMENT ?=
+AUGMENT_WEIGHT ?= 0.5
 TEXT ?=
 # make export / generate
 XP ?=
@@ -64,7 +66,8 @@ $(STAMP): requirements.lock tools/setup.sh
 demo: setup  ## the whole job on the embedded tiny model and synthetic 808 beats, on the CPU
 	$(PY) tools/tiny_model.py --out $(DEMO_MODEL)
 	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
-	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25
+	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25 \
+		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny --args "$(ARGS)" \
 		--xp-file $(DEMO_OUT)/full.xp
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_NAME) --preset finetune/cpu_tiny_lora --args "$(ARGS)" \
@@ -81,11 +84,11 @@ demo: setup  ## the whole job on the embedded tiny model and synthetic 808 beats
 test: setup  ## the test suite (real dora runs on a tiny model; a few minutes on 2 CPU cores)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
-manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0]
+manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0] [AUGMENT=default]
 	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
 	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --segment $(SEGMENT) --valid $(VALID) --seed $(SPLIT_SEED) \
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
-		$(if $(filter 0,$(DESCRIBE)),--no-describe)
+		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 
 train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }

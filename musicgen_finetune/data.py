@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from . import REPO_ROOT
+from . import augment
 from .audio_analysis import AUDIO_EXTENSIONS, TARGET_LUFS
 from .captions import Caption, CaptionFileError, read_metadata_files, sidecar_caption
 from .files import replaced_when_complete
@@ -52,6 +53,8 @@ class ManifestOptions:
     min_segment_ratio: float = 0.8   # a remainder shorter than this fraction of a segment is dropped
     loudness: float = TARGET_LUFS    # integrated loudness target (LUFS)
     workers: tp.Optional[int] = None  # processes; default: all cores
+    augment: tp.Optional[str] = None  # variants of training files (musicgen_finetune/augment.py), e.g. "default"
+    augment_weight: float = 0.5      # sampling weight of each variant segment; originals weigh 1
 
     def conversion(self) -> dict:
         """Everything that changes the converted audio: cached audio is reused only if all of it is equal."""
@@ -110,16 +113,17 @@ def find_audio(folder: Path) -> tp.List[Path]:
 
 # -- one source file, in a worker process ---------------------------------------------------------------------
 
-def process_source(path: str, sha1: str, target: str, previous: str, options: dict) -> dict:
-    """Convert one file into segments under `target` (reusing `previous` if it holds the same conversion).
-    Returns the cache record, or {"error": reason}."""
+def process_source(path: str, sha1: str, target: str, previous: str, options: dict,
+                   variants: tp.Sequence[dict] = ()) -> dict:
+    """Convert one file into segments under `target`, plus its augmented variants (reusing `previous` if it holds
+    the same conversion). Returns the cache record, or {"error": reason}."""
     from . import audio_analysis as aa
     target_dir, previous_dir = Path(target), Path(previous)
-    conversion = ManifestOptions(**options).conversion()
+    conversion = {**ManifestOptions(**options).conversion(), "variants": [v["name"] for v in variants]}
     record_path = previous_dir / "source.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
-        files = [previous_dir / s["file"] for s in record["segments"]]
+        files = [previous_dir / s["file"] for s in record["segments"] + record.get("variant_segments", [])]
         if record.get("sha1") == sha1 and record.get("conversion") == conversion and all(f.is_file() for f in files):
             target_dir.mkdir(parents=True, exist_ok=True)
             for file in files + [record_path]:
@@ -134,29 +138,41 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
         tempo, key = aa.estimate_tempo(audio, options["sample_rate"]), aa.estimate_key(audio, options["sample_rate"])
     except aa.BadAudio as err:
         return {"error": str(err)}
-    import soundfile as sf
     target_dir.mkdir(parents=True, exist_ok=True)
-    segments = []
-    bounds = aa.segment_bounds(audio.shape[-1], options["sample_rate"], options["segment"],
-                               options["min_segment_ratio"])
-    for index, (start, end) in enumerate(bounds):
-        name = f"seg_{index:03d}.wav"
-        sf.write(target_dir / name, audio[:, start:end].T, options["sample_rate"], subtype="PCM_16")
-        segments.append({"file": name, "start": round(start / options["sample_rate"], 3),
-                         "seconds": (end - start) / options["sample_rate"]})
+    segments = write_segments(audio, target_dir, "seg", options)
+    variant_segments = []
+    for variant in variants:
+        rendered = augment.render(audio, options["sample_rate"], augment.Variant(variant["kind"], variant["amount"]))
+        for segment in write_segments(rendered, target_dir, variant["name"], options):
+            variant_segments.append({**segment, "variant": variant})
     record = {"sha1": sha1, "conversion": conversion, "source_seconds": round(source_seconds, 3),
-              "tempo": tempo, "key": key, "segments": segments}
+              "tempo": tempo, "key": key, "segments": segments, "variant_segments": variant_segments}
     (target_dir / "source.json").write_text(json.dumps(record, indent=2) + "\n")
     return {**record, "reused": False}
+
+
+def write_segments(audio: np.ndarray, folder: Path, prefix: str, options: dict) -> tp.List[dict]:
+    """Cut `audio` into training segments, written as 16-bit wavs `<prefix>_000.wav`, ..."""
+    import soundfile as sf
+    from .audio_analysis import segment_bounds
+    rate = options["sample_rate"]
+    segments = []
+    for index, (start, end) in enumerate(segment_bounds(audio.shape[-1], rate, options["segment"],
+                                                        options["min_segment_ratio"])):
+        name = f"{prefix}_{index:03d}.wav"
+        sf.write(folder / name, audio[:, start:end].T, rate, subtype="PCM_16")
+        segments.append({"file": name, "start": round(start / rate, 3), "seconds": (end - start) / rate})
+    return segments
 
 
 def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options: ManifestOptions,
                 progress: bool) -> tp.List[dict]:
     from tqdm import tqdm
     settings = dataclasses.asdict(options)
+    variants = [v.to_dict() for v in augment.parse(options.augment)]
     workers = max(1, min(options.workers or os.cpu_count() or 1, len(sources)))
     jobs = [(str(s.path), s.sha1, str(staging / "audio" / s.folder_name), str(previous / "audio" / s.folder_name),
-             settings) for s in sources]
+             settings, variants if s.split == "train" else []) for s in sources]
     bar = tqdm(total=len(jobs), desc="converting", unit="file", disable=not progress)
     results: tp.List[tp.Optional[dict]] = [None] * len(jobs)
     if workers == 1:
@@ -334,6 +350,10 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
     if not re.fullmatch(r"[\w.-]+", name):
         raise DatasetError(f"NAME={name!r}: use letters, digits, '.', '_' and '-' only.")
     out = (out_root or manifests_root()).resolve() / name
+    try:
+        variants = augment.parse(options.augment)
+    except augment.AugmentSpecError as err:
+        raise DatasetError(str(err)) from err
     collector = Collector(options.strict)
     sources, found = collect_sources(folder, options, collector)
     with replaced_when_complete(out) as staging:
@@ -350,16 +370,29 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
                                + "; ".join(f"{s['file']}: {s['reason']}" for s in collector.skipped[:5]))
         moved = balance_splits(used_sources, options)
         manifests: tp.Dict[str, tp.List[str]] = {split: [] for split in SPLITS}
-        durations, tempos, keys = [], [], collections.Counter()
+        variant_counts: tp.Dict[str, int] = {split: 0 for split in SPLITS}
+        durations, tempos, keys, examples = [], [], collections.Counter(), []
         for source, record in used:
-            for index, segment in enumerate(record["segments"]):
+            segments = [(segment, None) for segment in record["segments"]]
+            if source.split == "train":  # validation is never augmented
+                segments += [(segment, segment["variant"]) for segment in record.get("variant_segments", [])]
+            for index, (segment, variant) in enumerate(segments):
                 wav = staging / "audio" / source.folder_name / segment["file"]
                 info = music_info(source, record, segment, index, options)
+                weight = None
+                if variant is not None:
+                    info = augment.transformed_info(info, augment.Variant(variant["kind"], variant["amount"]))
+                    weight, variant_counts[source.split] = options.augment_weight, variant_counts[source.split] + 1
+                    if variant["name"] not in {e["variant"] for e in examples}:
+                        examples.append({"source": source.relative, "variant": variant["name"], "key": info["key"],
+                                         "bpm": info["bpm"], "description": info["description"]})
+                elif variants:
+                    weight = 1.0
                 wav.with_suffix(".json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
                 final = out / wav.relative_to(staging)
                 manifests[source.split].append(json.dumps({
                     "path": str(final), "duration": segment["seconds"], "sample_rate": options.sample_rate,
-                    "amplitude": None, "weight": None, "info_path": None}, ensure_ascii=False))
+                    "amplitude": None, "weight": weight, "info_path": None}, ensure_ascii=False))
                 durations.append(segment["seconds"])
             info0 = music_info(source, record, record["segments"][0], 0, options)
             if info0["bpm"]:
@@ -378,12 +411,16 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
             "skipped": collector.skipped, "split_note": moved,
             "splits": {split: {"files": sum(s.split == split for s in used_sources),
                                "segments": len(manifests[split]),
+                               "original_segments": len(manifests[split]) - variant_counts[split],
+                               "variant_segments": variant_counts[split],
                                "hours": round(sum(json.loads(m)["duration"] for m in manifests[split]) / 3600, 4)}
                        for split in SPLITS},
             "segment_plan": plan,
             "source_durations": histogram([r["source_seconds"] for _, r in used], DURATION_BINS, "s"),
             "tempo": histogram(tempos, list(range(0, 301, 10)) + [float("inf")], "bpm"),
             "keys": dict(keys.most_common()),
+            "augmentation": {"spec": options.augment, "variants": [v.name for v in variants],
+                             "weight": options.augment_weight, "examples": examples} if variants else None,
         }
         (staging / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return out
@@ -395,7 +432,8 @@ def summary(report: dict) -> str:
              f"({report['files_reused']} reused from the last run), {len(report['skipped'])} skipped"]
     lines += [f"  skipped   {s['file']}: {s['reason']}" for s in report["skipped"]]
     for split, numbers in report["splits"].items():
-        lines.append(f"  {split:<9} {numbers['files']} files -> {numbers['segments']} segments, "
+        variants = f" ({numbers['variant_segments']} augmented)" if numbers.get("variant_segments") else ""
+        lines.append(f"  {split:<9} {numbers['files']} files -> {numbers['segments']} segments{variants}, "
                      f"{numbers['hours']:.3f} h")
     if report.get("split_note"):
         lines.append(f"  note      {report['split_note']}")
@@ -404,4 +442,10 @@ def summary(report: dict) -> str:
     for label, key in (("durations", "source_durations"), ("tempo", "tempo"), ("keys", "keys")):
         if report[key]:
             lines.append(f"  {label:<9} " + ", ".join(f"{k}: {v}" for k, v in report[key].items()))
+    augmentation = report.get("augmentation")
+    if augmentation:
+        lines.append(f"  augment   {', '.join(augmentation['variants'])} of each training file, sampling weight "
+                     f"{augmentation['weight']:g} each (originals 1); for example:")
+        lines += [f"            {e['variant']}: {e['key']}, {e['bpm']} bpm: \"{e['description']}\""
+                  for e in augmentation["examples"]]
     return "\n".join(lines)

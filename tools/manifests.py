@@ -1,4 +1,4 @@
-"""make manifests DATA=<folder> NAME=<dataset> [MODEL=<folder>] [SEGMENT=30] [VALID=0.2] [TEXT=...] [STRICT=1]"""
+"""make manifests DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [TEXT=] [STRICT=1] [AUGMENT=]"""
 import argparse
 import json
 import sys
@@ -19,6 +19,9 @@ parser.add_argument("--text", default=None, help="caption for files that have no
 parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
 parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
 parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+parser.add_argument("--augment", default=None, help="variants of training files, e.g. default or "
+                    "'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'")
+parser.add_argument("--augment-weight", type=float, default=0.5, help="sampling weight of each variant segment")
 opts = parser.parse_args()
 
 
@@ -36,7 +39,8 @@ try:
     sample_rate, channels = model_format(opts.model)
     options = data.ManifestOptions(sample_rate=sample_rate, channels=channels, segment=opts.segment,
                                    valid=opts.valid, seed=opts.seed, text=opts.text, strict=opts.strict,
-                                   describe=not opts.no_describe, workers=opts.workers)
+                                   describe=not opts.no_describe, workers=opts.workers, augment=opts.augment,
+                                   augment_weight=opts.augment_weight)
     out = data.build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
 except (data.DatasetError, model_dir.ModelDirError) as err:
     sys.exit(f"error: {err}")

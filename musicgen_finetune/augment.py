@@ -1,0 +1,105 @@
+"""Augmented variants of training audio whose captions stay true (`make manifests AUGMENT=...`).
+
+A spec lists the variants to render, one per value: `pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3` makes 8
+variants of every training file (4 pitch shifts in semitones, 2 time stretches, 2 gains), never combinations.
+Pitch shift and time stretch are librosa's (phase vocoder, soxr resampling). A variant's key is transposed by its
+semitones and its bpm scaled by its tempo factor, and its description is rewritten from them.
+"""
+import dataclasses
+import re
+import typing as tp
+
+import numpy as np
+
+PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
+KINDS = ("pitch", "tempo", "gain_db")
+NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E"}
+KEY_PATTERN = re.compile(r"\b([A-G])([#b]?)\s*(major|minor|maj|min)\b", re.IGNORECASE)
+BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm", re.IGNORECASE)
+
+
+class AugmentSpecError(ValueError):
+    """AUGMENT= cannot be read; the message shows the expected form."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    kind: str       # pitch, tempo or gain_db
+    amount: float   # semitones, time factor (0.95: 5% slower), or decibels
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}{self.amount:+g}" if self.kind != "tempo" else f"tempo{self.amount:g}"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "amount": self.amount, "name": self.name}
+
+
+def parse(spec: tp.Optional[str]) -> tp.List[Variant]:
+    """`pitch=-2,2;tempo=0.95` (or a preset name) -> variants, in a fixed order."""
+    if not spec:
+        return []
+    spec = PRESETS.get(spec.strip(), spec)
+    variants = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        kind, _, values = part.partition("=")
+        kind = kind.strip()
+        if kind not in KINDS or not values.strip():
+            raise AugmentSpecError(f"AUGMENT part {part!r}: expected <kind>=<values> with kind one of "
+                                   f"{', '.join(KINDS)}, e.g. {PRESETS['default']!r} (or AUGMENT=default).")
+        for value in values.split(","):
+            try:
+                amount = float(value)
+            except ValueError:
+                raise AugmentSpecError(f"AUGMENT {kind}={values}: {value!r} is not a number.") from None
+            if kind == "tempo" and not 0.5 <= amount <= 2.0:
+                raise AugmentSpecError(f"AUGMENT tempo={value}: use factors between 0.5 and 2 (0.95 = 5% slower).")
+            if kind == "pitch" and (abs(amount) > 12 or amount == 0):
+                raise AugmentSpecError(f"AUGMENT pitch={value}: use non-zero semitones within an octave.")
+            variants.append(Variant(kind, amount))
+    return list(dict.fromkeys(variants))
+
+
+def render(audio: np.ndarray, rate: int, variant: Variant) -> np.ndarray:
+    """The variant of `audio` [channels, samples], peak-limited like the originals."""
+    import librosa
+    if variant.kind == "pitch":
+        out = librosa.effects.pitch_shift(audio, sr=rate, n_steps=variant.amount, res_type="soxr_hq")
+    elif variant.kind == "tempo":
+        out = librosa.effects.time_stretch(audio, rate=variant.amount)
+    else:
+        out = audio * np.float32(10 ** (variant.amount / 20))
+    peak = float(np.abs(out).max())
+    if peak > 0.99:
+        out = out * np.float32(0.99 / peak)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def transpose_key(key: tp.Optional[str], semitones: float) -> tp.Optional[str]:
+    """'F minor' + 2 -> 'G minor'; keys that cannot be read, or fractional shifts, give None (unknown)."""
+    if not key or semitones != int(semitones):
+        return None
+    match = KEY_PATTERN.fullmatch(str(key).strip())
+    if not match:
+        return None
+    letter, accidental, mode = match.groups()
+    note = FLATS.get(letter.upper() + accidental, letter.upper() + accidental.replace("b", ""))
+    mode = "minor" if mode.lower().startswith("min") else "major"
+    return f"{NOTES[(NOTES.index(note) + int(semitones)) % 12]} {mode}"
+
+
+def transformed_info(info: dict, variant: Variant) -> dict:
+    """The MusicInfo of a variant: key and bpm transformed, the description rewritten to match."""
+    out = dict(info)
+    description = str(info.get("description") or "")
+    if variant.kind == "pitch":
+        out["key"] = transpose_key(info.get("key"), variant.amount)
+        if out["key"]:
+            description = KEY_PATTERN.sub(out["key"], description)
+    elif variant.kind == "tempo" and info.get("bpm") not in (None, ""):
+        out["bpm"] = round(float(info["bpm"]) * variant.amount, 1)
+        description = BPM_PATTERN.sub(f"{out['bpm']:g} bpm", description)
+    out["description"] = description
+    out["augmented"] = variant.to_dict()
+    return out
