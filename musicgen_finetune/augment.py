@@ -15,7 +15,9 @@ PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
 NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E"}
-KEY_PATTERN = re.compile(r"\b([A-G])([#b]?)\s*(major|minor|maj|min)\b", re.IGNORECASE)
+# a key is a capital note letter and a mode: "F minor", "C# major", "Bb min", "Fm" (not "a minor feel")
+KEY_PATTERN = re.compile(r"\b([A-G])([#b]?)\s*((?i:major|minor|maj|min)\b|m\b)")
+KEY_FIELD = re.compile(r"([A-G])([#b]?)\s*(major|minor|maj|min|m)", re.IGNORECASE)  # a metadata key field
 BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm", re.IGNORECASE)
 
 
@@ -55,8 +57,11 @@ def parse(spec: tp.Optional[str]) -> tp.List[Variant]:
                 raise AugmentSpecError(f"AUGMENT {kind}={values}: {value!r} is not a number.") from None
             if kind == "tempo" and not 0.5 <= amount <= 2.0:
                 raise AugmentSpecError(f"AUGMENT tempo={value}: use factors between 0.5 and 2 (0.95 = 5% slower).")
-            if kind == "pitch" and (abs(amount) > 12 or amount == 0):
-                raise AugmentSpecError(f"AUGMENT pitch={value}: use non-zero semitones within an octave.")
+            if kind == "pitch" and (abs(amount) > 12 or amount == 0 or amount != int(amount)):
+                raise AugmentSpecError(f"AUGMENT pitch={value}: use whole, non-zero semitones within an octave "
+                                       "(a key can only be transposed by whole semitones).")
+            if (kind, amount) in (("tempo", 1.0), ("gain_db", 0.0)):
+                raise AugmentSpecError(f"AUGMENT {kind}={value} would copy the file unchanged.")
             variants.append(Variant(kind, amount))
     return list(dict.fromkeys(variants))
 
@@ -80,12 +85,12 @@ def transpose_key(key: tp.Optional[str], semitones: float) -> tp.Optional[str]:
     """'F minor' + 2 -> 'G minor'; keys that cannot be read, or fractional shifts, give None (unknown)."""
     if not key or semitones != int(semitones):
         return None
-    match = KEY_PATTERN.fullmatch(str(key).strip())
+    match = KEY_FIELD.fullmatch(str(key).strip())
     if not match:
         return None
     letter, accidental, mode = match.groups()
     note = FLATS.get(letter.upper() + accidental, letter.upper() + accidental.replace("b", ""))
-    mode = "minor" if mode.lower().startswith("min") else "major"
+    mode = "minor" if mode.lower() in ("m", "min", "minor") else "major"
     return f"{NOTES[(NOTES.index(note) + int(semitones)) % 12]} {mode}"
 
 
@@ -95,11 +100,14 @@ def transformed_info(info: dict, variant: Variant) -> dict:
     description = str(info.get("description") or "")
     if variant.kind == "pitch":
         out["key"] = transpose_key(info.get("key"), variant.amount)
-        if out["key"]:
-            description = KEY_PATTERN.sub(out["key"], description)
-    elif variant.kind == "tempo" and info.get("bpm") not in (None, ""):
-        out["bpm"] = round(float(info["bpm"]) * variant.amount, 1)
-        description = BPM_PATTERN.sub(f"{out['bpm']:g} bpm", description)
+        # every key the caption names moves with the audio; a key that cannot be read is dropped, not kept false
+        description = KEY_PATTERN.sub(lambda m: transpose_key(m.group(0), variant.amount) or "", description)
+        description = re.sub(r"(,\s*)+(?=,|$)", "", description).strip(" ,")
+    elif variant.kind == "tempo":
+        bpm = re.match(r"\s*(\d+(?:\.\d+)?)", str(info.get("bpm") or ""))
+        out["bpm"] = round(float(bpm.group(1)) * variant.amount, 1) if bpm else None
+        description = BPM_PATTERN.sub(lambda m: f"{float(m.group(1)) * variant.amount:.1f}".rstrip("0").rstrip(".")
+                                      + " bpm", description)
     out["description"] = description
     out["augmented"] = variant.to_dict()
     return out

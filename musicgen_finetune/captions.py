@@ -102,7 +102,9 @@ def relative_inside(folder: Path, written: str, base: Path) -> tp.Optional[str]:
 
 def read_metadata_files(folder: Path) -> CaptionIndex:
     index = CaptionIndex(by_path={}, problems=[])
-    metadata_files = sorted(p for name in METADATA_NAMES for p in folder.rglob(name) if p.is_file())
+    # the root's files first, and metadata.json before .jsonl before .csv: the first caption of a file wins
+    metadata_files = sorted((p for name in METADATA_NAMES for p in folder.rglob(name) if p.is_file()),
+                            key=lambda p: (len(p.relative_to(folder).parts), METADATA_NAMES.index(p.name), p))
     for path in metadata_files:
         for entry, where in _read_entries(path):
             if not isinstance(entry, dict):

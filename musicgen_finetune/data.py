@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import typing as tp
 from pathlib import Path
 
@@ -127,7 +128,10 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
         if record.get("sha1") == sha1 and record.get("conversion") == conversion and all(f.is_file() for f in files):
             target_dir.mkdir(parents=True, exist_ok=True)
             for file in files + [record_path]:
-                os.link(file, target_dir / file.name)
+                try:
+                    os.link(file, target_dir / file.name)
+                except OSError:  # a filesystem without hard links
+                    shutil.copy2(file, target_dir / file.name)
             return {**record, "reused": True}
     try:
         audio, rate = aa.decode(Path(path))
@@ -138,6 +142,8 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
         tempo, key = aa.estimate_tempo(audio, options["sample_rate"]), aa.estimate_key(audio, options["sample_rate"])
     except aa.BadAudio as err:
         return {"error": str(err)}
+    except Exception as err:  # noqa: BLE001 - one file's failure is reported, it does not end the run
+        return {"error": f"could not be processed ({type(err).__name__}: {err})"}
     target_dir.mkdir(parents=True, exist_ok=True)
     segments = write_segments(audio, target_dir, "seg", options)
     variant_segments = []
@@ -191,12 +197,20 @@ def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options
 
 # -- the dataset ------------------------------------------------------------------------------------------------
 
+def as_number(value: tp.Any) -> tp.Optional[float]:
+    """140, "140", "140 bpm" -> 140.0; anything else -> None."""
+    match = re.match(r"\s*(\d+(?:\.\d+)?)", str(value)) if value not in (None, "") else None
+    return float(match.group(1)) if match else None
+
+
 def describe(caption: str, bpm: tp.Any, key: tp.Any) -> str:
-    """'hip hop 808 beat' -> 'hip hop 808 beat, 140 bpm, F minor', adding only what the caption lacks."""
+    """'hip hop 808 beat' -> 'hip hop 808 beat, 140 bpm, F minor', adding only what the caption does not say
+    (a caption that names any tempo or key keeps its own)."""
     parts = [caption.rstrip(" ,.")]
-    if bpm and not re.search(r"\d+\s*bpm", caption, re.IGNORECASE):
-        parts.append(f"{int(round(float(bpm)))} bpm")
-    if key and str(key).lower() not in caption.lower():
+    tempo = as_number(bpm)
+    if tempo and not augment.BPM_PATTERN.search(caption):
+        parts.append(f"{round(tempo):g} bpm")
+    if key and not augment.KEY_PATTERN.search(caption):
         parts.append(str(key))
     return ", ".join(parts)
 
@@ -222,10 +236,15 @@ def music_info(source: Source, record: dict, segment: dict, index: int, options:
 
 
 def segment_plan(durations: tp.List[float], segment: float) -> dict:
-    """How training should treat segments shorter than the training length, and why."""
+    """How training should treat segments shorter than the training length, and why.
+
+    Segments are cut already, so training reads each from its start (dataset.min_segment_ratio=1: upstream's
+    0.8 would seek up to 20% into a full segment and pad the rest with zeros), and whatever padding remains is
+    always masked from the loss (tokens.padding_with_special_token), never learned as silence.
+    """
     short = [d for d in durations if d < segment - 1e-3]
     if not short:
-        return {"segment_duration": segment, "padding_with_special_token": False,
+        return {"segment_duration": segment, "padding_with_special_token": True,
                 "why": f"every segment is a full {segment:g} s: nothing is padded"}
     # the longest length that at most 10% of the segments are shorter than, to 0.1 s
     fitting = float(np.floor(sorted(durations)[int(len(durations) * 0.1)] * 10) / 10)
@@ -259,6 +278,7 @@ def dset_yaml(out: Path, options: ManifestOptions, plan: dict) -> str:
           (("train", "train"), ("valid", "valid"), ("evaluate", "valid"), ("generate", "valid"))],
         "dataset:",
         f"  segment_duration: {plan['segment_duration']:g}",
+        "  min_segment_ratio: 1.0   # segments are pre-cut: read each from its start, never padded at the end",
         "tokens:",
         f"  padding_with_special_token: {'true' if plan['padding_with_special_token'] else 'false'}",
         ""])
@@ -292,12 +312,15 @@ def collect_sources(folder: Path, options: ManifestOptions,
     for path in audio_files:
         relative = path.relative_to(folder).as_posix()
         caption = index.by_path.get(relative)
-        if caption is None:
+        if caption is None or not caption.text:
             try:
-                caption = sidecar_caption(path)
+                beside = sidecar_caption(path)
             except ValueError as err:
                 collector.skip(relative, str(err))
                 continue
+            if beside is not None:  # a metadata entry without text keeps its fields, the caption comes from beside
+                caption = Caption(beside.text, {**beside.fields, **(caption.fields if caption else {})},
+                                  beside.source)
         if caption is None or not caption.text:
             if not options.text:
                 collector.skip(relative, "no caption: add it to metadata.json, or a .txt beside the file, "
@@ -354,6 +377,9 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
         variants = augment.parse(options.augment)
     except augment.AugmentSpecError as err:
         raise DatasetError(str(err)) from err
+    if variants and not options.augment_weight > 0:
+        raise DatasetError(f"AUGMENT_WEIGHT={options.augment_weight}: must be > 0 (0.5: a variant is drawn half as "
+                           "often as an original).")
     collector = Collector(options.strict)
     sources, found = collect_sources(folder, options, collector)
     with replaced_when_complete(out) as staging:

@@ -137,3 +137,15 @@ def test_bad_spec_stops_before_anything_is_written(beats, tmp_path):
     with pytest.raises(DatasetError, match="AUGMENT"):
         build_manifests(beats, "x", ManifestOptions(augment="pitch=up"), out_root=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_only_keys_move_and_unreadable_values_do_not_crash():
+    info = {"key": "F minor", "bpm": "140 bpm", "description": "dark beat with a minor feel, 140 bpm, F minor"}
+    up = augment.transformed_info(info, augment.Variant("pitch", 2))
+    assert up["description"] == "dark beat with a minor feel, 140 bpm, G minor"  # "a minor feel" is no key
+    slow = augment.transformed_info({"bpm": "fast", "description": "beat"}, augment.Variant("tempo", 0.95))
+    assert slow["bpm"] is None and slow["description"] == "beat"
+    with pytest.raises(augment.AugmentSpecError, match="whole"):
+        augment.parse("pitch=0.5")
+    with pytest.raises(augment.AugmentSpecError, match="unchanged"):
+        augment.parse("tempo=1")

@@ -275,3 +275,16 @@ def test_make_manifests_command_prints_the_summary_and_strict_fails(beats, workd
     strict = run_tool(["tools/manifests.py", "--data", str(folder), "--name", "cli2", "--strict"], workdir)
     assert strict.returncode == 1 and "error: train/beat_002.wav: not decodable audio" in strict.stderr
     assert not (workdir / "manifests" / "cli2").exists()
+
+
+def test_descriptions_keep_what_the_caption_says():
+    assert data.describe("trap beat in F minor", 140, "C minor") == "trap beat in F minor, 140 bpm"
+    assert data.describe("trap beat, 90 bpm", 140.4, None) == "trap beat, 90 bpm"
+    assert data.describe("trap beat", "fast", "C minor") == "trap beat, C minor"  # a bpm that is no number
+
+
+def test_training_reads_whole_segments_and_masks_padding(mixed):
+    """Upstream seeks up to 20% into a segment (min_segment_ratio 0.8) and pads the rest with zeros."""
+    out, _ = mixed
+    dset = (out / "dset.yaml").read_text()
+    assert "min_segment_ratio: 1.0" in dset and "padding_with_special_token: true" in dset
