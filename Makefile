@@ -4,7 +4,6 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.setup-stamp
 
 # The venv's bin first: its ffmpeg (when the system has none) and dora.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -59,8 +58,7 @@ PYTEST_ARGS ?=
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
-setup: $(STAMP)  ## .venv with the pinned stack, AudioCraft's source in audiocraft/, ffmpeg on PATH
-$(STAMP): requirements.lock tools/setup.sh
+setup:  ## .venv with the pinned stack, AudioCraft's source in audiocraft/, ffmpeg on PATH (seconds when done)
 	@bash tools/setup.sh
 
 demo: setup  ## the whole job on the embedded tiny model and synthetic 808 beats, on the CPU
@@ -92,7 +90,7 @@ manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0
 
 train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
-	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1,$(LORA)),_lora)" --args "$(ARGS)" \
+	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args "$(ARGS)" \
 		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu)
 
 export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout
@@ -103,7 +101,7 @@ generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=] [DURATION=10] [SE
 	@test -n "$(MODEL)" -a -n "$(PROMPTS)" || { echo "usage: make generate MODEL=<folder> PROMPTS=<file or text>"; exit 2; }
 	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --duration $(DURATION) --seeds $(SEED) \
 		--top-k $(TOP_K) --top-p $(TOP_P) --temperature $(TEMPERATURE) --cfg $(CFG) --batch $(BATCH) \
-		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(OUT),--out "$(OUT)")
+		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(OUT),--out "$(OUT)") $(if $(T5),--t5 "$(T5)")
 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")

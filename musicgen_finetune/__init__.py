@@ -14,6 +14,11 @@ def output_dir() -> Path:
     return Path(os.environ.get("MUSICGEN_FT_OUTPUT") or REPO_ROOT / "output").resolve()
 
 
+def experiments_dir() -> Path:
+    """Where dora keeps experiments: `$AUDIOCRAFT_DORA_DIR/xps` (the entry points set it from OUTPUT=)."""
+    return Path(os.environ.get("AUDIOCRAFT_DORA_DIR") or output_dir()).resolve() / "xps"
+
+
 def upstream_source_dir() -> Path:
     """The AudioCraft source tree whose `config/` we build on: `$AUDIOCRAFT_SRC` or `<repo>/audiocraft`."""
     return Path(os.environ.get("AUDIOCRAFT_SRC") or REPO_ROOT / "audiocraft").resolve()

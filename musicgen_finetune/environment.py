@@ -39,6 +39,8 @@ def audiocraft_team() -> None:
     """Our teams file (dora directory, cluster partitions) instead of upstream's, which points at /checkpoint."""
     os.environ.setdefault("AUDIOCRAFT_TEAM", TEAM)
     os.environ.setdefault("AUDIOCRAFT_CONFIG", str(CONFIG_DIR / "teams" / f"{TEAM}.yaml"))
+    if os.environ.get("MUSICGEN_FT_OUTPUT"):  # OUTPUT= moves everything, experiments included
+        os.environ["AUDIOCRAFT_DORA_DIR"] = str(output_dir())
     os.environ.setdefault("AUDIOCRAFT_DORA_DIR", str(output_dir()))  # dora puts each experiment in xps/<sig>
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import lora, model_dir, output_dir
+from . import experiments_dir, lora, model_dir, output_dir
 from .files import replaced_when_complete
 from .patches import safe_load
 
@@ -30,9 +30,9 @@ class ExportError(ValueError):
 def find_experiment(xp: str) -> Path:
     """An experiment folder from a signature (output/xps/<sig>) or a path."""
     path = Path(xp).expanduser()
-    folder = path if path.is_dir() else output_dir() / "xps" / xp
+    folder = path if path.is_dir() else experiments_dir() / xp
     if not (folder / "checkpoint.th").is_file():
-        known = sorted(p.name for p in (output_dir() / "xps").glob("*") if (p / "checkpoint.th").is_file())
+        known = sorted(p.name for p in experiments_dir().glob("*") if (p / "checkpoint.th").is_file())
         raise ExportError(f"XP={xp}: no checkpoint.th in {folder}. Experiments with a checkpoint: "
                           f"{', '.join(known) or 'none'} (make train prints the signature).")
     return folder.resolve()
@@ -41,10 +41,14 @@ def find_experiment(xp: str) -> Path:
 def base_folder(cfg) -> Path:
     prefix = model_dir.PRETRAINED_PREFIX
     name = str(cfg.get("continue_from") or "")
-    if not name.startswith(prefix) or not Path(name[len(prefix):]).is_dir():
+    if not name.startswith(prefix):
         raise ExportError(f"The experiment did not start from a local model folder (continue_from={name!r}); "
                           "its compression model cannot be copied.")
-    return Path(name[len(prefix):])
+    folder = Path(name[len(prefix):])
+    if not (folder / model_dir.COMPRESSION_FILE).is_file():
+        raise ExportError(f"The experiment's base model {folder} is gone (no {model_dir.COMPRESSION_FILE}): put it "
+                          "back where it was trained from; the export copies its compression model.")
+    return folder
 
 
 def best_epoch(history: tp.List[dict]) -> tp.Tuple[tp.Optional[int], tp.Optional[float]]:
@@ -87,7 +91,7 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
     if which not in WHICH:
         raise ExportError(f"WHICH={which!r}: use best (lowest validation loss) or last.")
     folder = find_experiment(xp)
-    checkpoint = safe_load(folder / "checkpoint.th")
+    checkpoint = safe_load(folder / "checkpoint.th", mmap=True)  # a full checkpoint is ~8.8 GB: map, don't copy
     cfg = checkpoint["xp.cfg"]
     base_dir = base_folder(cfg)
     out = Path(out).expanduser().resolve() if out else output_dir() / "exports" / f"{folder.name}-{which}"

@@ -66,6 +66,9 @@ def read_prompts(prompts: str) -> tp.List[str]:
         return found
     if not prompts.strip():
         raise GenerationError("PROMPTS is empty: give a prompt text, or a file with one prompt per line.")
+    if re.fullmatch(r"\S+\.(txt|csv|lst|prompts)", prompts.strip(), re.IGNORECASE):
+        raise GenerationError(f"PROMPTS={prompts}: no such file ({path.resolve()}); give an existing file, or the "
+                              "prompt text itself.")
     return [prompts.strip()]
 
 
@@ -96,15 +99,16 @@ def slug(text: str, length: int = 48) -> str:
 def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str, Path],
              adapter: tp.Optional[str] = None, duration: float = 10.0, seeds: tp.Sequence[int] = (0,),
              top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
-             batch_size: int = 4, progress: bool = True) -> Path:
+             batch_size: int = 4, progress: bool = True, t5: tp.Optional[str] = None) -> Path:
     """One wav per prompt and seed in `out`, and generated.json saying what was made with which settings.
     The same model, prompts, seed and batch size give the same audio."""
     texts = read_prompts(prompts)
     check_settings(duration, top_k, top_p, temperature, cfg_coef, batch_size)
-    model = load(model_folder, adapter)
-    if top_k > model.lm.card:
-        raise GenerationError(f"TOP_K={top_k} is more than the {model.lm.card} codes of this model's codebooks; "
-                              f"use at most {model.lm.card} (0 disables top-k).")
+    card = int(model_dir.check(model_folder, t5).xp_cfg.transformer_lm.card)
+    if top_k > card:
+        raise GenerationError(f"TOP_K={top_k} is more than the {card} codes of this model's codebooks; "
+                              f"use at most {card} (0 disables top-k).")
+    model = load(model_folder, adapter, t5=t5)
     from audiocraft.data.audio import audio_write
     from tqdm import tqdm
     out = Path(out).expanduser().resolve()
@@ -118,18 +122,20 @@ def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str,
     bar = tqdm(total=len(seeds) * len(texts), desc="generating", unit="clip", disable=not progress)
     for seed in seeds:
         for number, batch in enumerate(batches):
-            torch.manual_seed(seed * 100003 + number)
+            torch_seed = seed * 100003 + number  # each batch its own stream, so batches never share noise
+            torch.manual_seed(torch_seed)
             wavs = model.generate(batch)
             for index, (text, wav) in enumerate(zip(batch, wavs, strict=True)):
                 position = number * batch_size + index
                 stem = out / f"{position:03d}_{slug(text)}_seed{seed}"
                 path = audio_write(stem, wav.cpu(), model.sample_rate, strategy="loudness",
                                    loudness_compressor=True)
-                items.append({"file": path.name, "prompt": text, "seed": seed, "index": position,
+                items.append({"file": path.name, "prompt": text, "seed": seed, "torch_seed": torch_seed,
+                              "index": position,
                               "seconds": round(wav.shape[-1] / model.sample_rate, 3)})
                 bar.update()
     bar.close()
-    manifest = {"model": str(Path(model_folder).resolve()), "adapter": str(Path(adapter).resolve()) if adapter
-                else None, "sample_rate": model.sample_rate, "settings": settings, "items": items}
+    manifest = {"model": str(Path(model_folder).expanduser().resolve()),
+                "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None, "sample_rate": model.sample_rate, "settings": settings, "items": items}
     (out / "generated.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return out

@@ -50,10 +50,31 @@ def check_device(cfg) -> None:
                           "(`make demo`), or pass ARGS='device=cpu autocast=false' to try anyway (very slow).")
 
 
+def check_preset(preset: str) -> None:
+    from . import CONFIG_DIR, upstream_config_dir
+    if not any((root / "solver" / f"{preset}.yaml").is_file() for root in (CONFIG_DIR, upstream_config_dir())):
+        ours = sorted(p.relative_to(CONFIG_DIR / "solver").with_suffix("").as_posix()
+                      for p in (CONFIG_DIR / "solver").rglob("*.yaml"))
+        raise LaunchError(f"PRESET={preset}: there is no config/solver/{preset}.yaml (LORA=1 adds _lora to the "
+                          f"preset's name). Presets: {', '.join(ours)}.")
+
+
+def check_batch(cfg, multi_gpu: bool) -> None:
+    """Each GPU's share of the batch must split into the accumulation's micro-batches, before anything starts."""
+    import torch
+    gpus = max(1, torch.cuda.device_count()) if multi_gpu else 1
+    steps = int(cfg.optim.get("grad_accum_steps") or 1)
+    if cfg.dataset.batch_size % gpus or cfg.dataset.batch_size // gpus < steps:
+        raise LaunchError(f"dataset.batch_size={cfg.dataset.batch_size} over {gpus} GPU(s) and "
+                          f"optim.grad_accum_steps={steps}: each GPU needs a multiple of {gpus} split into at least "
+                          f"{steps} micro-batches. Raise dataset.batch_size or lower optim.grad_accum_steps.")
+
+
 def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
          extra: tp.Sequence[str] = ()) -> tp.Tuple[tp.List[str], tp.Any]:
     """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config)."""
     environment.prepare()
+    check_preset(preset)
     files = model_dir.check(model, t5)
     base = [f"solver={preset}", *model_dir.pretrained_overrides(files), *dataset_overrides(name, files)]
     from .train import main  # imports AudioCraft: after the cheap checks
@@ -68,6 +89,7 @@ def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAU
 def run(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
         extra: tp.Sequence[str] = (), multi_gpu: bool = False) -> Path:
     overrides, xp = plan(model, name, t5, preset, extra)
+    check_batch(xp.cfg, multi_gpu)
     command = dora_command(overrides, multi_gpu)
     print("Running: " + shlex.join(command), flush=True)
     bin_dir = str(Path(sys.executable).parent)

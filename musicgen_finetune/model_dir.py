@@ -207,8 +207,8 @@ def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.
 
 def pretrained_overrides(files: ModelFiles) -> tp.List[str]:
     """Continue from the local LM, use its EnCodec and its T5: no hub call."""
-    overrides = [f"continue_from={PRETRAINED_PREFIX}{files.root}",
-                 f"compression_model_checkpoint={PRETRAINED_PREFIX}{files.root}"]
+    pretrained = hydra_value(f"{PRETRAINED_PREFIX}{files.root}")
+    overrides = [f"continue_from={pretrained}", f"compression_model_checkpoint={pretrained}"]
     if files.t5 is not None:
-        overrides.append(f"conditioners.description.t5.name={files.t5}")
+        overrides.append(f"conditioners.description.t5.name={hydra_value(str(files.t5))}")
     return overrides

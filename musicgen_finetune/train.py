@@ -47,6 +47,10 @@ def check_required(cfg: omegaconf.DictConfig) -> None:
     """Our presets leave these null (dora cannot name an XP whose config holds ???); say how to set them."""
     if cfg.solver != "musicgen_finetune":
         return
+    if not cfg.get("continue_from"):
+        raise ValueError("continue_from is not set, so this would train MusicGen from random weights. Fine-tune a "
+                         "model with `make train MODEL=<folder>`, or pass continue_from=//pretrained//<abs model "
+                         "folder> (or continue_from=<signature> to start from another experiment).")
     if not cfg.get("compression_model_checkpoint"):
         raise ValueError("compression_model_checkpoint is not set: use `make train MODEL=<folder>`, or pass "
                          "compression_model_checkpoint=//pretrained//<abs model folder> and "

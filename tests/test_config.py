@@ -1,6 +1,7 @@
 """Our Hydra overlay on AudioCraft's config tree: composition, presets, signatures, no USER."""
 import os
 
+import pytest
 from omegaconf import OmegaConf
 
 from musicgen_finetune import model_dir
@@ -87,3 +88,25 @@ def test_lora_preset_defaults():
     assert cfg.lora.enabled and (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (12, 24, 0.1)
     assert cfg.lora.targets == "attention" and cfg.solver == "musicgen_finetune"
     assert not compose(["solver=finetune/musicgen_small"]).lora.enabled
+
+
+def test_runs_without_a_base_model_are_refused():
+    """ac#277: a run without continue_from would silently train from scratch."""
+    from musicgen_finetune.train import check_required
+    cfg = compose(["solver=finetune/cpu_tiny", "datasource.train=/d/train", "datasource.valid=/d/valid",
+                   "compression_model_checkpoint=//pretrained//m"])
+    with pytest.raises(ValueError, match="random weights"):
+        check_required(cfg)
+    cfg.continue_from = "//pretrained//m"
+    check_required(cfg)
+
+
+def test_launch_checks_preset_and_batch_before_training():
+    from musicgen_finetune import launch
+    with pytest.raises(launch.LaunchError, match="no config/solver/finetune/nope_lora.yaml"):
+        launch.check_preset("finetune/nope_lora")
+    launch.check_preset("finetune/musicgen_small_lora")
+    cfg = compose(["solver=finetune/musicgen_small", "dataset.batch_size=2"])  # 2 items, 4 micro-batches
+    with pytest.raises(launch.LaunchError, match="optim.grad_accum_steps=4"):
+        launch.check_batch(cfg, multi_gpu=False)
+    launch.check_batch(compose(["solver=finetune/musicgen_small"]), multi_gpu=False)

@@ -45,7 +45,10 @@ def test_last_state_on_request(first_run, tmp_path):
 
 
 def test_export_loads_with_audiocraft_own_loaders(full_export):
+    """Upstream's loaders, with our patches (the T5 is a local folder)."""
     from audiocraft.models import loaders
+    from musicgen_finetune import patches
+    patches.apply()
     lm = loaders.load_lm_model(str(full_export))
     compression = loaders.load_compression_model(str(full_export))
     assert lm.card == compression.cardinality and lm.num_codebooks == compression.num_codebooks

@@ -84,8 +84,13 @@ def test_upstream_code_importing_audiocraft_train_gets_our_entry():
     assert hasattr(train, "main") and hasattr(train, "get_solver_from_sig")
 
 
-def test_hub_is_switched_off():
+def test_hub_is_switched_off_even_if_imported_first():
+    """With HF_HUB_OFFLINE unset and huggingface_hub imported before us, the entry points still go offline."""
     import os
-    assert os.environ["HF_HUB_OFFLINE"] == "1"
-    import huggingface_hub.constants
-    assert huggingface_hub.constants.HF_HUB_OFFLINE
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    code = ("import huggingface_hub.constants as c; before = c.HF_HUB_OFFLINE; "
+            "from musicgen_finetune import environment; environment.offline_hub(); print(before, c.HF_HUB_OFFLINE)")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.stdout.split() == ["False", "True"], result.stderr

@@ -5,7 +5,7 @@ import sys
 from musicgen_finetune import environment
 
 environment.prepare()
-from musicgen_finetune import export, model_dir  # noqa: E402
+from musicgen_finetune import export, model_dir, patches  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--xp", required=True)
@@ -14,6 +14,6 @@ parser.add_argument("--which", default="best", help="best (lowest validation los
 opts = parser.parse_args()
 try:
     out = export.export(opts.xp, opts.out, opts.which)
-except (export.ExportError, model_dir.ModelDirError) as err:
+except (export.ExportError, model_dir.ModelDirError, patches.UnsafeCheckpointError, ValueError) as err:
     sys.exit(f"error: {err}")
 print(f"Exported to {out}\n  use it: make generate MODEL={out} PROMPTS='...'")

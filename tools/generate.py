@@ -19,15 +19,20 @@ parser.add_argument("--top-p", type=float, default=0.0)
 parser.add_argument("--temperature", type=float, default=1.0)
 parser.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance coefficient")
 parser.add_argument("--batch", type=int, default=4)
+parser.add_argument("--t5", default=None, help="local T5 folder (default: found like make train finds it)")
 opts = parser.parse_args()
 try:
     seeds = [int(s) for s in opts.seeds.split(",") if s.strip()]
 except ValueError:
     sys.exit(f"error: SEED={opts.seeds!r}: use integers, comma-separated (SEED=0,1,2).")
-out = opts.out or output_dir() / "samples" / generate.slug(opts.model.rstrip("/").split("/")[-1])
+name = opts.model.rstrip("/").split("/")[-1]
+if opts.adapter:  # never overwrite the base model's samples with the adapted model's
+    name += "+" + opts.adapter.rstrip("/").split("/")[-2 if opts.adapter.endswith(".safetensors") else -1]
+out = opts.out or output_dir() / "samples" / generate.slug(name)
 try:
     folder = generate.generate(opts.model, opts.prompts, out, opts.adapter, opts.duration, seeds, opts.top_k,
-                               opts.top_p, opts.temperature, opts.cfg, opts.batch, progress=sys.stderr.isatty())
-except (generate.GenerationError, model_dir.ModelDirError, lora.AdapterMismatchError) as err:
+                               opts.top_p, opts.temperature, opts.cfg, opts.batch, progress=sys.stderr.isatty(),
+                               t5=opts.t5)
+except (generate.GenerationError, model_dir.ModelDirError, lora.AdapterMismatchError, FileNotFoundError) as err:
     sys.exit(f"error: {err}")
 print(f"Generated into {folder} (generated.json lists prompts, seeds and settings)")

@@ -17,10 +17,20 @@ if [[ -f $STAMP && "$(cat "$STAMP")" == "$inputs_hash" && -x $VENV/bin/python ]]
 fi
 
 # A Python AudioCraft and the pinned torch support: 3.10 to 3.12.
+supported() { "$1" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] <= (3, 12)))'; }
+if [[ -n ${PYTHON:-} ]] && ! supported "$PYTHON" 2>/dev/null; then
+    echo "setup: PYTHON=$PYTHON is not a Python 3.10, 3.11 or 3.12 ($("$PYTHON" --version 2>&1 || echo 'not found'))." >&2
+    exit 1
+fi
+if [[ -x $VENV/bin/python ]] && ! supported "$VENV/bin/python"; then
+    echo "setup: $VENV was made with $($VENV/bin/python --version 2>&1); remove it (rm -rf $VENV) and re-run." >&2
+    exit 1
+fi
+
 pick_python() {
     for candidate in ${PYTHON:-} python3 python3.12 python3.11 python3.10; do
         command -v "$candidate" >/dev/null 2>&1 || continue
-        if "$candidate" -c 'import sys; sys.exit(not ((3, 10) <= sys.version_info[:2] <= (3, 12)))'; then
+        if supported "$candidate"; then
             echo "$candidate"; return 0
         fi
     done
