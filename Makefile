@@ -44,6 +44,10 @@ TOP_P ?= 0
 TEMPERATURE ?= 1
 CFG ?= 3
 BATCH ?= 4
+# make import-hf / export-hf
+HF ?=
+PAD_MODE ?=
+BASE_HF ?=
 # make demo
 DEMO_MODEL ?= output/models/tiny-musicgen
 DEMO_DATA ?= output/data/hiphop808
@@ -53,7 +57,8 @@ DEMO_GENERATE = --prompts egs/hiphop808/prompts.txt --duration 2 --seeds 0,1 --t
 # make test
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test manifests train export generate doctor bench tiny-model demo-data clean
+.PHONY: help setup demo test manifests train export generate import-hf export-hf doctor bench tiny-model demo-data \
+	clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -102,6 +107,14 @@ generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=] [DURATION=10] [SE
 	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --duration $(DURATION) --seeds $(SEED) \
 		--top-k $(TOP_K) --top-p $(TOP_P) --temperature $(TEMPERATURE) --cfg $(CFG) --batch $(BATCH) \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(OUT),--out "$(OUT)") $(if $(T5),--t5 "$(T5)")
+
+import-hf: setup  ## HF=<transformers MusicGen folder> [OUT=] [PAD_MODE=constant]: AudioCraft's layout, trainable as MODEL=
+	@test -n "$(HF)" || { echo "usage: make import-hf HF=<transformers folder> [OUT=<folder>] [PAD_MODE=constant]"; exit 2; }
+	$(PY) tools/import_hf.py --hf "$(HF)" $(if $(OUT),--out "$(OUT)") $(if $(PAD_MODE),--pad-mode $(PAD_MODE))
+
+export-hf: setup  ## MODEL=<AudioCraft model folder> [OUT=] [BASE_HF=]: the transformers format (from_pretrained)
+	@test -n "$(MODEL)" || { echo "usage: make export-hf MODEL=<folder> [OUT=<folder>] [BASE_HF=<transformers folder>]"; exit 2; }
+	$(PY) tools/export_hf.py --model "$(MODEL)" $(if $(OUT),--out "$(OUT)") $(if $(BASE_HF),--base-hf "$(BASE_HF)")
 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")

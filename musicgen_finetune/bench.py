@@ -201,7 +201,8 @@ def bench_lora(quick: bool) -> dict:
 
 def lora_markdown(section: dict) -> tp.List[str]:
     lines = [f"## Full fine-tuning vs LoRA ({section['device']}; one training step: forward, backward, AdamW)", "",
-             "| model | batch x segment | mode | trainable | step (s) | peak memory (GiB) |", "|---|---|---|---|---|---|"]
+             "| model | batch x segment | mode | trainable | step (s) | peak memory (GiB) |",
+             "|---|---|---|---|---|---|"]
     rows = section["rows"]
     for row in rows:
         share = f"{row['trainable']:,} ({100 * row['trainable'] / row['total']:.2f}%)"

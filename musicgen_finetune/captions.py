@@ -55,7 +55,8 @@ def _read_entries(path: Path) -> tp.List[tp.Tuple[dict, str]]:
         try:
             entries = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CaptionFileError(f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.")
+            raise CaptionFileError(
+                f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
         if isinstance(entries, dict):  # {"a.wav": "caption", ...} is a common hand-written form
             entries = [{"audio": k, **(v if isinstance(v, dict) else {"text": v})} for k, v in entries.items()]
         if not isinstance(entries, list):
@@ -69,7 +70,7 @@ def _read_entries(path: Path) -> tp.List[tp.Tuple[dict, str]]:
             try:
                 entries.append((json.loads(line), f"{path.name}, line {number}"))
             except json.JSONDecodeError as err:
-                raise CaptionFileError(f"{path}: invalid JSON on line {number}: {err.msg}.")
+                raise CaptionFileError(f"{path}: invalid JSON on line {number}: {err.msg}.") from err
         return entries
     rows = list(csv.reader(text.splitlines()))
     if not rows:
@@ -130,7 +131,7 @@ def sidecar_caption(audio: Path) -> tp.Optional[Caption]:
         try:
             info = json.loads(sidecar.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as err:
-            raise ValueError(f"sidecar {sidecar.name} is not valid JSON (line {err.lineno}: {err.msg})")
+            raise ValueError(f"sidecar {sidecar.name} is not valid JSON (line {err.lineno}: {err.msg})") from err
         if not isinstance(info, dict):
             raise ValueError(f"sidecar {sidecar.name} is not a JSON object")
         return _entry_caption(info, sidecar.name)

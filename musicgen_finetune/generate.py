@@ -136,6 +136,7 @@ def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str,
                 bar.update()
     bar.close()
     manifest = {"model": str(Path(model_folder).expanduser().resolve()),
-                "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None, "sample_rate": model.sample_rate, "settings": settings, "items": items}
+                "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
+                "sample_rate": model.sample_rate, "settings": settings, "items": items}
     (out / "generated.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return out

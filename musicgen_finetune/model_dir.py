@@ -127,8 +127,13 @@ def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = 
 
 
 def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = None) -> ModelFiles:
-    """Everything a fine-tune of `model` needs, or a ModelDirError naming what is missing and how to fix it."""
-    root = Path(model).expanduser().resolve()
+    """Everything a fine-tune of `model` needs, or a ModelDirError naming what is missing and how to fix it.
+    A transformers-format MusicGen is converted once to AudioCraft's layout (hf_bridge) and that is checked."""
+    from .hf_bridge import ConversionError, ensure_audiocraft_layout  # imports this module: not at the top
+    try:
+        root = ensure_audiocraft_layout(model)
+    except ConversionError as err:
+        raise ModelDirError(f"MODEL={model} looks like a transformers model that cannot be converted: {err}") from err
     if not root.is_dir():
         raise ModelDirError(f"MODEL={model}: {root} is not a folder. Point MODEL at a local copy of "
                             "facebook/musicgen-small (state_dict.bin, compression_state_dict.bin).")
@@ -137,8 +142,8 @@ def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = Non
     if missing:
         hint = ""
         if (root / "model.safetensors").is_file() and (root / "config.json").is_file():
-            hint = (" It looks like a transformers-format MusicGen (config.json + model.safetensors); AudioCraft "
-                    "needs the original snapshot files, which facebook/musicgen-small also ships.")
+            hint = (" It has transformers files (config.json + model.safetensors), but not of a MusicGen "
+                    "(MusicgenForConditionalGeneration) that could be converted.")
         raise ModelDirError(f"MODEL={root} lacks {', '.join(p.name for p in missing)}.{hint} Download the "
                             "snapshot of facebook/musicgen-small (state_dict.bin and compression_state_dict.bin) "
                             "into that folder.")

@@ -62,8 +62,8 @@ def refused(path: tp.Union[str, Path], err: Exception) -> Exception:
     """The error for a file the weights-only unpickler refused, naming the file and what to do."""
     text = str(err)
     if "Weights only load failed" not in text and "Unsupported global" not in text:
-        return ValueError(f"{path} is not a readable torch file, it may be truncated or corrupt ({text.strip()[:120]}); "
-                          "copy or export it again.")
+        return ValueError(f"{path} is not a readable torch file, it may be truncated or corrupt "
+                          f"({text.strip()[:120]}); copy or export it again.")
     first_line = (text.strip().splitlines() or [type(err).__name__])[0]
     return UnsafeCheckpointError(
         f"{path} needs arbitrary code to unpickle, so it was not loaded ({first_line}). Only AudioCraft files "

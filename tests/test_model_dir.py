@@ -31,7 +31,7 @@ def test_missing_weights_are_named(tiny_model, tmp_path):
 def test_transformers_format_folder_gets_a_hint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(model_dir.ModelDirError, match="transformers-format"):
+    with pytest.raises(model_dir.ModelDirError, match="only 'musicgen' converts"):
         model_dir.check(tmp_path)
 
 

@@ -2,12 +2,11 @@
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import DATASET, TRAIN, run_tool, train, xp_folder
+from conftest import TRAIN, run_tool, train, xp_folder
 
 
 def test_fine_tune_writes_checkpoint_history_and_samples(first_run):
