@@ -428,8 +428,8 @@ def test_imported_transformers_model_trains_and_exports_back(hf_model, workdir, 
     exported (`make export`) and converted back to transformers, which loads it."""
     from transformers import MusicgenForConditionalGeneration
     from musicgen_finetune.export import export
-    model = hf_bridge.ensure_audiocraft_layout(hf_model)
-    result = train(workdir, model, args="optim.epochs=1")
+    result = train(workdir, hf_model, args="optim.epochs=1")  # MODEL= the transformers folder itself
+    model = hf_bridge.ensure_audiocraft_layout(hf_model)  # where make train converted it
     assert result.returncode == 0, result.stderr[-5000:]
     tensors = len(torch.load(model / model_dir.LM_FILE, weights_only=True)["best_state"])
     assert f"{tensors} of {tensors} tensors matched" in result.stderr + result.stdout
