@@ -215,6 +215,15 @@ class FinetuneSolver(MusicGenSolver):
         state["model"] = {**base, **state["model"]}
         state["best_state"] = {key: {**base, **values} for key, values in state["best_state"].items()}
 
+    def should_stop_training(self) -> bool:
+        """Also stop, resumably, after epoch `stop_after_epoch` (time-limited jobs; not part of the signature)."""
+        stop_after = self.cfg.get("stop_after_epoch")
+        if stop_after and self.epoch > stop_after and self.epoch <= self.cfg.optim.epochs:
+            self.logger.info("Stopping after epoch %d (stop_after_epoch); run the same command again to resume.",
+                             stop_after)
+            return True
+        return super().should_stop_training()
+
     def run(self):
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)
         self.logger.info("Checkpoint: %s, samples: %s, metrics: %s", self.checkpoint_path(),

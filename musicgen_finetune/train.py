@@ -132,6 +132,7 @@ def main(cfg):
 
 
 main.dora.dir = AudioCraftEnvironment.get_dora_dir()
+main.dora.exclude.append("stop_after_epoch")  # where a run pauses is not what it is
 main._base_cfg.slurm = get_slurm_parameters(main._base_cfg.slurm)
 
 if __name__ == "__main__":

@@ -201,3 +201,23 @@ def test_lora_with_ema_averages_the_adapters_only(workdir, lora_model, dataset):
     averaged = checkpoint["ema"]["state"]["lora_adapters"]
     assert averaged and all(lora.is_adapter_key(k) for k in averaged)
     assert averaged.keys() == checkpoint["model"].keys()
+
+
+@pytest.mark.parametrize("preset", ["finetune/cpu_tiny", "finetune/cpu_tiny_lora"])
+def test_interrupted_run_resumes_where_it_stopped(workdir, lora_model, dataset, preset):
+    """A run stopped after epoch 1 continues with epoch 2 from its checkpoint (weights, optimizer, schedule), in the
+    same experiment folder."""
+    args = "optim.epochs=2 generate.every=1000 dataset.train.shuffle_seed=11"
+    first = train(workdir, lora_model, preset=preset, args=args + " stop_after_epoch=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = xp_folder(first)
+    assert len(json.loads((folder / "history.json").read_text())) == 1
+    second = train(workdir, lora_model, preset=preset, args=args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert xp_folder(second) == folder  # stop_after_epoch is not part of the signature
+    log = second.stderr + second.stdout
+    assert "Loading existing checkpoint" in log and "Train | Epoch 2" in log and "Train | Epoch 1 " not in log
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 2 and all(math.isfinite(e["valid"]["ce"]) for e in history)
+    checkpoint = torch.load(folder / "checkpoint.th", weights_only=True)
+    assert checkpoint["lr_scheduler"]["_step_count"] > 1 and checkpoint["optimizer"]["state"]
