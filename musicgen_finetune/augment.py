@@ -11,14 +11,21 @@ import typing as tp
 
 import numpy as np
 
+from .audio_analysis import NOTES
+
 PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
-NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E"}
 # a key is a capital note letter and a mode: "F minor", "C# major", "Bb min", "Fm" (not "a minor feel")
 KEY_PATTERN = re.compile(r"\b([A-G])([#b]?)\s*((?i:major|minor|maj|min)\b|m\b)")
 KEY_FIELD = re.compile(r"([A-G])([#b]?)\s*(major|minor|maj|min|m)", re.IGNORECASE)  # a metadata key field
 BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm", re.IGNORECASE)
+
+
+def as_number(value: tp.Any) -> tp.Optional[float]:
+    """140, "140", "140 bpm" -> 140.0; anything else -> None."""
+    match = re.match(r"\s*(\d+(?:\.\d+)?)", str(value)) if value not in (None, "") else None
+    return float(match.group(1)) if match else None
 
 
 class AugmentSpecError(ValueError):
@@ -104,8 +111,8 @@ def transformed_info(info: dict, variant: Variant) -> dict:
         description = KEY_PATTERN.sub(lambda m: transpose_key(m.group(0), variant.amount) or "", description)
         description = re.sub(r"(,\s*)+(?=,|$)", "", description).strip(" ,")
     elif variant.kind == "tempo":
-        bpm = re.match(r"\s*(\d+(?:\.\d+)?)", str(info.get("bpm") or ""))
-        out["bpm"] = round(float(bpm.group(1)) * variant.amount, 1) if bpm else None
+        bpm = as_number(info.get("bpm"))
+        out["bpm"] = round(bpm * variant.amount, 1) if bpm else None
         description = BPM_PATTERN.sub(lambda m: f"{float(m.group(1)) * variant.amount:.1f}".rstrip("0").rstrip(".")
                                       + " bpm", description)
     out["description"] = description

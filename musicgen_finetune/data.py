@@ -197,17 +197,11 @@ def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options
 
 # -- the dataset ------------------------------------------------------------------------------------------------
 
-def as_number(value: tp.Any) -> tp.Optional[float]:
-    """140, "140", "140 bpm" -> 140.0; anything else -> None."""
-    match = re.match(r"\s*(\d+(?:\.\d+)?)", str(value)) if value not in (None, "") else None
-    return float(match.group(1)) if match else None
-
-
 def describe(caption: str, bpm: tp.Any, key: tp.Any) -> str:
     """'hip hop 808 beat' -> 'hip hop 808 beat, 140 bpm, F minor', adding only what the caption does not say
     (a caption that names any tempo or key keeps its own)."""
     parts = [caption.rstrip(" ,.")]
-    tempo = as_number(bpm)
+    tempo = augment.as_number(bpm)
     if tempo and not augment.BPM_PATTERN.search(caption):
         parts.append(f"{round(tempo):g} bpm")
     if key and not augment.KEY_PATTERN.search(caption):
