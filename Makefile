@@ -31,6 +31,8 @@ DESCRIBE ?= 1
 AUGMENT ?=
 AUGMENT_WEIGHT ?= 0.5
 TEXT ?=
+# make grid
+GRID ?=
 # make export / generate
 XP ?=
 OUT ?=
@@ -57,7 +59,7 @@ DEMO_GENERATE = --prompts egs/hiphop808/prompts.txt --duration 2 --seeds 0,1 --t
 # make test
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test manifests train export generate import-hf export-hf doctor bench tiny-model demo-data \
+.PHONY: help setup demo test manifests train grid export generate import-hf export-hf doctor bench tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -97,6 +99,10 @@ train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
 	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args "$(ARGS)" \
 		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu)
+
+grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on this machine, then its table
+	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
+	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" $(if $(filter all,$(GPUS)),--multi-gpu)
 
 export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout
 	@test -n "$(XP)" || { echo "usage: make export XP=<signature> [OUT=<folder>] [WHICH=best|last]"; exit 2; }

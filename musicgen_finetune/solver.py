@@ -8,6 +8,7 @@
 - a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go.
 """
 import contextlib
+import json
 import math
 import typing as tp
 from pathlib import Path
@@ -49,6 +50,27 @@ def count_segments(split_path: str) -> int:
     elif not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist: run `make manifests` for this dataset first.")
     return len(load_audio_meta(path))
+
+
+DONE_FILE = "done.json"
+
+
+def best_epoch(history: tp.List[dict], metric: str = "ce") -> tp.Optional[int]:
+    """The 1-based epoch of the lowest validation `metric` in a dora history (None before any validation)."""
+    scores = [(epoch["valid"][metric], index + 1) for index, epoch in enumerate(history)
+              if metric in epoch.get("valid", {})]
+    return min(scores)[1] if scores else None
+
+
+def write_done(folder: Path, reason: str, history: tp.List[dict], metric: str) -> None:
+    """`<xp>/done.json`: the run ended for good (not a stop_after_epoch pause), for `make grid` and reports."""
+    done = {"reason": reason, "epochs": len(history), "best_epoch": best_epoch(history, metric), "metric": metric}
+    (folder / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
+
+
+def read_done(folder: Path) -> tp.Optional[dict]:
+    path = Path(folder) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class AdapterView(torch.nn.Module):
@@ -216,19 +238,36 @@ class FinetuneSolver(MusicGenSolver):
         state["best_state"] = {key: {**base, **values} for key, values in state["best_state"].items()}
 
     def should_stop_training(self) -> bool:
-        """Also stop, resumably, after epoch `stop_after_epoch` (time-limited jobs; not part of the signature)."""
+        """Also stop early when validation loss stopped improving (`early_stop.patience`), and, resumably, after
+        epoch `stop_after_epoch` (time-limited jobs; not part of the signature)."""
+        if super().should_stop_training():
+            self.stop_reason = "completed"
+            return True
+        patience = (self.cfg.get("early_stop") or {}).get("patience")
+        best = best_epoch(self.history, (self.cfg.get("early_stop") or {}).get("metric", "ce"))
+        if patience and best is not None and len(self.history) - best >= patience:
+            self.logger.info("Early stop: valid %s has not improved for %d epochs since its best, epoch %d "
+                             "(early_stop.patience=%d); the best state is that of epoch %d.",
+                             self.cfg.early_stop.metric, len(self.history) - best, best, patience, best)
+            self.stop_reason = "early_stop"
+            return True
         stop_after = self.cfg.get("stop_after_epoch")
-        if stop_after and self.epoch > stop_after and self.epoch <= self.cfg.optim.epochs:
+        if stop_after and self.epoch > stop_after:
             self.logger.info("Stopping after epoch %d (stop_after_epoch); run the same command again to resume.",
                              stop_after)
             return True
-        return super().should_stop_training()
+        return False
 
     def run(self):
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)
         self.logger.info("Checkpoint: %s, samples: %s, metrics: %s", self.checkpoint_path(),
                          self.folder / self.cfg.generate.path, self.folder / "history.json")
-        return super().run()
+        self.stop_reason: tp.Optional[str] = None
+        super().run()
+        if self.stop_reason is None and self.epoch > self.cfg.optim.epochs:
+            self.stop_reason = "completed"  # the loop ran out without asking (last epoch just committed)
+        if self.stop_reason and flashy.distrib.is_rank_zero():
+            write_done(self.folder, self.stop_reason, self.history, self.cfg.get("early_stop", {}).get("metric", "ce"))
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
         if not self.is_training or self.grad_accum_steps == 1:

@@ -221,3 +221,22 @@ def test_interrupted_run_resumes_where_it_stopped(workdir, lora_model, dataset, 
     assert len(history) == 2 and all(math.isfinite(e["valid"]["ce"]) for e in history)
     checkpoint = torch.load(folder / "checkpoint.th", weights_only=True)
     assert checkpoint["lr_scheduler"]["_step_count"] > 1 and checkpoint["optimizer"]["state"]
+
+
+def test_completed_run_is_marked_done_with_its_best_epoch(first_run):
+    folder = xp_folder(first_run)
+    history = json.loads((folder / "history.json").read_text())
+    done = json.loads((folder / "done.json").read_text())
+    valid = [epoch["valid"]["ce"] for epoch in history]
+    assert done == {"reason": "completed", "epochs": 3, "best_epoch": valid.index(min(valid)) + 1, "metric": "ce"}
+
+
+def test_early_stop_ends_when_valid_loss_stops_improving(workdir, tiny_model, dataset):
+    # lr 0: the valid loss is the same every epoch, so epoch 1 stays the best and patience 1 ends epoch 2
+    result = train(workdir, tiny_model, "optim.lr=0 optim.epochs=5 early_stop.patience=1 schedule.lr_scheduler=null")
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = xp_folder(result)
+    assert len(json.loads((folder / "history.json").read_text())) == 2
+    assert json.loads((folder / "done.json").read_text())["reason"] == "early_stop"
+    assert json.loads((folder / "done.json").read_text())["best_epoch"] == 1
+    assert "Early stop: valid ce has not improved for 1 epochs since its best, epoch 1" in result.stderr

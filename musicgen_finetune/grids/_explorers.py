@@ -1,0 +1,20 @@
+"""The grid table: upstream's LM explorer (train/valid cross-entropy, best valid perplexity) plus how each run
+ended and its best epoch (from the solver's done.json)."""
+import treetable as tt
+from audiocraft.grids.musicgen._explorers import LMExplorer
+
+from ..solver import best_epoch, read_done
+
+
+class FinetuneExplorer(LMExplorer):
+    def get_grid_metrics(self):
+        return super().get_grid_metrics() + [
+            tt.group("run", [tt.leaf("status"), tt.leaf("best_epoch")], align=">"),
+        ]
+
+    def process_sheep(self, sheep, history):
+        parts = super().process_sheep(sheep, history)
+        done = read_done(sheep.xp.folder)
+        status = done["reason"] if done else ("partial" if history else "not run")
+        parts["run"] = {"status": status, "best_epoch": best_epoch(history) or ""}
+        return parts

@@ -1,0 +1,43 @@
+"""`make grid`: a dora grid run on one machine through real `dora run`, then dora's table."""
+import re
+
+from conftest import DATASET, run_tool, xp_folder
+
+
+def run_grid(workdir, model, grid="full_vs_lora"):
+    env = {"MODEL": str(model), "NAME": DATASET, "PRESET": "finetune/cpu_tiny"}
+    return run_tool(["tools/grid.py", grid], workdir, extra_env=env)
+
+
+def table_rows(stdout: str) -> dict:
+    """signature -> (status, valid ce) from dora's table (colour codes stripped)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", stdout)
+    rows = {}
+    for match in re.finditer(r"^\d+\s+\S+\s+N/A\s+(\w{8})\s.*\|\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+\|\s+(\w+)\s+\d+\s*$",
+                             plain, re.MULTILINE):
+        rows[match.group(1)] = (match.group(3), float(match.group(2)))
+    return rows
+
+
+def test_grid_runs_each_experiment_once_and_tables_both(first_run, workdir, tiny_model):
+    result = run_grid(workdir, tiny_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    full_sig = xp_folder(first_run).name
+    # the grid's full fine-tune is `make train`'s experiment (same signature): already ended, so skipped
+    assert f"{full_sig}: already ended (completed), skipped" in result.stdout
+    assert result.stdout.count("Running: dora -P musicgen_finetune run") == 1
+    rows = table_rows(result.stdout)
+    assert len(rows) == 2 and full_sig in rows, result.stdout
+    assert all(status == "completed" for status, _ in rows.values())
+
+    again = run_grid(workdir, tiny_model)
+    assert again.returncode == 0
+    assert "Running:" not in again.stdout and again.stdout.count("already ended") == 2
+    assert table_rows(again.stdout) == rows
+
+
+def test_grid_names_what_is_missing(workdir):
+    result = run_tool(["tools/grid.py", "full_vs_lora"], workdir, extra_env={"MODEL": "", "NAME": ""})
+    assert result.returncode != 0 and "set both" in result.stderr
+    unknown = run_tool(["tools/grid.py", "no_such_grid"], workdir)
+    assert "GRID=no_such_grid" in unknown.stderr and "full_vs_lora" in unknown.stderr
