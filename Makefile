@@ -33,6 +33,13 @@ AUGMENT_WEIGHT ?= 0.5
 TEXT ?=
 # make grid
 GRID ?=
+# make eval / listen
+BASE ?=
+TUNED ?=
+GENERAL ?=
+CLAP ?=
+REPORT ?=
+PORT ?= 8000
 # make export / generate
 XP ?=
 OUT ?=
@@ -59,7 +66,7 @@ DEMO_GENERATE = --prompts egs/hiphop808/prompts.txt --duration 2 --seeds 0,1 --t
 # make test
 PYTEST_ARGS ?=
 
-.PHONY: help setup demo test manifests train grid export generate import-hf export-hf doctor bench tiny-model demo-data \
+.PHONY: help setup demo test manifests train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -103,6 +110,17 @@ train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=]
 grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on this machine, then its table
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
 	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" $(if $(filter all,$(GPUS)),--multi-gpu)
+
+eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [CLAP=]: report in output/reports/NAME/
+	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors>]"; exit 2; }
+	$(PY) tools/eval.py --base "$(BASE)" --name "$(NAME)" $(if $(TUNED),--tuned "$(TUNED)") \
+		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(GENERAL),--general "$(GENERAL)") \
+		$(if $(PROMPTS),--prompts "$(PROMPTS)") --duration $(DURATION) --seed $(SEED) --top-k $(TOP_K) \
+		$(if $(CLAP),--clap "$(CLAP)") $(if $(OUT),--out "$(OUT)")
+
+listen: setup  ## [REPORT=output/reports/<name>] [PORT=8000]: serve a report; its blind A/B choices go to choices.json
+	@test -n "$(REPORT)" || { echo "usage: make listen REPORT=output/reports/<name>"; exit 2; }
+	$(PY) -m musicgen_finetune.report_page serve "$(REPORT)" --port $(PORT)
 
 export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout
 	@test -n "$(XP)" || { echo "usage: make export XP=<signature> [OUT=<folder>] [WHICH=best|last]"; exit 2; }

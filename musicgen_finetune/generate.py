@@ -109,15 +109,32 @@ def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str,
         raise GenerationError(f"TOP_K={top_k} is more than the {card} codes of this model's codebooks; "
                               f"use at most {card} (0 disables top-k).")
     model = load(model_folder, adapter, t5=t5)
+    out = Path(out).expanduser().resolve()
+    settings, items = write_samples(model, texts, out, duration, seeds, top_k, top_p, temperature, cfg_coef,
+                                    batch_size, progress)
+    manifest = {"model": str(Path(model_folder).expanduser().resolve()),
+                "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
+                "sample_rate": model.sample_rate, "settings": settings, "items": items}
+    (out / "generated.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return out
+
+
+def write_samples(model, texts: tp.Sequence[str], out: Path, duration: float = 10.0, seeds: tp.Sequence[int] = (0,),
+                  top_k: int = 250, top_p: float = 0.0, temperature: float = 1.0, cfg_coef: float = 3.0,
+                  batch_size: int = 4, progress: bool = True,
+                  loudness_normalize: bool = True) -> tp.Tuple[dict, tp.List[dict]]:
+    """Generate with a loaded `model` into `out`: one wav per text and seed. Each batch has its own seed, so the
+    same texts, seeds and batch size give the same noise whatever the model (reports compare models this way).
+    `loudness_normalize=False` keeps the model's own level (only clipped), for loudness measurements."""
     from audiocraft.data.audio import audio_write
     from tqdm import tqdm
-    out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     settings = {"duration": duration, "top_k": top_k, "top_p": top_p, "temperature": temperature,
-                "cfg_coef": cfg_coef, "batch_size": batch_size, "use_sampling": True}
+                "cfg_coef": cfg_coef, "batch_size": batch_size, "use_sampling": True,
+                "loudness_normalize": loudness_normalize}
     model.set_generation_params(use_sampling=True, top_k=top_k, top_p=top_p, temperature=temperature,
                                 duration=duration, cfg_coef=cfg_coef, extend_stride=min(18.0, MAX_DURATION / 2))
-    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
+    batches = [list(texts[i:i + batch_size]) for i in range(0, len(texts), batch_size)]
     items = []
     bar = tqdm(total=len(seeds) * len(texts), desc="generating", unit="clip", disable=not progress)
     for seed in seeds:
@@ -128,15 +145,12 @@ def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str,
             for index, (text, wav) in enumerate(zip(batch, wavs, strict=True)):
                 position = number * batch_size + index
                 stem = out / f"{position:03d}_{slug(text)}_seed{seed}"
-                path = audio_write(stem, wav.cpu(), model.sample_rate, strategy="loudness",
-                                   loudness_compressor=True)
+                write_options = ({"strategy": "loudness", "loudness_compressor": True} if loudness_normalize
+                                 else {"strategy": "clip"})
+                path = audio_write(stem, wav.cpu(), model.sample_rate, **write_options)
                 items.append({"file": path.name, "prompt": text, "seed": seed, "torch_seed": torch_seed,
                               "index": position,
                               "seconds": round(wav.shape[-1] / model.sample_rate, 3)})
                 bar.update()
     bar.close()
-    manifest = {"model": str(Path(model_folder).expanduser().resolve()),
-                "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
-                "sample_rate": model.sample_rate, "settings": settings, "items": items}
-    (out / "generated.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    return out
+    return settings, items

@@ -5,6 +5,9 @@
 
 Each beat: an 808 kick (sine with a pitch glide down to the key's root and a long decay, softly saturated),
 a snare or a clap on beats 2 and 4, and a hi-hat pattern (8ths, 16ths or trap rolls), at 130-160 bpm.
+
+`style="chiptune"` writes another style in the same layout, for a "general" base model in the demo: square-wave
+arpeggios over a short clicky kick and hats, 100-125 bpm, with almost nothing below 120 Hz.
 """
 import json
 import typing as tp
@@ -89,19 +92,53 @@ def caption(info: dict, rng: np.random.Generator) -> str:
     return f"{opener}, {info['hats']} hi hats and a {info['backbeat']}, {info['bpm']} bpm, {info['key']}"
 
 
-def write_dataset(out: tp.Union[str, Path], count: int = 16, seconds: float = 4.0, seed: int = 808) -> Path:
-    """Write `count` beats and their metadata.json into `out` (an existing dataset there is replaced)."""
+def render_chiptune(bpm: float, key: str, seconds: float, rng: np.random.Generator) -> tp.Tuple[np.ndarray, dict]:
+    step = int(round(SAMPLE_RATE * 60 / bpm / 4))
+    n = int(SAMPLE_RATE * seconds)
+    track = np.zeros(n)
+    root = root_frequency(key.split()[0], octave=4)
+    chord = [0, 4, 7, 12] if key.endswith("major") else [0, 3, 7, 12]
+    t = np.arange(step) / SAMPLE_RATE
+    click = np.diff(rng.standard_normal(int(SAMPLE_RATE * 0.03) + 1)) * np.exp(-np.arange(int(SAMPLE_RATE * 0.03))
+                                                                             / (SAMPLE_RATE * 0.004))
+    for index, start in enumerate(range(0, n, step)):
+        note = root * 2 ** (chord[index % 4] / 12)
+        place(track, 0.18 * np.sign(np.sin(2 * np.pi * note * t)) * np.exp(-t / 0.12), start)
+        if index % 4 == 0:
+            place(track, 0.5 * click, start)
+        if index % 2 == 1:
+            place(track, hat(rng), start, gain=0.8)
+    stereo = np.stack([track, track], axis=1)
+    stereo *= 0.8 / max(np.abs(stereo).max(), 1e-6)
+    return stereo.astype(np.float32), {"bpm": int(round(bpm)), "key": key}
+
+
+STYLES = {
+    # style: (render, bpm range, caption opener, metadata)
+    "808": (render_beat, (130, 160), None, {"genre": "hip hop", "moods": ["dark", "energetic"],
+                                            "instrument": "808, drum machine"}),
+    "chiptune": (render_chiptune, (100, 125), "chiptune arpeggios with a clicky kick",
+                 {"genre": "chiptune", "moods": ["bright", "playful"], "instrument": "square wave synth"}),
+}
+
+
+def write_dataset(out: tp.Union[str, Path], count: int = 16, seconds: float = 4.0, seed: int = 808,
+                  style: str = "808") -> Path:
+    """Write `count` clips of `style` and their metadata.json into `out` (an existing dataset there is replaced)."""
+    if style not in STYLES:
+        raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}.")
+    render, (low, high), opener, metadata = STYLES[style]
     out = Path(out).resolve()
     rng = np.random.default_rng(seed)
     (out / "train").mkdir(parents=True, exist_ok=True)
     entries = []
     for i in range(count):
-        bpm = float(rng.uniform(130, 160))
+        bpm = float(rng.uniform(low, high))
         key = f"{rng.choice(NOTES)} {rng.choice(['minor', 'major'], p=[0.8, 0.2])}"
-        audio, info = render_beat(bpm, key, seconds, rng)
-        relative = f"train/beat_{i:03d}.wav"
+        audio, info = render(bpm, key, seconds, rng)
+        relative = f"train/{'beat' if style == '808' else style}_{i:03d}.wav"
         sf.write(out / relative, audio, SAMPLE_RATE, subtype="PCM_16")
-        entries.append({"audio": relative, "text": caption(info, rng), "bpm": info["bpm"], "key": info["key"],
-                        "genre": "hip hop", "moods": ["dark", "energetic"], "instrument": "808, drum machine"})
+        text = caption(info, rng) if opener is None else f"{opener}, {info['bpm']} bpm, {info['key']}"
+        entries.append({"audio": relative, "text": text, "bpm": info["bpm"], "key": info["key"], **metadata})
     (out / "metadata.json").write_text(json.dumps(entries, indent=2) + "\n")
     return out
