@@ -1,0 +1,103 @@
+"""`make eval` end to end, as the demo runs it at small scale: a "general" base (the tiny model trained on another
+style), fine-tuned on the 808 set through real `dora run`, then compared; the report is opened in Chromium."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import DATASET, run_tool, train, xp_folder
+from test_report_page import Watched, browser, watched  # noqa: F401  (browser fixtures)
+
+GENERAL = "chiptune-test"
+
+
+@pytest.fixture(scope="module")
+def general_model(workdir, tiny_model):
+    """The tiny model trained for a few epochs on chiptune: a base that knows another style."""
+    from musicgen_finetune.data import ManifestOptions, build_manifests
+    from musicgen_finetune.synth808 import write_dataset
+    data = write_dataset(workdir / "chiptune", count=8, seconds=3.0, seed=7, style="chiptune")
+    build_manifests(data, GENERAL, ManifestOptions(segment=1.0, valid=0.25))
+    result = run_tool(["tools/train.py", "--model", str(tiny_model), "--name", GENERAL, "--preset",
+                       "finetune/cpu_tiny", "--args", "optim.epochs=4"], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workdir / "models" / "general"
+    assert run_tool(["tools/export.py", "--xp", xp_folder(result).name, "--out", str(out)], workdir).returncode == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tuned_model(workdir, general_model, dataset):
+    result = train(workdir, general_model)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = workdir / "models" / "tuned-from-general"
+    assert run_tool(["tools/export.py", "--xp", xp_folder(result).name, "--out", str(out)], workdir).returncode == 0
+    return out, xp_folder(result)
+
+
+@pytest.fixture(scope="module")
+def evaluated(workdir, general_model, tuned_model, tmp_path_factory):
+    prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    prompts.write_text("hip hop 808 beat with trap drums, 140 bpm\ndark trap beat with heavy 808 bass, 150 bpm\n")
+    out = workdir / "reports" / "eval-test"
+    result = run_tool(["tools/eval.py", "--base", str(general_model), "--tuned", str(tuned_model[0]),
+                       "--name", DATASET, "--general", GENERAL, "--prompts", str(prompts), "--duration", "1",
+                       "--top-k", "50", "--out", str(out)], workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, json.loads((out / "report.json").read_text())
+
+
+def row(report: dict, prefix: str) -> dict:
+    return next(r for r in report["table"]["rows"] if r["metric"].startswith(prefix))["values"]
+
+
+def test_fine_tuning_lowers_the_808_cross_entropy(evaluated):
+    _, report = evaluated
+    valid = row(report, "valid cross-entropy")
+    assert valid["full"] < valid["base"]
+    assert math.isclose(row(report, "valid perplexity")["full"], math.exp(valid["full"]), rel_tol=1e-9)
+    # on the general style, the base (trained on it) is the better of the two: what fine-tuning moves away from
+    general = report["cross_entropy"]["general"]
+    assert general["base"]["ce"] < report["cross_entropy"]["valid"]["base"]["ce"]
+
+
+def test_same_prompts_and_seeds_for_every_model(evaluated):
+    out, report = evaluated
+    by_model = {}
+    for sample in report["samples"]:
+        assert (out / sample["audio"]).is_file() and (out / sample["spectrogram"]).is_file()
+        assert set(sample["descriptors"]) >= {"tempo_bpm", "low_freq_ratio", "onset_density", "loudness_lufs"}
+        by_model.setdefault(sample["model"], []).append(sample["prompt"])
+    assert by_model == {"base": [0, 1], "full": [0, 1]}
+    assert [p["bpm"] for p in report["prompts"]] == [140.0, 150.0]
+    seeds = {m: sorted(p.name for p in (out / "samples" / m).glob("*.wav")) for m in by_model}
+    assert seeds["base"] == seeds["full"] and all(name.endswith("_seed0.wav") for name in seeds["base"])
+    frechet = row(report, "Frechet distance")
+    assert all(value >= 0 and math.isfinite(value) for value in frechet.values())
+
+
+def test_report_names_the_run_its_best_epoch_and_what_was_skipped(evaluated, tuned_model):
+    out, report = evaluated
+    folder = tuned_model[1]
+    done = json.loads((folder / "done.json").read_text())
+    assert report["runs"] == [{"model": "full", "label": "fine-tuned", "xp": folder.name,
+                               "best_epoch": done["best_epoch"], "epochs": done["epochs"]}]
+    assert (out / report["plots"]["loss"]).is_file()
+    assert any("CLAP" in note for note in report["notes"]) and any("VGGish" in note for note in report["notes"])
+
+
+def test_report_page_loads_in_chromium(evaluated, watched):  # noqa: F811
+    out, report = evaluated
+    page = watched.page
+    page.goto((out / "index.html").as_uri())
+    page.wait_for_function("() => Array.from(document.querySelectorAll('audio'))"
+                           ".every((a) => a.readyState >= 1 || a.error)", timeout=15000)
+    audio = page.evaluate("() => Array.from(document.querySelectorAll('audio')).map((a) => [a.currentSrc, "
+                          "a.readyState, a.error && a.error.code])")
+    sources = {Path(src.split("://", 1)[1]).relative_to(out).as_posix() for src, _, _ in audio}
+    assert {s["audio"] for s in report["samples"]} <= sources
+    assert [a for a in audio if a[2] or a[1] < 1] == []
+    images = page.evaluate("() => Array.from(document.images).map((image) => [image.src, image.naturalWidth])")
+    assert len(images) >= len(report["samples"]) + 1 and all(width > 0 for _, width in images)
+    assert watched.problems == []
