@@ -5,7 +5,9 @@
 - LoRA (`lora.enabled`): adapters injected into the LM before the optimizer is built, the base frozen, the
   optimizer over adapters only, checkpoints holding adapters (with the base model's path and hash) instead of
   the whole LM;
-- a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go.
+- a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go;
+- caches of EnCodec tokens (on disk) and frozen-T5 outputs (in memory), `token_cache.*`/`text_cache.*`
+  (caches.py), so that epochs after the first do not encode the same audio and captions again.
 """
 import contextlib
 import json
@@ -20,8 +22,9 @@ from audiocraft import models
 from audiocraft.data.audio_dataset import load_audio_meta
 from audiocraft.solvers import builders
 from audiocraft.solvers.musicgen import MusicGenSolver
+from dora import git_save
 
-from . import lora, model_dir
+from . import caches, lora, model_dir, output_dir
 
 
 def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
@@ -174,12 +177,70 @@ class FinetuneSolver(MusicGenSolver):
         if t5:
             self.logger.info("Text encoder: T5 from %s (%s)", t5.name,
                              "fine-tuned" if t5.finetune else "frozen, not saved in checkpoints")
+        self.install_caches()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
         self.logger.info("Training %s of %s LM parameters (%.1f%%); batch %d per GPU in %d micro-batch(es), "
                          "%d updates per epoch, %d epochs", f"{trainable:,}", f"{total:,}",
                          100 * trainable / max(total, 1), self.cfg.dataset.batch_size, self.grad_accum_steps,
                          self.train_updates_per_epoch, self.cfg.optim.epochs)
+
+    def install_caches(self) -> None:
+        """The T5 output cache on the LM's frozen text conditioner(s), and the token cache in front of the
+        compression model (it answers `encode` in `_prepare_tokens_and_attributes` below)."""
+        self.text_caches: tp.Dict[str, caches.CachedT5Encoder] = {}
+        text = self.cfg.get("text_cache") or {}
+        if text.get("enabled"):
+            self.text_caches = caches.install_text_cache(self.model.condition_provider, text.get("max_mb", 1024))
+            self.logger.info("Text cache: frozen T5 outputs kept in memory for %s (up to %g MB)",
+                             ", ".join(self.text_caches) or "no conditioner (T5 is fine-tuned)",
+                             text.get("max_mb", 1024))
+        tokens = self.cfg.get("token_cache") or {}
+        if not tokens.get("enabled"):
+            self.logger.info("Token cache: off (token_cache.enabled=false)")
+            return
+        if not self.cfg.dataset.get("segment_duration"):
+            self.logger.info("Token cache: off (dataset.segment_duration is not set)")
+            return
+        root = git_save.to_absolute_path(tokens.path) if tokens.get("path") else output_dir() / "cache" / "tokens"
+        cache = caches.TokenCache(root, self.compression_model, self.cfg.dataset.segment_duration)
+        self.compression_model = caches.CachedCompressionModel(self.compression_model, cache)
+        self.logger.info("%s", cache.describe())
+        if self.cfg.dataset.get("min_segment_ratio", 1.0) < 1.0:
+            self.logger.warning("dataset.min_segment_ratio=%g seeks at random into each segment, so the token cache "
+                                "will rarely hit; manifests from `make manifests` set it to 1.",
+                                self.cfg.dataset.min_segment_ratio)
+
+    def _prepare_tokens_and_attributes(self, batch: tp.Any, check_synchronization_points: bool = False):
+        """Upstream's, with the token cache serving this batch's segments (train and valid: the data of the
+        other stages is cropped or generated)."""
+        serving = contextlib.nullcontext()
+        if isinstance(self.compression_model, caches.CachedCompressionModel) and len(batch) == 2 \
+                and self.current_stage in ("train", "valid"):
+            serving = self.compression_model.serving(batch[1])
+        with serving:
+            return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
+
+    def common_train_valid(self, dataset_split: str, **kwargs: tp.Any):
+        """Upstream's train/valid stage, then how much of it the caches answered (this process only)."""
+        counters = [cache.counter for cache in self.text_caches.values()]
+        if isinstance(self.compression_model, caches.CachedCompressionModel):
+            counters.append(self.compression_model.counter)
+        for counter in counters:
+            counter.take()  # what other stages (generation) used is not this stage's
+        metrics = super().common_train_valid(dataset_split, **kwargs)
+        self.log_cache_use(dataset_split)
+        return metrics
+
+    def log_cache_use(self, stage: str) -> None:
+        parts = []
+        if isinstance(self.compression_model, caches.CachedCompressionModel):
+            parts.append(f"tokens of {caches.hit_rate(*self.compression_model.counter.take())} segments")
+        for name, cache in self.text_caches.items():
+            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*cache.counter.take())} texts "
+                         f"({cache.describe()})")
+        if parts:
+            self.logger.info("Cache hits, %s epoch %d: %s", stage, self.epoch, "; ".join(parts))
 
     def load_from_pretrained(self, name: str) -> dict:
         state = super().load_from_pretrained(name)

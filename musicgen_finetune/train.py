@@ -133,6 +133,7 @@ def main(cfg):
 
 main.dora.dir = AudioCraftEnvironment.get_dora_dir()
 main.dora.exclude.append("stop_after_epoch")  # where a run pauses is not what it is
+main.dora.exclude += ["token_cache.*", "text_cache.*"]  # caches change the speed, not the results
 main._base_cfg.slurm = get_slurm_parameters(main._base_cfg.slurm)
 
 if __name__ == "__main__":
