@@ -100,8 +100,28 @@ class AdapterView(torch.nn.Module):
         return self.model.load_state_dict(state_dict, strict=False)
 
 
+def resolve_precision(cfg) -> None:
+    """`autocast_dtype: auto`: bf16 where the GPU supports it (no loss scaling needed), else fp16, for which
+    upstream then adds a GradScaler (solvers/musicgen.py). Upstream only knows float16 and bfloat16."""
+    if cfg.get("autocast_dtype") == "auto":
+        fp16_only = cfg.device == "cuda" and torch.cuda.is_available() and not torch.cuda.is_bf16_supported()
+        cfg.autocast_dtype = "float16" if fp16_only else "bfloat16"
+
+
+def describe_precision(cfg) -> str:
+    if not cfg.autocast:
+        return "fp32 (autocast off)"
+    if cfg.autocast_dtype == "float16":
+        return "fp16 autocast with loss scaling (this GPU has no bf16)"
+    return "bf16 autocast"
+
+
 class FinetuneSolver(MusicGenSolver):
     NAME = "musicgen_finetune"
+
+    def __init__(self, cfg):
+        resolve_precision(cfg)
+        super().__init__(cfg)
 
     @property
     def grad_accum_steps(self) -> int:
@@ -184,6 +204,8 @@ class FinetuneSolver(MusicGenSolver):
                          "%d updates per epoch, %d epochs", f"{trainable:,}", f"{total:,}",
                          100 * trainable / max(total, 1), self.cfg.dataset.batch_size, self.grad_accum_steps,
                          self.train_updates_per_epoch, self.cfg.optim.epochs)
+        self.logger.info("Precision: %s; activation checkpointing: %s; AdamW fused: %s", describe_precision(self.cfg),
+                         self.cfg.transformer_lm.get("checkpointing", "none"), self.cfg.optim.adam.get("fused"))
 
     def install_caches(self) -> None:
         """The T5 output cache on the LM's frozen text conditioner(s), and the token cache in front of the

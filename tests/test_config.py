@@ -2,6 +2,7 @@
 import os
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from musicgen_finetune import model_dir
@@ -32,7 +33,7 @@ def test_musicgen_small_preset_is_for_one_24gb_gpu():
     assert cfg.optim.optimizer == "adamw" and 5e-5 <= cfg.optim.lr <= 2e-4  # not D-Adaptation at lr 1
     assert cfg.schedule.lr_scheduler == "cosine" and cfg.schedule.cosine.warmup > 0
     assert cfg.dataset.batch_size // cfg.optim.grad_accum_steps <= 4  # upstream: 192 for 32 GPUs
-    assert cfg.autocast and cfg.autocast_dtype == "bfloat16"
+    assert cfg.autocast and cfg.autocast_dtype == "auto" and cfg.optim.adam.fused
     assert cfg.checkpoint.save_last and not cfg.optim.ema.use
     assert cfg.generate.every and cfg.generate.every <= cfg.optim.epochs
 
@@ -110,3 +111,23 @@ def test_launch_checks_preset_and_batch_before_training():
     with pytest.raises(launch.LaunchError, match="optim.grad_accum_steps=4"):
         launch.check_batch(cfg, multi_gpu=False)
     launch.check_batch(compose(["solver=finetune/musicgen_small"]), multi_gpu=False)
+
+
+@pytest.mark.parametrize("cuda, bf16, expected", [(True, True, "bfloat16"), (True, False, "float16"),
+                                                  (False, False, "bfloat16")])
+def test_auto_precision_is_bf16_where_supported_else_fp16(monkeypatch, cuda, bf16, expected):
+    from musicgen_finetune.solver import describe_precision, resolve_precision
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    cfg = compose(["solver=finetune/musicgen_small", f"device={'cuda' if cuda else 'cpu'}"])
+    resolve_precision(cfg)
+    assert cfg.autocast_dtype == expected
+    assert ("loss scaling" in describe_precision(cfg)) == (expected == "float16")
+
+
+@pytest.mark.parametrize("preset, micro_batch", [("musicgen_small_lowmem", 1), ("musicgen_small_lowmem_lora", 1)])
+def test_low_memory_presets_checkpoint_activations(preset, micro_batch):
+    cfg = compose([f"solver=finetune/{preset}"])
+    assert cfg.transformer_lm.checkpointing == "torch"
+    assert cfg.dataset.batch_size // cfg.optim.grad_accum_steps == micro_batch
+    assert cfg.lora.enabled == preset.endswith("_lora")
