@@ -66,6 +66,8 @@ DEMO_GENERAL_NAME ?= chiptune-demo
 DEMO_OUT ?= output/demo
 # make test
 PYTEST_ARGS ?=
+# make bench
+BENCH_ARGS ?=
 
 .PHONY: help setup demo test manifests train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
 	clean
@@ -153,8 +155,8 @@ export-hf: setup  ## MODEL=<AudioCraft model folder> [OUT=] [BASE_HF=]: the tran
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")
 
-bench: setup  ## [QUICK=1]: measured speed, with the machine named, to output/bench/ (bench.json, bench.md)
-	$(PY) tools/bench.py $(if $(QUICK),--quick)
+bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...']: speed and memory table to output/bench/
+	$(PY) tools/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 tiny-model: setup  ## write the embedded tiny model to DEMO_MODEL (output/models/tiny-musicgen)
 	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --force
