@@ -28,6 +28,10 @@ from pathlib import Path
 from . import REPO_ROOT, output_dir
 
 GIB = 2 ** 30
+# Measuring processes run with glibc's mmap threshold fixed at 1 MiB: by default it grows after large frees, so
+# freed activation-sized tensors stay in the heap and peak RSS counts them again (LoRA's per-forward q/k/v weights
+# then read as ~1.8 GiB more than is ever allocated at once). With it fixed, RSS follows what is allocated.
+MEASUREMENT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
 
 
 def machine() -> dict:
@@ -234,8 +238,8 @@ GPU_PEAK_TFLOPS: tp.Tuple[tp.Tuple[str, float], ...] = (
 FLOPS_FORMULA = (
     "Model FLOPs per step = (4·N + 2·N_wgrad) × positions + attention. N: the LM's weight matrices applied at "
     "each position (embedding lookups, norms and biases left out), counted on the B × S sequence positions the "
-    "transformer runs (S = frames, after the codebook delay pattern; positions, not tokens: a frame's K codebook tokens "
-    "share one position, so B × frames × K would count K times the FLOPs) except the text side (the T5 output "
+    "transformer runs (S = frames, after the codebook delay pattern; positions, not tokens: a frame's K codebook "
+    "tokens share one position, so B × frames × K would count K times the FLOPs) except the text side (the T5 output "
     "projection and the cross-attention K/V projections), counted on the B × L caption tokens. 2·N for the "
     "forward, 2·N for the backward to the activations (it flows through frozen weights too), 2·N_wgrad for the "
     "weight gradients: N_wgrad = N in full fine-tuning, so 6·N; for LoRA, the adapters applied per position "
@@ -648,7 +652,8 @@ def measure_in_subprocess(config: StepConfig) -> dict:
     """A fresh interpreter for one configuration (`bench step`): its imports, its memory, its CUDA context."""
     try:
         result = subprocess.run([sys.executable, "-m", "musicgen_finetune.bench", "step", *config.step_args()],
-                                capture_output=True, text=True, timeout=config.timeout_s, cwd=REPO_ROOT)
+                                capture_output=True, text=True, timeout=config.timeout_s, cwd=REPO_ROOT,
+                                env={**os.environ, **MEASUREMENT_ENV})
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {config.timeout_s:g} s"}
     last = (result.stdout.strip().splitlines() or [""])[-1]
@@ -718,7 +723,7 @@ class ForkServer:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen([sys.executable, "-m", "musicgen_finetune.bench", "serve"], cwd=REPO_ROOT,
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        text=True)
+                                        text=True, env={**os.environ, **MEASUREMENT_ENV})
 
     def measure(self, config: StepConfig) -> dict:
         try:
@@ -999,7 +1004,9 @@ def training_markdown(section: dict) -> tp.List[str]:
              "shapes (LM, 32 kHz EnCodec, T5 of t5-base's shapes) and the tiny model's. *cached*: tokens and T5 "
              "outputs precomputed; *uncached*: EnCodec encodes the batch's audio and T5 runs on its captions in "
              f"every step. Tokens = batch x frames x codebooks ({fmt(first['frame_rate'])} Hz). Peak memory: "
-             f"{memory}, over the steps.", ""]
+             f"{memory}, over the steps"
+             + (" (glibc's mmap threshold fixed at 1 MiB, so that RSS follows what is allocated)."
+                if section["device"] != "cuda" else "."), ""]
     lines += training_table(rows) + ["", FLOPS_FORMULA, ""]
     return lines
 
