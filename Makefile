@@ -123,14 +123,14 @@ grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on th
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
 	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" $(if $(filter all,$(GPUS)),--multi-gpu)
 
-eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [CLAP=]: report in output/reports/NAME/
+eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
 	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors>]"; exit 2; }
 	$(PY) tools/eval.py --base "$(BASE)" --name "$(NAME)" $(if $(TUNED),--tuned "$(TUNED)") \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(GENERAL),--general "$(GENERAL)") \
 		$(if $(PROMPTS),--prompts "$(PROMPTS)") --duration $(DURATION) --seed $(SEED) --top-k $(TOP_K) \
 		$(if $(CLAP),--clap "$(CLAP)") $(if $(OUT),--out "$(OUT)")
 
-listen: setup  ## [REPORT=output/reports/<name>] [PORT=8000]: serve a report; its blind A/B choices go to choices.json
+listen: setup  ## REPORT=output/reports/<name> [PORT=8000]: serve a report; its blind A/B choices go to choices.json
 	@test -n "$(REPORT)" || { echo "usage: make listen REPORT=output/reports/<name>"; exit 2; }
 	$(PY) -m musicgen_finetune.report_page serve "$(REPORT)" --port $(PORT)
 
