@@ -128,7 +128,7 @@ eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [SEED=0] [
 	$(PY) tools/eval.py --base "$(BASE)" --name "$(NAME)" $(if $(TUNED),--tuned "$(TUNED)") \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(GENERAL),--general "$(GENERAL)") \
 		$(if $(PROMPTS),--prompts "$(PROMPTS)") --duration $(DURATION) --seed $(SEED) --top-k $(TOP_K) \
-		$(if $(CLAP),--clap "$(CLAP)") $(if $(OUT),--out "$(OUT)")
+		$(if $(CLAP),--clap "$(CLAP)") $(if $(T5),--t5 "$(T5)") $(if $(OUT),--out "$(OUT)")
 
 listen: setup  ## REPORT=output/reports/<name> [PORT=8000]: serve a report; its blind A/B choices go to choices.json
 	@test -n "$(REPORT)" || { echo "usage: make listen REPORT=output/reports/<name>"; exit 2; }

@@ -5,8 +5,9 @@
     output/reports/<name>/samples/<model>/, reference/, plots/
 
 For each model (base; full fine-tune TUNED=; LoRA = base + ADAPTER=):
-- cross-entropy and perplexity on the dataset's valid split, the training loss exactly (no other weights needed),
-  and on a second "general" dataset (GENERAL=) to show what was forgotten;
+- cross-entropy and perplexity on the dataset's valid split, computed as training computes its validation loss
+  (same segments, conditions and masking; no other weights needed), and on a second "general" dataset (GENERAL=)
+  to show what was forgotten;
 - audio generated for the same prompts with the same seeds, then: Frechet distance to the reference clips on the
   base model's EnCodec latents (every user has them), style descriptors (tempo against the prompt's bpm, 808 band
   energy, onset density, loudness), and the CLAP text-audio score when CLAP=<local CLAP folder> is given;
@@ -54,23 +55,29 @@ class ModelSpec:
 
 # -- held-out cross-entropy ---------------------------------------------------------------------------------
 
-def valid_dataset(name: str, sample_rate: int, channels: int, split: str = "valid"):
-    """The split as training reads it (AudioCraft's MusicDataset over our manifest, sidecars for the captions),
-    except that each segment is read once, in order: upstream draws files at random even when not shuffling."""
+def manifest_root(name: str, variable: str = "NAME") -> Path:
+    root = manifests_root() / name
+    for path in (root / "valid" / "data.jsonl", root / "dset.yaml"):
+        if not path.is_file():
+            raise EvalError(f"{variable}={name}: {path} does not exist; run "
+                            f"`make manifests DATA=<folder> NAME={name}` first.")
+    return root
+
+
+def valid_dataset(name: str, sample_rate: int, channels: int, variable: str = "NAME"):
+    """The valid split as training reads it (AudioCraft's MusicDataset over our manifest, sidecars for the
+    captions), each segment once, in order, as our solver's validation does."""
     from audiocraft.data.audio_dataset import load_audio_meta
     from audiocraft.data.music_dataset import MusicDataset
     from omegaconf import OmegaConf
-    root = manifests_root() / name
-    manifest = root / split / "data.jsonl"
-    if not manifest.is_file():
-        raise EvalError(f"NAME={name}: {manifest} does not exist; run `make manifests DATA=... NAME={name}` first.")
-    meta = load_audio_meta(manifest)
+    from .solver import read_each_segment_once
+    root = manifest_root(name, variable)
+    meta = load_audio_meta(root / "valid" / "data.jsonl")
     segment = float(OmegaConf.load(root / "dset.yaml").dataset.segment_duration)
     dataset = MusicDataset(meta, segment_duration=segment, shuffle=False, return_info=True,
-                          sample_rate=sample_rate, channels=channels, min_segment_ratio=1.0, pad=True,
-                          num_samples=len(meta))
-    dataset.sample_file = lambda index, rng: dataset.meta[index]  # min_segment_ratio 1: each read from its start
-    return dataset
+                           sample_rate=sample_rate, channels=channels, min_segment_ratio=1.0, pad=True,
+                           num_samples=len(meta))
+    return read_each_segment_once(dataset)
 
 
 @torch.no_grad()
@@ -115,14 +122,17 @@ def encodec_frames(compression, paths: tp.Sequence[Path]) -> np.ndarray:
     """Per-frame latents of the (shared, frozen) EnCodec encoder: the embedding of the Frechet distance."""
     import julius
     device = next(compression.parameters()).device
+    # a stereo MusicGen's codec interleaves channels through a mono EnCodec (InterleaveStereoCompressionModel)
+    inner = compression if hasattr(compression, "encoder") else compression.model
+    encoder, channels = inner.encoder, inner.channels
     frames = []
     for path in paths:
         audio, rate = read_audio(path)
         wav = torch.from_numpy(audio).to(device)
         wav = julius.resample_frac(wav, rate, compression.sample_rate) if rate != compression.sample_rate else wav
-        if wav.shape[0] != compression.channels:
-            wav = wav.mean(0, keepdim=True).expand(compression.channels, -1)
-        latent = compression.encoder(wav[None])  # [1, dim, frames], before quantisation
+        if wav.shape[0] != channels:
+            wav = wav.mean(0, keepdim=True).expand(channels, -1)
+        latent = encoder(wav[None])  # [1, dim, frames], before quantisation
         frames.append(latent[0].T.cpu().numpy())
     return np.concatenate(frames)
 
@@ -188,6 +198,51 @@ def closeness_row(metric: str, key: str, summaries: dict, reference: dict, note:
             "note": f"{note}; reference clips: {target:.3g}" if target is not None else note}
 
 
+def check_inputs(specs: tp.List[ModelSpec], name: str, general: tp.Optional[str], clap: tp.Optional[str],
+                 t5: tp.Optional[str]) -> None:
+    """Everything that can be wrong with the inputs, before minutes of cross-entropy and generation."""
+    from . import lora, patches
+    if len(specs) == 1:
+        raise EvalError("Nothing to compare the base model with: give TUNED=<exported model folder> and/or "
+                        "ADAPTER=<adapters.safetensors>.")
+    manifest_root(name, "NAME")
+    if general:
+        manifest_root(general, "GENERAL")
+    for spec, variable in zip(specs, ("BASE", "TUNED" if specs[1].id == "full" else "ADAPTER", "ADAPTER")):
+        if (spec.folder / "checkpoint.th").is_file() and not (spec.folder / model_dir.LM_FILE).is_file():
+            raise EvalError(f"{variable}={spec.folder} is an experiment folder: export it first "
+                            f"(`make export XP={spec.folder.name}`) and give the exported folder.")
+        model_dir.check(spec.folder, t5)
+        if spec.adapter is None:
+            continue
+        if not spec.adapter.is_file():
+            raise EvalError(f"ADAPTER={spec.adapter} does not exist (make export writes adapters.safetensors "
+                            "for LoRA runs).")
+        saved = json.loads(lora.config_path(spec.adapter).read_text()).get("base_hash")
+        actual = lora.base_model_hash(patches.safe_load(model_dir.lm_file(str(spec.folder)))["best_state"])
+        if saved != actual:
+            raise EvalError(f"ADAPTER={spec.adapter} was trained on another base model than BASE={spec.folder} "
+                            f"(base hash {str(saved)[:16]}, this one {actual[:16]}): give the base it was trained "
+                            "on (its export.json names it).")
+    if clap:
+        config = Path(clap).expanduser() / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        if model_type != "clap":
+            raise EvalError(f"CLAP={clap}: not a transformers CLAP model folder (config.json with model_type "
+                            "'clap', weights and processor files, e.g. a local copy of laion/clap-htsat-unfused).")
+
+
+def keep_previous_choices(out_dir: Path) -> None:
+    """A new report in the same folder: the blind A/B choices made on the previous one are about other audio."""
+    choices = out_dir / "choices.json"
+    if choices.is_file():
+        previous = json.loads((out_dir / "report.json").read_text()).get("created", "previous") \
+            if (out_dir / "report.json").is_file() else "previous"
+        target = out_dir / f"choices-{previous.replace(':', '')}.json"
+        choices.rename(target)
+        print(f"Blind A/B choices of the previous report moved to {target}")
+
+
 def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.Optional[str] = None,
              general: tp.Optional[str] = None, prompts: tp.Optional[str] = None, duration: float = 10.0,
              seed: int = 0, top_k: int = 250, clap: tp.Optional[str] = None, out: tp.Optional[str] = None,
@@ -195,19 +250,17 @@ def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.O
     environment.prepare()
     from . import plots, report_page
     from .bench import machine
-    from .generate import load, write_samples
+    from .generate import check_settings, load, write_samples
     specs = [ModelSpec("base", "base model", Path(base).expanduser().resolve())]
     if tuned:
         specs.append(ModelSpec("full", "fine-tuned", Path(tuned).expanduser().resolve()))
     if adapter:
         specs.append(ModelSpec("lora", "LoRA", specs[0].folder, Path(adapter).expanduser().resolve()))
-    if len(specs) == 1:
-        raise EvalError("Nothing to compare the base model with: give TUNED=<exported model folder> and/or "
-                        "ADAPTER=<adapters.safetensors>.")
-    for spec in specs:
-        model_dir.check(spec.folder, t5)
+    check_inputs(specs, name, general, clap, t5)
+    check_settings(duration, top_k, 0.0, 1.0, 3.0, 1)
     out_dir = Path(out).expanduser().resolve() if out else output_dir() / "reports" / name
     out_dir.mkdir(parents=True, exist_ok=True)
+    keep_previous_choices(out_dir)
     refs = references(name, out_dir)
     texts = read_prompts(prompts, refs)
     notes: tp.List[str] = []
@@ -221,7 +274,7 @@ def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.O
         rate, channels = model.sample_rate, model.audio_channels
         valid_ce[spec.id] = cross_entropy(model, valid_dataset(name, rate, channels))
         if general:
-            general_ce[spec.id] = cross_entropy(model, valid_dataset(general, rate, channels))
+            general_ce[spec.id] = cross_entropy(model, valid_dataset(general, rate, channels, "GENERAL"))
         k = min(top_k, int(model.lm.card))
         _, items = write_samples(model, texts, out_dir / "samples" / spec.id, duration, (seed,), top_k=k,
                                  batch_size=1, progress=progress, loudness_normalize=False)
@@ -249,7 +302,7 @@ def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.O
 
     rows = [{"metric": f"valid cross-entropy ({name})", "better": "lower",
              "values": {m: valid_ce[m]["ce"] for m in ids},
-             "note": f"the training loss, on {valid_ce[ids[0]]['segments']} held-out segments"},
+             "note": f"the validation loss of training, on its {valid_ce[ids[0]]['segments']} held-out segments"},
             {"metric": f"valid perplexity ({name})", "better": "lower",
              "values": {m: valid_ce[m]["ppl"] for m in ids}, "note": "exp(cross-entropy)"}]
     if general:
@@ -306,7 +359,7 @@ def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.O
                     "adapter": str(s.adapter) if s.adapter else None,
                     "xp": (s.run_folder().name if s.run_folder() else None)} for s in specs],
         "prompts": prompt_rows,
-        "settings": {"duration": duration, "seed": seed, "top_k": top_k, "general": general, "clap": clap},
+        "settings": {"duration": duration, "seed": seed, "top_k": k, "general": general, "clap": clap},
         "samples": samples,
         "references": [{k: v for k, v in r.items() if k != "source"} for r in refs if "audio" in r],
         "cross_entropy": {"valid": valid_ce, **({"general": general_ce} if general else {})},

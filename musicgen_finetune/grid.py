@@ -14,7 +14,7 @@ import typing as tp
 from pathlib import Path
 
 from . import environment
-from .launch import LaunchError, dora_command
+from .launch import LaunchError, check_batch, check_device, dora_command
 from .solver import read_done
 
 
@@ -55,6 +55,9 @@ def run(name: str, multi_gpu: bool = False) -> tp.List[str]:
     environment.prepare()
     explorer = load_explorer(name)
     sheeps = list_experiments(name, explorer)
+    for sheep in sheeps:  # here they run on this machine: its devices must do
+        check_device(sheep.xp.cfg)
+        check_batch(sheep.xp.cfg, multi_gpu)
     print(f"Grid {name}: {len(sheeps)} experiments in {sheeps[0].xp.folder.parent if sheeps else '-'}", flush=True)
     failed = []
     for index, sheep in enumerate(sheeps):

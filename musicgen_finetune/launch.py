@@ -71,8 +71,9 @@ def check_batch(cfg, multi_gpu: bool) -> None:
 
 
 def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
-         extra: tp.Sequence[str] = ()) -> tp.Tuple[tp.List[str], tp.Any]:
-    """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config)."""
+         extra: tp.Sequence[str] = (), device_check: bool = True) -> tp.Tuple[tp.List[str], tp.Any]:
+    """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config).
+    `device_check=False` where the run happens elsewhere (a grid listed on a Slurm login node)."""
     environment.prepare()
     check_preset(preset)
     files = model_dir.check(model, t5)
@@ -81,7 +82,8 @@ def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAU
     composed = main.get_xp([*base, *extra]).cfg
     overrides = [*base, *model_dir.architecture_overrides(files.xp_cfg, composed), *extra]
     xp = main.get_xp(overrides)
-    check_device(xp.cfg)
+    if device_check:
+        check_device(xp.cfg)
     print(f"Model: {files.describe()}")
     return overrides, xp
 

@@ -198,12 +198,17 @@ def _sections(cfg: DictConfig) -> dict:
             for s in ARCHITECTURE_SECTIONS if s in cfg}
 
 
+# Keys of the architecture sections that say how to run the model, not what it is: the preset decides them.
+RUNTIME_KEYS = ("transformer_lm.checkpointing", "transformer_lm.memory_efficient",
+                "transformer_lm.attention_as_float32")
+
+
 def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.List[str]:
     """`key=value` overrides that give the run's config the snapshot's architecture, where they differ."""
     run_leaves = dict(leaves(_sections(run_cfg), ""))
     overrides = []
     for key, value in leaves(_sections(snapshot_cfg), ""):
-        if key.endswith("t5.name") or key not in run_leaves or value == {}:
+        if key.endswith("t5.name") or key not in run_leaves or value == {} or key in RUNTIME_KEYS:
             continue  # the T5 path is set separately; keys this AudioCraft has no more are irrelevant
         if run_leaves[key] != value:
             overrides.append(f"{key}={hydra_value(value)}")

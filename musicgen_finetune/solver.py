@@ -20,6 +20,8 @@ import flashy
 import torch
 from audiocraft import models
 from audiocraft.data.audio_dataset import load_audio_meta
+from audiocraft.data.music_dataset import MusicDataset
+from audiocraft.utils.utils import get_dataset_from_loader
 from audiocraft.solvers import builders
 from audiocraft.solvers.musicgen import MusicGenSolver
 from dora import git_save
@@ -53,6 +55,20 @@ def count_segments(split_path: str) -> int:
     elif not path.exists():
         raise FileNotFoundError(f"manifest {path} does not exist: run `make manifests` for this dataset first.")
     return len(load_audio_meta(path))
+
+
+class SegmentOnceMusicDataset(MusicDataset):
+    """Reads segment `index` for index `index`: upstream's AudioDataset draws a random file for every index, even
+    unshuffled (audio_dataset.py `sample_file`), so its validation covers some segments twice and others never."""
+
+    def sample_file(self, index: int, rng: torch.Generator):
+        return self.meta[index % len(self.meta)]
+
+
+def read_each_segment_once(dataset: MusicDataset) -> MusicDataset:
+    """Our segments are pre-cut: validate on each exactly once (a class, not a lambda: workers pickle it)."""
+    dataset.__class__ = SegmentOnceMusicDataset
+    return dataset
 
 
 DONE_FILE = "done.json"
@@ -140,6 +156,9 @@ class FinetuneSolver(MusicGenSolver):
                 self.logger.info("Dataset %s: %d segments per epoch (%s)",
                                  split, self.cfg.dataset[split].num_samples, path)
         super().build_dataloaders()
+        valid = get_dataset_from_loader(self.dataloaders["valid"])
+        if isinstance(valid, MusicDataset) and self.cfg.dataset.get("min_segment_ratio", 0) >= 1.0:
+            read_each_segment_once(valid)
 
     def fit_warmup_to_run(self) -> None:
         """Upstream's cosine schedule divides by (total - warmup) updates (optim/cosine_lr_scheduler.py:38): a small
@@ -350,7 +369,8 @@ class FinetuneSolver(MusicGenSolver):
         if self.stop_reason is None and self.epoch > self.cfg.optim.epochs:
             self.stop_reason = "completed"  # the loop ran out without asking (last epoch just committed)
         if self.stop_reason and flashy.distrib.is_rank_zero():
-            write_done(self.folder, self.stop_reason, self.history, self.cfg.get("early_stop", {}).get("metric", "ce"))
+            metric = (self.cfg.get("early_stop") or {}).get("metric", "ce")
+            write_done(self.folder, self.stop_reason, self.history, metric)
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
         if not self.is_training or self.grad_accum_steps == 1:

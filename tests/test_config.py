@@ -131,3 +131,13 @@ def test_low_memory_presets_checkpoint_activations(preset, micro_batch):
     assert cfg.transformer_lm.checkpointing == "torch"
     assert cfg.dataset.batch_size // cfg.optim.grad_accum_steps == micro_batch
     assert cfg.lora.enabled == preset.endswith("_lora")
+
+
+def test_snapshot_does_not_undo_the_presets_runtime_choices(tiny_model):
+    """The snapshot's xp.cfg says checkpointing: none (how it was trained); the _lowmem preset's choice stands."""
+    files = model_dir.check(tiny_model)
+    assert files.xp_cfg.transformer_lm.checkpointing == "none"
+    composed = compose(["solver=finetune/musicgen_small_lowmem"])
+    overrides = model_dir.architecture_overrides(files.xp_cfg, composed)
+    assert overrides and not [o for o in overrides if o.startswith("transformer_lm.checkpointing")]
+    assert compose(["solver=finetune/musicgen_small_lowmem", *overrides]).transformer_lm.checkpointing == "torch"

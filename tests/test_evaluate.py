@@ -62,6 +62,31 @@ def test_fine_tuning_lowers_the_808_cross_entropy(evaluated):
     assert general["base"]["ce"] < report["cross_entropy"]["valid"]["base"]["ce"]
 
 
+def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model):
+    """Eval and training read the same valid segments, each once; training averages per batch, eval per token."""
+    _, report = evaluated
+    export = json.loads((tuned_model[0] / "export.json").read_text())
+    assert math.isclose(report["cross_entropy"]["valid"]["full"]["ce"], export["valid_ce"], abs_tol=0.02)
+
+
+def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_model, tiny_model):
+    def run(*args):
+        return run_tool(["tools/eval.py", "--base", str(general_model), "--name", DATASET, *args], workdir)
+    missing = run("--tuned", str(tuned_model[0]), "--general", "no-such-set")
+    assert missing.returncode != 0 and "GENERAL=no-such-set" in missing.stderr and "make manifests" in missing.stderr
+    experiment = run("--tuned", str(tuned_model[1]))
+    assert "is an experiment folder" in experiment.stderr and f"make export XP={tuned_model[1].name}" in experiment.stderr
+    lora_on_other_base = workdir / "lora-other-base.safetensors"
+    from musicgen_finetune import lora
+    from musicgen_finetune.generate import load
+    model = load(tiny_model)  # adapters saved against the random tiny model, not the general base
+    lora.inject(model.lm, lora.LoraConfig(enabled=True, rank=2, alpha=4))
+    lora.save_adapters(model.lm, lora_on_other_base, lora.LoraConfig(enabled=True, rank=2, alpha=4))
+    mismatch = run("--adapter", str(lora_on_other_base))
+    assert "trained on another base model" in mismatch.stderr
+    assert not (workdir / "output" / "reports" / DATASET).exists()  # nothing written for a refused run
+
+
 def test_same_prompts_and_seeds_for_every_model(evaluated):
     out, report = evaluated
     by_model = {}

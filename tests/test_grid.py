@@ -41,3 +41,16 @@ def test_grid_names_what_is_missing(workdir):
     assert result.returncode != 0 and "set both" in result.stderr
     unknown = run_tool(["tools/grid.py", "no_such_grid"], workdir)
     assert "GRID=no_such_grid" in unknown.stderr and "full_vs_lora" in unknown.stderr
+
+
+def test_grid_lists_on_a_machine_without_gpu_but_runs_only_where_it_can(workdir, tiny_model, dataset):
+    """`dora grid` lists a GPU grid on a Slurm login node (no GPU); `make grid` here refuses it before running."""
+    env = {"MODEL": str(tiny_model), "NAME": DATASET, "PRESET": "finetune/musicgen_small"}
+    listed = run_tool(["-c", "from musicgen_finetune import environment; environment.prepare()\n"
+                             "from musicgen_finetune.grids.full_vs_lora import explorer\n"
+                             "from musicgen_finetune.grid import list_experiments\n"
+                             "print(len(list_experiments('full_vs_lora', explorer)), 'experiments')"],
+                      workdir, extra_env=env)
+    assert listed.returncode == 0 and "2 experiments" in listed.stdout, listed.stderr[-2000:]
+    local = run_tool(["tools/grid.py", "full_vs_lora"], workdir, extra_env=env)
+    assert local.returncode != 0 and "CUDA GPU" in local.stderr and "Running:" not in local.stdout

@@ -6,7 +6,7 @@ import sys
 from musicgen_finetune import environment
 
 environment.prepare()
-from musicgen_finetune import evaluate, generate, lora, model_dir  # noqa: E402
+from musicgen_finetune import evaluate, generate, lora, metrics, model_dir  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--base", required=True, help="the model fine-tuning started from")
@@ -27,7 +27,7 @@ try:
                             opts.duration, opts.seed, opts.top_k, opts.clap, opts.out, opts.t5,
                             progress=sys.stderr.isatty())
 except (evaluate.EvalError, generate.GenerationError, model_dir.ModelDirError, lora.AdapterMismatchError,
-        FileNotFoundError) as err:
+        metrics.ClapFolderError, FileNotFoundError) as err:
     sys.exit(f"error: {err}")
 print(f"Report: {out / 'index.html'} (numbers in {out / 'report.json'})\n"
       f"Blind A/B test with choices saved to {out / 'choices.json'}: make listen REPORT={out}")

@@ -12,5 +12,7 @@ def base_overrides(lora: bool = False) -> tp.List[str]:
         raise LaunchError("A grid fine-tunes MODEL on dataset NAME: set both, e.g. "
                           "`make grid GRID=full_vs_lora MODEL=/path/to/musicgen-small NAME=my808`.")
     preset = os.environ.get("PRESET") or DEFAULT_PRESET
-    overrides, _ = plan(model, name, os.environ.get("T5") or None, preset + "_lora" if lora else preset)
+    # no device check here: `dora grid` lists experiments on a login node; they run on GPU nodes
+    overrides, _ = plan(model, name, os.environ.get("T5") or None, preset + "_lora" if lora else preset,
+                        device_check=False)
     return overrides
