@@ -75,7 +75,8 @@ def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_m
     missing = run("--tuned", str(tuned_model[0]), "--general", "no-such-set")
     assert missing.returncode != 0 and "GENERAL=no-such-set" in missing.stderr and "make manifests" in missing.stderr
     experiment = run("--tuned", str(tuned_model[1]))
-    assert "is an experiment folder" in experiment.stderr and f"make export XP={tuned_model[1].name}" in experiment.stderr
+    assert "is an experiment folder" in experiment.stderr
+    assert f"make export XP={tuned_model[1].name}" in experiment.stderr
     lora_on_other_base = workdir / "lora-other-base.safetensors"
     from musicgen_finetune import lora
     from musicgen_finetune.generate import load
