@@ -65,17 +65,63 @@ def _plain_cfg(cfg) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
 
 
-def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebooks: int) -> None:
-    """A small SEANet EnCodec at 32 kHz and 50 Hz (musicgen-small's rates), its codebooks initialised by k-means."""
+def read_clips(folders: tp.Sequence[Path], sample_rate: int, seconds: float) -> torch.Tensor:
+    """Every wav below `folders` as mono at `sample_rate`, cut or padded to `seconds`: [N, 1, T]."""
+    import soundfile as sf
+    from audiocraft.data.audio_utils import convert_audio
+    length = int(sample_rate * seconds)
+    clips = []
+    for path in sorted(p for folder in folders for p in Path(folder).rglob("*.wav")):
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        wav = convert_audio(torch.from_numpy(audio.T), rate, sample_rate, 1)[:, :length]
+        clips.append(torch.nn.functional.pad(wav, (0, length - wav.shape[-1])))
+    if not clips:
+        raise FileNotFoundError(f"no .wav under {', '.join(map(str, folders))} to train the tiny codec on.")
+    return torch.stack(clips)
+
+
+def train_codec(model, clips: torch.Tensor, steps: int, seed: int, segment: int = 8000) -> float:
+    """A short reconstruction training (multi-resolution STFT + L1 + commitment; no adversary): enough for the
+    codec to keep a clip's coarse spectrum, so that generated audio shows the style its tokens carry (an 808's
+    sub-bass against chiptune's square waves), not to sound good. Returns the last loss."""
+    from audiocraft.losses import MRSTFTLoss
+    generator = torch.Generator().manual_seed(seed)
+    spectral = MRSTFTLoss(factor_sc=1.0, factor_mag=1.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss = torch.zeros([])
+    for _ in range(steps):
+        index = torch.randint(len(clips), (8,), generator=generator)
+        start = int(torch.randint(0, clips.shape[-1] - segment + 1, (), generator=generator))
+        batch = clips[index, :, start:start + segment]
+        result = model(batch)
+        loss = spectral(result.x, batch) + 0.1 * (result.x - batch).abs().mean() + result.penalty
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss)
+
+
+def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebooks: int,
+                            codec_data: tp.Sequence[Path] = (), codec_steps: int = 600) -> None:
+    """A small SEANet EnCodec at 32 kHz and 50 Hz (musicgen-small's rates), its codebooks initialised by k-means;
+    random, or briefly trained on the wavs of `codec_data` (the demo's, so that its audio carries the styles)."""
     from audiocraft.models import builders
-    cfg = compose(["solver=compression/encodec_musicgen_32khz", "device=cpu", "seanet.n_filters=4",
-                   "seanet.dimension=16", "seanet.lstm=0", f"rvq.bins={codebook_size}", f"rvq.n_q={num_codebooks}",
+    filters, dimension = (8, 64) if codec_data else (4, 16)  # trained: enough width to tell the styles apart
+    cfg = compose(["solver=compression/encodec_musicgen_32khz", "device=cpu", f"seanet.n_filters={filters}",
+                   f"seanet.dimension={dimension}", "seanet.lstm=0", f"rvq.bins={codebook_size}", f"rvq.n_q={num_codebooks}",
                    "rvq.kmeans_iters=5"])
     torch.manual_seed(seed)
     model = builders.get_compression_model(cfg)
     model.train()
-    with torch.no_grad():  # first forward initialises the codebooks from data (k-means), as in training
-        model(torch.randn(4, 1, 32000) * 0.1)
+    if codec_data:
+        clips = read_clips(codec_data, model.sample_rate, seconds=3.0)
+        print(f"Training the tiny codec on {len(clips)} clips for {codec_steps} steps ...", flush=True)
+        with torch.no_grad():  # first forward initialises the codebooks from data (k-means), as in training
+            model(clips[:16])
+        print(f"  reconstruction loss {train_codec(model, clips, codec_steps, seed):.3f}", flush=True)
+    else:
+        with torch.no_grad():
+            model(torch.randn(4, 1, 32000) * 0.1)
     model.eval()
     torch.save({"xp.cfg": _plain_cfg(cfg), "best_state": model.state_dict()}, out / model_dir.COMPRESSION_FILE)
 
@@ -100,16 +146,21 @@ def write_lm(out: Path, seed: int, codebook_size: int, num_codebooks: int, t5_di
 
 
 def write_tiny_model(out: tp.Union[str, Path], seed: int = 0, codebook_size: int = 64,
-                     num_codebooks: int = 4) -> Path:
-    """Write the whole snapshot folder (replacing `out` only once it is complete)."""
+                     num_codebooks: int = 4, codec_data: tp.Sequence[tp.Union[str, Path]] = (),
+                     codec_steps: int = 600) -> Path:
+    """Write the whole snapshot folder (replacing `out` only once it is complete). With `codec_data`, its codec
+    is trained briefly on those folders' wavs (about a minute on a CPU); otherwise every weight is random."""
     out = Path(out).resolve()
     with replaced_when_complete(out) as staging:
         t5_dir = write_t5(staging / model_dir.T5_SUBDIR, seed)
-        write_compression_model(staging, seed, codebook_size, num_codebooks)
+        write_compression_model(staging, seed, codebook_size, num_codebooks, [Path(d) for d in codec_data],
+                                codec_steps)
         write_lm(staging, seed, codebook_size, num_codebooks, t5_dir)
         (staging / "README.md").write_text(
             "A tiny random-initialised MusicGen written by `musicgen_finetune.tiny_model` for demos and tests.\n"
             "Same layout as facebook/musicgen-small; it makes noise, not music.\n")
         (staging / "tiny_model.json").write_text(json.dumps(
-            {"seed": seed, "codebook_size": codebook_size, "num_codebooks": num_codebooks}, indent=2) + "\n")
+            {"seed": seed, "codebook_size": codebook_size, "num_codebooks": num_codebooks,
+             "codec_trained_on": [str(Path(d).resolve()) for d in codec_data],
+             "codec_steps": codec_steps if codec_data else 0}, indent=2) + "\n")
     return out
