@@ -106,7 +106,8 @@ def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebo
     """A small SEANet EnCodec at 32 kHz and 50 Hz (musicgen-small's rates), its codebooks initialised by k-means;
     random, or briefly trained on the wavs of `codec_data` (the demo's, so that its audio carries the styles)."""
     from audiocraft.models import builders
-    filters, dimension = (8, 64) if codec_data else (4, 16)  # trained: enough width to tell the styles apart
+    # trained: wide enough to tell the styles apart; random: as small as possible
+    filters, dimension = (8, 64) if codec_data else (4, 16)
     cfg = compose(["solver=compression/encodec_musicgen_32khz", "device=cpu", f"seanet.n_filters={filters}",
                    f"seanet.dimension={dimension}", "seanet.lstm=0", f"rvq.bins={codebook_size}", f"rvq.n_q={num_codebooks}",
                    "rvq.kmeans_iters=5"])
