@@ -109,8 +109,8 @@ def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebo
     # trained: wide enough to tell the styles apart; random: as small as possible
     filters, dimension = (8, 64) if codec_data else (4, 16)
     cfg = compose(["solver=compression/encodec_musicgen_32khz", "device=cpu", f"seanet.n_filters={filters}",
-                   f"seanet.dimension={dimension}", "seanet.lstm=0", f"rvq.bins={codebook_size}", f"rvq.n_q={num_codebooks}",
-                   "rvq.kmeans_iters=5"])
+                   f"seanet.dimension={dimension}", "seanet.lstm=0", f"rvq.bins={codebook_size}",
+                   f"rvq.n_q={num_codebooks}", "rvq.kmeans_iters=5"])
     torch.manual_seed(seed)
     model = builders.get_compression_model(cfg)
     model.train()

@@ -95,21 +95,25 @@ def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model
 
 
 def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_model, tiny_model):
-    def run(*args):
-        return run_tool(["tools/eval.py", "--base", str(general_model), "--name", DATASET, *args], workdir)
-    missing = run("--tuned", str(tuned_model[0]), "--general", "no-such-set")
-    assert missing.returncode != 0 and "GENERAL=no-such-set" in missing.stderr and "make manifests" in missing.stderr
-    experiment = run("--tuned", str(tuned_model[1]))
-    assert "is an experiment folder" in experiment.stderr
-    assert f"make export XP={tuned_model[1].name}" in experiment.stderr
-    lora_on_other_base = workdir / "lora-other-base.safetensors"
     from musicgen_finetune import lora
+    from musicgen_finetune.evaluate import EvalError, evaluate
     from musicgen_finetune.generate import load
-    model = load(tiny_model)  # adapters saved against the random tiny model, not the general base
+
+    def refusal(**kwargs) -> str:
+        with pytest.raises(EvalError) as error:
+            evaluate(str(general_model), DATASET, **kwargs)
+        return str(error.value)
+    missing = refusal(tuned=str(tuned_model[0]), general="no-such-set")
+    assert "GENERAL=no-such-set" in missing and "make manifests" in missing
+    experiment = refusal(tuned=str(tuned_model[1]))
+    assert "is an experiment folder" in experiment and f"make export XP={tuned_model[1].name}" in experiment
+    lora_on_other_base = workdir / "lora-other-base.safetensors"
+    model = load(tiny_model, device="cpu")  # adapters saved against the random tiny model, not the general base
     lora.inject(model.lm, lora.LoraConfig(enabled=True, rank=2, alpha=4))
     lora.save_adapters(model.lm, lora_on_other_base, lora.LoraConfig(enabled=True, rank=2, alpha=4))
-    mismatch = run("--adapter", str(lora_on_other_base))
-    assert "trained on another base model" in mismatch.stderr
+    assert "trained on another base model" in refusal(adapter=str(lora_on_other_base))
+    assert "DURATION=0" in str(pytest.raises(Exception, evaluate, str(general_model), DATASET,
+                                             tuned=str(tuned_model[0]), duration=0).value)
     assert not (workdir / "output" / "reports" / DATASET).exists()  # nothing written for a refused run
 
 

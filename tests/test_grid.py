@@ -38,11 +38,16 @@ def test_grid_runs_each_experiment_once_and_tables_both(first_run, workdir, tiny
     assert table_rows(again.stdout) == rows
 
 
-def test_grid_names_what_is_missing(workdir):
-    result = run_tool(["tools/grid.py", "full_vs_lora"], workdir, extra_env={"MODEL": "", "NAME": ""})
-    assert result.returncode != 0 and "set both" in result.stderr
-    unknown = run_tool(["tools/grid.py", "no_such_grid"], workdir)
-    assert "GRID=no_such_grid" in unknown.stderr and "full_vs_lora" in unknown.stderr
+def test_grid_names_what_is_missing(monkeypatch):
+    import pytest
+    from musicgen_finetune import grid
+    from musicgen_finetune.launch import LaunchError
+    monkeypatch.setenv("MODEL", "")
+    monkeypatch.setenv("NAME", "")
+    with pytest.raises(LaunchError, match="set both"):
+        grid.run("full_vs_lora")
+    with pytest.raises(LaunchError, match="GRID=no_such_grid.*full_vs_lora"):
+        grid.run("no_such_grid")
 
 
 def test_grid_lists_on_a_machine_without_gpu_but_runs_only_where_it_can(workdir, tiny_model, dataset, monkeypatch):
