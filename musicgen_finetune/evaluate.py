@@ -16,6 +16,7 @@ For each model (base; full fine-tune TUNED=; LoRA = base + ADAPTER=):
 import datetime
 import json
 import math
+import shutil
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import torch
 from . import environment, metrics, model_dir, output_dir
 from .data import manifests_root
 from .export import find_experiment
+from .files import replaced_when_complete
 
 REFERENCE_CLIPS = 8       # reference clips on the page (all valid clips count in the Frechet distance)
 DEFAULT_PROMPTS = 4       # without PROMPTS=, this many captions of the valid split
@@ -146,7 +148,6 @@ def describe(path: Path) -> dict:
 
 def references(name: str, out: Path, limit: int = REFERENCE_CLIPS) -> tp.List[dict]:
     """The valid split's clips, with captions; the first `limit` are copied next to the page to listen to."""
-    import shutil
     manifest = manifests_root() / name / "valid" / "data.jsonl"
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line.strip()]
     clips = []
@@ -232,15 +233,18 @@ def check_inputs(specs: tp.List[ModelSpec], name: str, general: tp.Optional[str]
                             "'clap', weights and processor files, e.g. a local copy of laion/clap-htsat-unfused).")
 
 
-def keep_previous_choices(out_dir: Path) -> None:
-    """A new report in the same folder: the blind A/B choices made on the previous one are about other audio."""
-    choices = out_dir / "choices.json"
+def keep_previous_choices(previous: Path, new: Path) -> None:
+    """A new report replacing `previous`: the blind A/B choices made on it are about other audio, so they move
+    to `choices-<its date>.json` (earlier ones are kept too)."""
+    for kept in previous.glob("choices-*.json"):
+        shutil.copyfile(kept, new / kept.name)
+    choices = previous / "choices.json"
     if choices.is_file():
-        previous = json.loads((out_dir / "report.json").read_text()).get("created", "previous") \
-            if (out_dir / "report.json").is_file() else "previous"
-        target = out_dir / f"choices-{previous.replace(':', '')}.json"
-        choices.rename(target)
-        print(f"Blind A/B choices of the previous report moved to {target}")
+        report = previous / "report.json"
+        created = json.loads(report.read_text()).get("created", "previous") if report.is_file() else "previous"
+        target = new / f"choices-{created.replace(':', '')}.json"
+        shutil.copyfile(choices, target)
+        print(f"Blind A/B choices of the previous report kept as {target.name}")
 
 
 def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.Optional[str] = None,
@@ -258,117 +262,119 @@ def evaluate(base: str, name: str, tuned: tp.Optional[str] = None, adapter: tp.O
         specs.append(ModelSpec("lora", "LoRA", specs[0].folder, Path(adapter).expanduser().resolve()))
     check_inputs(specs, name, general, clap, t5)
     check_settings(duration, top_k, 0.0, 1.0, 3.0, 1)
-    out_dir = Path(out).expanduser().resolve() if out else output_dir() / "reports" / name
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keep_previous_choices(out_dir)
-    refs = references(name, out_dir)
-    texts = read_prompts(prompts, refs)
-    notes: tp.List[str] = []
+    final = Path(out).expanduser().resolve() if out else output_dir() / "reports" / name
+    with replaced_when_complete(final) as out_dir:  # an interrupted or failed run leaves the old report
+        keep_previous_choices(final, out_dir)
+        refs = references(name, out_dir)
+        texts = read_prompts(prompts, refs)
+        notes: tp.List[str] = []
 
-    valid_ce, general_ce, samples = {}, {}, []
-    reference_frames = None
-    frames: tp.Dict[str, np.ndarray] = {}
-    for spec in specs:
-        print(f"[{spec.id}] {spec.folder}{' + ' + str(spec.adapter) if spec.adapter else ''}", flush=True)
-        model = load(spec.folder, spec.adapter, t5=t5)
-        rate, channels = model.sample_rate, model.audio_channels
-        valid_ce[spec.id] = cross_entropy(model, valid_dataset(name, rate, channels))
+        valid_ce, general_ce, samples = {}, {}, []
+        reference_frames = None
+        frames: tp.Dict[str, np.ndarray] = {}
+        for spec in specs:
+            print(f"[{spec.id}] {spec.folder}{' + ' + str(spec.adapter) if spec.adapter else ''}", flush=True)
+            model = load(spec.folder, spec.adapter, t5=t5)
+            rate, channels = model.sample_rate, model.audio_channels
+            valid_ce[spec.id] = cross_entropy(model, valid_dataset(name, rate, channels))
+            if general:
+                general_ce[spec.id] = cross_entropy(model, valid_dataset(general, rate, channels, "GENERAL"))
+            k = min(top_k, int(model.lm.card))
+            _, items = write_samples(model, texts, out_dir / "samples" / spec.id, duration, (seed,), top_k=k,
+                                     batch_size=1, progress=progress, loudness_normalize=False)
+            for item in items:
+                path = out_dir / "samples" / spec.id / item["file"]
+                samples.append({"prompt": item["index"], "model": spec.id, "path": path,
+                                "audio": path.relative_to(out_dir).as_posix(), "descriptors": describe(path)})
+            if reference_frames is None:  # one embedding space for all: the base model's EnCodec
+                compression = model.compression_model
+                reference_frames = encodec_frames(compression, [Path(r["source"]) for r in refs])
+            frames[spec.id] = encodec_frames(compression, [s["path"] for s in samples if s["model"] == spec.id])
+            del model
+
+        prompt_rows = [{"text": text, "seed": seed, "bpm": metrics.bpm_from_text(text)} for text in texts]
+        for sample in samples:
+            target = prompt_rows[sample["prompt"]]["bpm"]
+            tempo = sample["descriptors"].get("tempo_bpm")
+            sample["descriptors"]["tempo_error"] = metrics.tempo_error(tempo, target) if target and tempo else None
+        for ref in refs:
+            ref["descriptors"] = describe(Path(ref["source"]))
+        reference_summary = metrics.summarize([r["descriptors"] for r in refs])
+        summaries = {spec.id: metrics.summarize([s["descriptors"] for s in samples if s["model"] == spec.id])
+                     for spec in specs}
+        ids = [spec.id for spec in specs]
+
+        rows = [{"metric": f"valid cross-entropy ({name})", "better": "lower",
+                 "values": {m: valid_ce[m]["ce"] for m in ids},
+                 "note": f"the validation loss of training, on its {valid_ce[ids[0]]['segments']} held-out segments"},
+                {"metric": f"valid perplexity ({name})", "better": "lower",
+                 "values": {m: valid_ce[m]["ppl"] for m in ids}, "note": "exp(cross-entropy)"}]
         if general:
-            general_ce[spec.id] = cross_entropy(model, valid_dataset(general, rate, channels, "GENERAL"))
-        k = min(top_k, int(model.lm.card))
-        _, items = write_samples(model, texts, out_dir / "samples" / spec.id, duration, (seed,), top_k=k,
-                                 batch_size=1, progress=progress, loudness_normalize=False)
-        for item in items:
-            path = out_dir / "samples" / spec.id / item["file"]
-            samples.append({"prompt": item["index"], "model": spec.id, "path": path,
-                            "audio": path.relative_to(out_dir).as_posix(), "descriptors": describe(path)})
-        if reference_frames is None:  # one embedding space for all: the base model's EnCodec
-            compression = model.compression_model
-            reference_frames = encodec_frames(compression, [Path(r["source"]) for r in refs])
-        frames[spec.id] = encodec_frames(compression, [s["path"] for s in samples if s["model"] == spec.id])
-        del model
+            rows.append({"metric": f"cross-entropy on {general} (general)", "better": "lower",
+                         "values": {m: general_ce[m]["ce"] for m in ids},
+                         "note": "what the base could do; a rise is what fine-tuning forgot"})
+        else:
+            notes.append("No GENERAL=<dataset>: the cross-entropy on a general set (what was forgotten) is not "
+                         "measured.")
+        rows.append({"metric": "Frechet distance to reference (EnCodec latents)", "better": "lower",
+                     "values": {m: metrics.frechet_distance(frames[m], reference_frames) for m in ids},
+                     "note": f"per-frame latents of the base model's EnCodec; {len(refs)} reference clips, "
+                             f"{len(texts)} generated per model (few clips: compare models, not absolute values)"})
+        rows.append({"metric": "tempo error vs prompt bpm", "better": "lower",
+                     "values": {m: mean_of(summaries[m], "tempo_error") for m in ids},
+                     "note": "relative, half/double tempo forgiven; prompts without a bpm are left out"})
+        rows.append(closeness_row("low-frequency (808) energy ratio", "low_freq_ratio", summaries, reference_summary,
+                                  f"energy below {metrics.LOW_FREQ_HZ} Hz over all"))
+        rows.append(closeness_row("onset density (per s)", "onset_density", summaries, reference_summary,
+                                  "drum hits per second"))
+        rows.append(closeness_row("loudness (LUFS)", "loudness_lufs", summaries, reference_summary,
+                                  "integrated loudness of the raw output"))
+        if clap:
+            scores = {}
+            for spec_id in ids:
+                mine = [s for s in samples if s["model"] == spec_id]
+                clips = [read_audio(s["path"]) for s in mine]
+                values = metrics.clap_scores(Path(clap), [c[0] for c in clips], clips[0][1],
+                                             [texts[s["prompt"]] for s in mine])
+                scores[spec_id] = float(np.mean(values))
+            rows.append({"metric": "CLAP text-audio score", "better": "higher", "values": scores,
+                         "note": f"cosine similarity, CLAP from {clap}"})
+        else:
+            notes.append("CLAP text-audio score skipped: give CLAP=<local folder of a transformers CLAP model, e.g. "
+                         "laion/clap-htsat-unfused> to compute it.")
+        notes.append("VGGish FAD skipped: it needs the VGGish weights (TensorFlow), which are not installed; the "
+                     "Frechet distance on EnCodec latents above is computed the same way on embeddings you "
+                     "already have.")
 
-    prompt_rows = [{"text": text, "seed": seed, "bpm": metrics.bpm_from_text(text)} for text in texts]
-    for sample in samples:
-        target = prompt_rows[sample["prompt"]]["bpm"]
-        tempo = sample["descriptors"].get("tempo_bpm")
-        sample["descriptors"]["tempo_error"] = metrics.tempo_error(tempo, target) if target and tempo else None
-    for ref in refs:
-        ref["descriptors"] = describe(Path(ref["source"]))
-    reference_summary = metrics.summarize([r["descriptors"] for r in refs])
-    summaries = {spec.id: metrics.summarize([s["descriptors"] for s in samples if s["model"] == spec.id])
-                 for spec in specs}
-    ids = [spec.id for spec in specs]
+        runs = [run for run in (run_history(spec) for spec in specs) if run]
+        plot_files = {}
+        loss_png = plots.loss_curves(runs, out_dir / "plots" / "loss.png") if runs else None
+        if loss_png:
+            plot_files["loss"] = Path(loss_png).relative_to(out_dir).as_posix()
+        for sample in samples:
+            png = out_dir / "plots" / f"{sample['model']}_{sample['prompt']:03d}.png"
+            sample["spectrogram"] = plots.spectrogram(sample.pop("path"), png).relative_to(out_dir).as_posix()
+        for index, ref in enumerate(r for r in refs if "audio" in r):
+            png = out_dir / "plots" / f"reference_{index:03d}.png"
+            ref["spectrogram"] = plots.spectrogram(out_dir / ref["audio"], png).relative_to(out_dir).as_posix()
 
-    rows = [{"metric": f"valid cross-entropy ({name})", "better": "lower",
-             "values": {m: valid_ce[m]["ce"] for m in ids},
-             "note": f"the validation loss of training, on its {valid_ce[ids[0]]['segments']} held-out segments"},
-            {"metric": f"valid perplexity ({name})", "better": "lower",
-             "values": {m: valid_ce[m]["ppl"] for m in ids}, "note": "exp(cross-entropy)"}]
-    if general:
-        rows.append({"metric": f"cross-entropy on {general} (general)", "better": "lower",
-                     "values": {m: general_ce[m]["ce"] for m in ids},
-                     "note": "what the base could do; a rise is what fine-tuning forgot"})
-    else:
-        notes.append("No GENERAL=<dataset>: the cross-entropy on a general set (what was forgotten) is not measured.")
-    rows.append({"metric": "Frechet distance to reference (EnCodec latents)", "better": "lower",
-                 "values": {m: metrics.frechet_distance(frames[m], reference_frames) for m in ids},
-                 "note": f"per-frame latents of the base model's EnCodec; {len(refs)} reference clips, "
-                         f"{len(texts)} generated per model (few clips: compare models, not absolute values)"})
-    rows.append({"metric": "tempo error vs prompt bpm", "better": "lower",
-                 "values": {m: mean_of(summaries[m], "tempo_error") for m in ids},
-                 "note": "relative, half/double tempo forgiven; prompts without a bpm are left out"})
-    rows.append(closeness_row("low-frequency (808) energy ratio", "low_freq_ratio", summaries, reference_summary,
-                              f"energy below {metrics.LOW_FREQ_HZ} Hz over all"))
-    rows.append(closeness_row("onset density (per s)", "onset_density", summaries, reference_summary,
-                              "drum hits per second"))
-    rows.append(closeness_row("loudness (LUFS)", "loudness_lufs", summaries, reference_summary,
-                              "integrated loudness of the raw output"))
-    if clap:
-        scores = {}
-        for spec_id in ids:
-            mine = [s for s in samples if s["model"] == spec_id]
-            clips = [read_audio(s["path"]) for s in mine]
-            values = metrics.clap_scores(Path(clap), [c[0] for c in clips], clips[0][1],
-                                         [texts[s["prompt"]] for s in mine])
-            scores[spec_id] = float(np.mean(values))
-        rows.append({"metric": "CLAP text-audio score", "better": "higher", "values": scores,
-                     "note": f"cosine similarity, CLAP from {clap}"})
-    else:
-        notes.append("CLAP text-audio score skipped: give CLAP=<local folder of a transformers CLAP model, e.g. "
-                     "laion/clap-htsat-unfused> to compute it.")
-    notes.append("VGGish FAD skipped: it needs the VGGish weights (TensorFlow), which are not installed; the "
-                 "Frechet distance on EnCodec latents above is computed the same way on embeddings you already have.")
-
-    runs = [run for run in (run_history(spec) for spec in specs) if run]
-    plot_files = {}
-    loss_png = plots.loss_curves(runs, out_dir / "plots" / "loss.png") if runs else None
-    if loss_png:
-        plot_files["loss"] = Path(loss_png).relative_to(out_dir).as_posix()
-    for sample in samples:
-        png = out_dir / "plots" / f"{sample['model']}_{sample['prompt']:03d}.png"
-        sample["spectrogram"] = plots.spectrogram(sample.pop("path"), png).relative_to(out_dir).as_posix()
-    for index, ref in enumerate(r for r in refs if "audio" in r):
-        png = out_dir / "plots" / f"reference_{index:03d}.png"
-        ref["spectrogram"] = plots.spectrogram(out_dir / ref["audio"], png).relative_to(out_dir).as_posix()
-
-    report = {
-        "name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
-        "models": [{"id": s.id, "label": s.label, "path": str(s.folder),
-                    "adapter": str(s.adapter) if s.adapter else None,
-                    "xp": (s.run_folder().name if s.run_folder() else None)} for s in specs],
-        "prompts": prompt_rows,
-        "settings": {"duration": duration, "seed": seed, "top_k": k, "general": general, "clap": clap},
-        "samples": samples,
-        "references": [{k: v for k, v in r.items() if k != "source"} for r in refs if "audio" in r],
-        "cross_entropy": {"valid": valid_ce, **({"general": general_ce} if general else {})},
-        "descriptors": {"reference": reference_summary, **summaries},
-        "table": {"columns": ids, "rows": rows},
-        "notes": notes,
-        "runs": [{k: v for k, v in run.items() if k != "history"} for run in runs],
-        "plots": plot_files,
-    }
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    report_page.write(out_dir, report)
-    return out_dir
+        report = {
+            "name": name, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "models": [{"id": s.id, "label": s.label, "path": str(s.folder),
+                        "adapter": str(s.adapter) if s.adapter else None,
+                        "xp": (s.run_folder().name if s.run_folder() else None)} for s in specs],
+            "prompts": prompt_rows,
+            "settings": {"duration": duration, "seed": seed, "top_k": k, "general": general, "clap": clap},
+            "samples": samples,
+            "references": [{k: v for k, v in r.items() if k != "source"} for r in refs if "audio" in r],
+            "cross_entropy": {"valid": valid_ce, **({"general": general_ce} if general else {})},
+            "descriptors": {"reference": reference_summary, **summaries},
+            "table": {"columns": ids, "rows": rows},
+            "notes": notes,
+            "runs": [{k: v for k, v in run.items() if k != "history"} for run in runs],
+            "plots": plot_files,
+        }
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+        report_page.write(out_dir, report)
+    return final

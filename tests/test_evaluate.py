@@ -156,3 +156,17 @@ def test_report_page_loads_in_chromium(evaluated, watched):  # noqa: F811
     images = page.evaluate("() => Array.from(document.images).map((image) => [image.src, image.naturalWidth])")
     assert len(images) >= len(report["samples"]) + 1 and all(width > 0 for _, width in images)
     assert watched.problems == []
+
+
+def test_a_new_report_keeps_the_previous_blind_choices_aside(tmp_path):
+    from musicgen_finetune.evaluate import keep_previous_choices
+    previous, new = tmp_path / "report", tmp_path / "report.partial"
+    previous.mkdir()
+    new.mkdir()
+    (previous / "report.json").write_text(json.dumps({"created": "2026-01-02T03:04:05+00:00"}))
+    (previous / "choices.json").write_text('[{"choice": "A"}]')
+    (previous / "choices-older.json").write_text("[]")
+    keep_previous_choices(previous, new)
+    assert sorted(p.name for p in new.iterdir()) == ["choices-2026-01-02T030405+0000.json", "choices-older.json"]
+    assert json.loads((new / "choices-2026-01-02T030405+0000.json").read_text()) == [{"choice": "A"}]
+    assert not (new / "choices.json").exists()
