@@ -10,8 +10,17 @@ from pathlib import Path
 from . import model_dir, output_dir, upstream_config_dir
 from .data import manifests_root
 
-# A musicgen-small training checkpoint (weights + AdamW state) is about 8.8 GB; keep room for two and exports.
-MIN_FREE_GB = 20.0
+# A full fine-tune's checkpoint.th holds the fp32 weights, best_state and AdamW's two moments: musicgen-small's
+# (419.6 M LM parameters) is about 8.8 GB, 21 bytes a parameter. flashy writes it to a temporary file and renames
+# it, so two exist for a moment; an export adds the fp32 weights once more.
+CHECKPOINT_BYTES_PER_PARAMETER = 21
+EXPORT_BYTES_PER_PARAMETER = 4
+MUSICGEN_SMALL_PARAMETERS = 419_617_792
+
+
+def disk_needed(parameters: int) -> float:
+    """GiB a full fine-tune of a model of `parameters` LM parameters writes at its peak."""
+    return parameters * (2 * CHECKPOINT_BYTES_PER_PARAMETER + EXPORT_BYTES_PER_PARAMETER) / 2 ** 30
 
 
 class Check(tp.NamedTuple):
@@ -57,15 +66,16 @@ def check_upstream() -> Check:
         return Check(False, "audiocraft config", str(err))
 
 
-def check_model(model: str, t5: tp.Optional[str]) -> tp.List[Check]:
+def check_model(model: str, t5: tp.Optional[str]) -> tp.Tuple[tp.List[Check], tp.Optional[model_dir.ModelFiles]]:
     try:
         files = model_dir.check(model, t5)
     except (model_dir.ModelDirError, Exception) as err:  # noqa: BLE001 - every failure is reported the same way
-        return [Check(False, "model", str(err))]
-    checks = [Check(True, "model", f"{files.lm} ({files.tensors} tensors), {files.compression}")]
+        return [Check(False, "model", str(err))], None
+    checks = [Check(True, "model", f"{files.lm} ({files.tensors} tensors, {files.parameters / 1e6:.1f} M "
+                                   f"parameters), {files.compression}")]
     if files.t5 is not None:
         checks.append(Check(True, "t5", str(files.t5)))
-    return checks
+    return checks, files
 
 
 def check_writable(path: Path, what: str) -> Check:
@@ -78,13 +88,15 @@ def check_writable(path: Path, what: str) -> Check:
     return Check(True, what, f"{path} writable")
 
 
-def check_disk(path: Path) -> Check:
+def check_disk(path: Path, parameters: int = MUSICGEN_SMALL_PARAMETERS, model: str = "musicgen-small") -> Check:
+    """Room at `path` for a full fine-tune of a model of `parameters` LM parameters (LoRA needs far less)."""
     existing = next(p for p in [path, *path.parents] if p.exists())
     free = shutil.disk_usage(existing).free / 2 ** 30
-    detail = f"{free:.0f} GiB free at {existing}"
-    if free < MIN_FREE_GB:
-        return Check(False, "disk", f"{detail}: a musicgen-small checkpoint is ~8.8 GB; free {MIN_FREE_GB:.0f} GiB "
-                                    "or move outputs with OUTPUT=<folder>")
+    needed = disk_needed(parameters)
+    detail = f"{free:.1f} GiB free at {existing}; a full fine-tune of {model} writes up to {needed:.2g} GiB"
+    if free < needed:
+        return Check(False, "disk", f"{detail} (checkpoint.th with its optimizer state, twice while it is replaced, "
+                                    "and an export): free some space or move outputs with OUTPUT=<folder>")
     return Check(True, "disk", detail)
 
 
@@ -96,10 +108,12 @@ def check_hub() -> Check:
 
 def run(model: tp.Optional[str] = None, t5: tp.Optional[str] = None) -> int:
     checks = [check_python(), check_gpu(), check_ffmpeg(), check_upstream(), check_hub()]
+    files = None
     if model:
-        checks += check_model(model, t5)
-    checks += [check_writable(output_dir(), "output"), check_writable(manifests_root(), "manifests"),
-               check_disk(output_dir())]
+        model_checks, files = check_model(model, t5)
+        checks += model_checks
+    disk = check_disk(output_dir(), files.parameters, str(files.root)) if files else check_disk(output_dir())
+    checks += [check_writable(output_dir(), "output"), check_writable(manifests_root(), "manifests"), disk]
     for check in checks:
         print(f"{'ok ' if check.ok else 'FIX'}  {check.what:<18} {check.detail}")
     failed = [c for c in checks if not c.ok]

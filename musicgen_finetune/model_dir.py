@@ -35,6 +35,7 @@ class ModelFiles:
     t5: tp.Optional[Path]
     xp_cfg: DictConfig
     tensors: int
+    parameters: int  # elements in the LM's best_state
 
     def describe(self) -> str:
         t5 = f", T5 from {self.t5}" if self.t5 else ""
@@ -162,8 +163,9 @@ def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = Non
     t5_cfg = OmegaConf.select(xp_cfg, "conditioners.description.t5")
     if OmegaConf.select(xp_cfg, "conditioners.description.model") == "t5" and t5_cfg is not None:
         t5_dir = find_t5(root, str(t5_cfg.name), t5)
-    return ModelFiles(root=root, lm=lm, compression=compression, t5=t5_dir, xp_cfg=xp_cfg,
-                      tensors=len(package["best_state"]))
+    state = package["best_state"]
+    return ModelFiles(root=root, lm=lm, compression=compression, t5=t5_dir, xp_cfg=xp_cfg, tensors=len(state),
+                      parameters=sum(t.numel() for t in state.values()))
 
 
 def leaves(value: tp.Any, prefix: str = "") -> tp.Iterator[tp.Tuple[str, tp.Any]]:
