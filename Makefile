@@ -86,7 +86,7 @@ demo: setup  ## the whole job on the embedded tiny model and synthetic data, on 
 	$(PY) tools/manifests.py --data $(DEMO_GENERAL_DATA) --name $(DEMO_GENERAL_NAME) --model $(DEMO_MODEL) --segment 2 \
 		--valid 0.25
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_GENERAL_NAME) --preset finetune/cpu_tiny \
-		--args "optim.epochs=4 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp
+		--args "optim.epochs=12 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/general.xp) --out $(DEMO_OUT)/models/general
 	@echo "== 2. fine-tune it on 808 beats, fully and with LoRA"
 	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25 \

@@ -7,7 +7,7 @@ from pathlib import Path
 from musicgen_finetune import environment
 
 environment.prepare()
-from musicgen_finetune.tiny_model import write_tiny_model  # noqa: E402
+from musicgen_finetune.tiny_model import CODEC_STEPS, write_tiny_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--out", required=True)
@@ -15,7 +15,7 @@ parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--force", action="store_true", help="rewrite even if the folder is complete")
 parser.add_argument("--train-codec-on", nargs="*", default=[], metavar="FOLDER",
                     help="train the tiny codec briefly on these folders' wavs, so its audio keeps their styles")
-parser.add_argument("--codec-steps", type=int, default=600)
+parser.add_argument("--codec-steps", type=int, default=CODEC_STEPS)
 opts = parser.parse_args()
 out = Path(opts.out)
 wanted = {"seed": opts.seed, "codec_trained_on": [str(Path(d).resolve()) for d in opts.train_codec_on],
