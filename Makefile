@@ -21,6 +21,7 @@ DATA ?=
 T5 ?=
 PRESET ?= finetune/musicgen_small
 LORA ?=
+FRESH ?=
 ARGS ?=
 GPUS ?= 1
 VALID ?= 0.2
@@ -86,15 +87,15 @@ demo: setup  ## the whole job on the embedded tiny model and synthetic data, on 
 	$(PY) tools/manifests.py --data $(DEMO_GENERAL_DATA) --name $(DEMO_GENERAL_NAME) --model $(DEMO_MODEL) --segment 2 \
 		--valid 0.25
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_GENERAL_NAME) --preset finetune/cpu_tiny \
-		--args "optim.epochs=12 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp
+		--args "optim.epochs=12 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp --fresh
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/general.xp) --out $(DEMO_OUT)/models/general
 	@echo "== 2. fine-tune it on 808 beats, fully and with LoRA"
 	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25 \
 		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny \
-		--args "$(ARGS)" --xp-file $(DEMO_OUT)/full.xp
+		--args "$(ARGS)" --xp-file $(DEMO_OUT)/full.xp --fresh
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny_lora \
-		--args "$(ARGS)" --xp-file $(DEMO_OUT)/lora.xp
+		--args "$(ARGS)" --xp-file $(DEMO_OUT)/lora.xp --fresh
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/full.xp) --out $(DEMO_OUT)/models/full
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/lora.xp) --out $(DEMO_OUT)/models/lora
 	@echo "== 3. compare base, full fine-tune and LoRA: numbers, loss curves, players, blind A/B"
@@ -113,10 +114,10 @@ manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
 		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 
-train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all]
+train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all] [FRESH=1]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
 	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args "$(ARGS)" \
-		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu)
+		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu) $(if $(filter 1 true yes,$(FRESH)),--fresh)
 
 grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on this machine, then its table
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }

@@ -39,8 +39,31 @@ def dataset_overrides(name: str, files: model_dir.ModelFiles) -> tp.List[str]:
     return [f"{key}={model_dir.hydra_value(value)}" for key, value in model_dir.leaves(values)]
 
 
-def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False) -> tp.List[str]:
-    return ["dora", "-P", "musicgen_finetune", "run", *(["-d"] if multi_gpu else []), *overrides]
+def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False, fresh: bool = False) -> tp.List[str]:
+    """`fresh`: dora's --clear, which removes the experiment's folder first (no resume)."""
+    return ["dora", "-P", "musicgen_finetune", "run", *(["-d"] if multi_gpu else []), *(["--clear"] if fresh else []),
+            *overrides]
+
+
+def run_dora(command: tp.Sequence[str]) -> int:
+    """The `dora` command line, with the venv's bin (ffmpeg, dora) first on PATH; its exit status.
+    `dora run` without -d trains in the process that calls it, so it runs here, where AudioCraft is already
+    imported (a second interpreter would import it again: seconds per run); with -d dora starts its own workers."""
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    if "-d" in command:
+        return subprocess.run(command).returncode
+    from dora.__main__ import main as dora_main
+    argv, cwd = sys.argv, os.getcwd()
+    sys.argv = list(command)
+    try:
+        dora_main()
+        return 0
+    except SystemExit as exit_:  # Hydra reports a failed run and exits 1
+        return exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)  # Hydra runs the experiment inside its folder
 
 
 def check_device(cfg) -> None:
@@ -89,16 +112,16 @@ def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAU
 
 
 def run(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
-        extra: tp.Sequence[str] = (), multi_gpu: bool = False) -> Path:
+        extra: tp.Sequence[str] = (), multi_gpu: bool = False, fresh: bool = False) -> Path:
     overrides, xp = plan(model, name, t5, preset, extra)
     check_batch(xp.cfg, multi_gpu)
-    command = dora_command(overrides, multi_gpu)
+    if fresh and xp.folder.exists():
+        print(f"FRESH: removing {xp.folder} and starting this experiment again", flush=True)
+    command = dora_command(overrides, multi_gpu, fresh)
     print("Running: " + shlex.join(command), flush=True)
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
-    result = subprocess.run(command, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"Training failed (exit {result.returncode}); the log is {xp.folder / 'solver.log.0'}. "
+    returncode = run_dora(command)
+    if returncode != 0:
+        raise SystemExit(f"Training failed (exit {returncode}); the log is {xp.folder / 'solver.log.0'}. "
                          f"Re-running the same command resumes from the last checkpoint.")
     print(f"Experiment {xp.sig}: {xp.folder}\n"
           f"  checkpoint {xp.folder / 'checkpoint.th'}\n"

@@ -200,7 +200,7 @@ class FinetuneSolver(MusicGenSolver):
         if self.grad_accum_steps > 1 and self.cfg.fsdp.use:
             raise ValueError("optim.grad_accum_steps > 1 is not supported with fsdp.use=true.")
         self.fit_warmup_to_run()
-        self.lora_base: tp.Optional[dict] = None  # {"path", "hash"} of the base model the adapters belong to
+        self.base_model: tp.Optional[dict] = None  # {"path", "hash"} of the model this run continued from
         with self.lm_with_adapters():
             super().build_model()
         if self.lora_config.enabled:  # upstream built the optimizer over every parameter: adapters only
@@ -286,8 +286,7 @@ class FinetuneSolver(MusicGenSolver):
     def load_from_pretrained(self, name: str) -> dict:
         state = super().load_from_pretrained(name)
         source = model_dir.lm_file(name)
-        if self.lora_config.enabled:
-            self.lora_base = {"path": str(source), "hash": lora.base_model_hash(state["best_state"]["model"])}
+        self.base_model = {"path": str(source), "hash": lora.base_model_hash(state["best_state"]["model"])}
         model_state = {k: v for k, v in self.model.state_dict().items() if not lora.is_adapter_key(k)}
         report = model_dir.compare_state_dicts(model_state, state["best_state"]["model"])
         if report.unexpected or report.mismatched:
@@ -301,20 +300,44 @@ class FinetuneSolver(MusicGenSolver):
         return state
 
     def state_dict(self) -> dict:
-        """For a LoRA run: adapters, optimizer and schedule, plus the base model's path and hash (megabytes)."""
+        """Upstream's checkpoint plus the path and hash of the model the run continued from. For a LoRA run the
+        weights are the adapters only (megabytes), with the LoRA settings."""
         state = super().state_dict()
+        base = self.base_model or {"path": None, "hash": None}
         if not self.lora_config.enabled:
+            state["base_model"] = base
             return state
         state["model"] = {k: v for k, v in state["model"].items() if lora.is_adapter_key(k)}
         state["best_state"] = {name: {k: v for k, v in values.items() if lora.is_adapter_key(k)}
                                for name, values in state["best_state"].items()}
-        state["lora"] = {**(self.lora_base or {"path": None, "hash": None}), "config": self.lora_config.to_dict()}
+        state["lora"] = {**base, "config": self.lora_config.to_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         if "lora" in state:
             self.load_lora_checkpoint_base(state)
+        elif state.get("base_model", {}).get("hash"):
+            self.check_base_model(state.pop("base_model"), "This run was trained on")
         super().load_state_dict(state)
+
+    def check_base_model(self, saved: dict, what: str) -> tp.Dict[str, torch.Tensor]:
+        """Resuming: the model at `continue_from` must be the one the run started from (a re-exported or replaced
+        folder would otherwise be silently ignored, or mixed with adapters trained on another). Its weights."""
+        prefix = model_dir.PRETRAINED_PREFIX
+        if not (self.cfg.continue_from or "").startswith(prefix):
+            raise ValueError(f"Resuming needs the model the run started from: continue_from=//pretrained/<folder> "
+                             f"(it was {saved['path']}).")
+        name = self.cfg.continue_from[len(prefix):]
+        base = super().load_from_pretrained(name)["best_state"]["model"]
+        base_hash = lora.base_model_hash(base)
+        if base_hash != saved["hash"]:
+            raise ValueError(f"{what} {saved['path']} (base hash {saved['hash'][:16]}), but "
+                             f"{model_dir.lm_file(name)} now has hash {base_hash[:16]}: put that model back, or "
+                             "start this experiment again from the new one with `make train ... FRESH=1` "
+                             "(dora run --clear).")
+        self.base_model = {"path": str(model_dir.lm_file(name)), "hash": base_hash}
+        self.logger.info("Base model %s (hash %s) matches the checkpoint", self.base_model["path"], base_hash[:16])
+        return base
 
     def load_lora_checkpoint_base(self, state: dict) -> None:
         """A LoRA checkpoint holds adapters only: load the base from `continue_from`, check it is the one the
@@ -322,20 +345,7 @@ class FinetuneSolver(MusicGenSolver):
         saved = state.pop("lora")
         if not self.lora_config.enabled:
             raise ValueError("This checkpoint holds LoRA adapters only; resume it with lora.enabled=true.")
-        prefix = model_dir.PRETRAINED_PREFIX
-        if not (self.cfg.continue_from or "").startswith(prefix):
-            raise ValueError(f"Resuming LoRA needs its base model: continue_from=//pretrained/<folder> "
-                             f"(it was {saved['path']}).")
-        name = self.cfg.continue_from[len(prefix):]
-        base = super().load_from_pretrained(name)["best_state"]["model"]
-        base_hash = lora.base_model_hash(base)
-        if base_hash != saved["hash"]:
-            raise ValueError(f"The adapters in this checkpoint were trained on {saved['path']} (base hash "
-                             f"{saved['hash'][:16]}), but {model_dir.lm_file(name)} has hash {base_hash[:16]}: "
-                             "resume with the same base model, or start a new experiment.")
-        self.lora_base = {"path": str(model_dir.lm_file(name)), "hash": base_hash}
-        self.logger.info("LoRA base model %s (hash %s) matches the checkpoint", self.lora_base["path"],
-                         base_hash[:16])
+        base = self.check_base_model(saved, "The adapters in this checkpoint were trained on")
         state["model"] = {**base, **state["model"]}
         state["best_state"] = {key: {**base, **values} for key, values in state["best_state"].items()}
 

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from conftest import TRAIN, run_tool, train, xp_folder
+from conftest import DATASET, TRAIN, run_tool, train, xp_folder
 
 
 def test_fine_tune_writes_checkpoint_history_and_samples(first_run):
@@ -189,7 +189,31 @@ def test_lora_resume_refuses_a_changed_base(lora_run, workdir, lora_model):
     finally:
         (lora_model / "state_dict.bin").write_bytes(original)  # other tests export this run
     assert changed.returncode != 0
-    assert "were trained on" in changed.stderr and "resume with the same base model" in changed.stderr
+    assert "The adapters in this checkpoint were trained on" in changed.stderr and "FRESH=1" in changed.stderr
+
+
+def test_full_resume_refuses_a_changed_base_until_fresh(workdir, tiny_model, dataset, tmp_path):
+    """A model folder replaced under an experiment is not silently ignored on resume; FRESH=1 starts over from it."""
+    import shutil
+    from musicgen_finetune.lora import base_model_hash
+    model = tmp_path / "replaced-model"
+    shutil.copytree(tiny_model, model)
+    first = train(workdir, model, args="optim.epochs=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    package = torch.load(model / "state_dict.bin", weights_only=True)
+    key = next(iter(package["best_state"]))
+    package["best_state"][key] = package["best_state"][key] + 1
+    torch.save(package, model / "state_dict.bin")
+    refused = train(workdir, model, args="optim.epochs=1")
+    assert refused.returncode != 0
+    assert f"This run was trained on {model / 'state_dict.bin'}" in refused.stderr and "FRESH=1" in refused.stderr
+    fresh = run_tool([TRAIN, "--model", str(model), "--name", DATASET, "--preset", "finetune/cpu_tiny", "--args",
+                      "optim.epochs=1", "--fresh"], workdir)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert xp_folder(fresh) == xp_folder(first) and "dora -P musicgen_finetune run --clear" in fresh.stdout
+    assert "Loading existing checkpoint" not in fresh.stderr
+    checkpoint = torch.load(xp_folder(fresh) / "checkpoint.th", weights_only=True)
+    assert checkpoint["base_model"]["hash"] == base_model_hash(package["best_state"])
 
 
 def test_lora_with_ema_averages_the_adapters_only(workdir, lora_model, dataset):

@@ -14,9 +14,12 @@ parser.add_argument("--preset", default=launch.DEFAULT_PRESET, help="solver pres
 parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
 parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
 parser.add_argument("--xp-file", default=None, help="write the experiment folder's path to this file")
+parser.add_argument("--fresh", action="store_true", help="start the experiment again instead of resuming it "
+                                                         "(dora run --clear)")
 opts = parser.parse_args()
 try:
-    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu)
+    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu,
+                        opts.fresh)
 except (launch.LaunchError, model_dir.ModelDirError) as err:
     sys.exit(f"error: {err}")
 if opts.xp_file:
