@@ -314,10 +314,11 @@ class FinetuneSolver(MusicGenSolver):
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        saved_base = state.pop("base_model", None)  # ours, not a stateful source of upstream's solver
         if "lora" in state:
             self.load_lora_checkpoint_base(state)
-        elif state.get("base_model", {}).get("hash"):
-            self.check_base_model(state.pop("base_model"), "This run was trained on")
+        elif saved_base and saved_base["hash"]:
+            self.check_base_model(saved_base, "This run was trained on")
         super().load_state_dict(state)
 
     def check_base_model(self, saved: dict, what: str) -> tp.Dict[str, torch.Tensor]:
