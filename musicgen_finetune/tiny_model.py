@@ -81,6 +81,7 @@ def read_clips(folders: tp.Sequence[Path], sample_rate: int, seconds: float) -> 
 
 
 CODEC_STEPS = 300
+CODEC_RECIPE = 2  # raised whenever train_codec or its init changes, so that a model written before is rewritten
 
 
 def init_codec_for_short_training(model) -> None:
@@ -186,5 +187,6 @@ def write_tiny_model(out: tp.Union[str, Path], seed: int = 0, codebook_size: int
         (staging / "tiny_model.json").write_text(json.dumps(
             {"seed": seed, "codebook_size": codebook_size, "num_codebooks": num_codebooks,
              "codec_trained_on": [str(Path(d).resolve()) for d in codec_data],
-             "codec_steps": codec_steps if codec_data else 0}, indent=2) + "\n")
+             "codec_steps": codec_steps if codec_data else 0,
+             "codec_recipe": CODEC_RECIPE if codec_data else 0}, indent=2) + "\n")
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 from musicgen_finetune import environment
 
 environment.prepare()
-from musicgen_finetune.tiny_model import CODEC_STEPS, write_tiny_model  # noqa: E402
+from musicgen_finetune.tiny_model import CODEC_RECIPE, CODEC_STEPS, write_tiny_model  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__)
 parser.add_argument("--out", required=True)
@@ -19,7 +19,8 @@ parser.add_argument("--codec-steps", type=int, default=CODEC_STEPS)
 opts = parser.parse_args()
 out = Path(opts.out)
 wanted = {"seed": opts.seed, "codec_trained_on": [str(Path(d).resolve()) for d in opts.train_codec_on],
-          "codec_steps": opts.codec_steps if opts.train_codec_on else 0}
+          "codec_steps": opts.codec_steps if opts.train_codec_on else 0,
+          "codec_recipe": CODEC_RECIPE if opts.train_codec_on else 0}
 written = json.loads((out / "tiny_model.json").read_text()) if (out / "tiny_model.json").is_file() else {}
 if opts.force or not (out / "state_dict.bin").is_file() or any(written.get(k) != v for k, v in wanted.items()):
     write_tiny_model(out, seed=opts.seed, codec_data=opts.train_codec_on, codec_steps=opts.codec_steps)
