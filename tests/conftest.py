@@ -59,7 +59,8 @@ def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if k != "USER"}
     env.update({
         "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        "PYTHONPATH": str(NETWORK_GUARD),
+        # the network guard, then this checkout's package (not whichever one the venv was set up from)
+        "PYTHONPATH": os.pathsep.join([str(NETWORK_GUARD), str(REPO)]),
         "NETWORK_GUARD_LOG": str(workdir / "network_attempts.log"),
         "MUSICGEN_FT_OUTPUT": str(workdir / "output"),
         "MUSICGEN_FT_MANIFESTS": str(workdir / "manifests"),
