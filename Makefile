@@ -47,13 +47,15 @@ OUT ?=
 WHICH ?= best
 ADAPTER ?=
 PROMPTS ?=
-DURATION ?= 10
+# unset: the defaults of musicgen_finetune.generate.Sampling (duration 10 s, top-k 250, top-p 0, temperature 1,
+# CFG 3, batch 4), which the tools read
+DURATION ?=
 SEED ?= 0
-TOP_K ?= 250
-TOP_P ?= 0
-TEMPERATURE ?= 1
-CFG ?= 3
-BATCH ?= 4
+TOP_K ?=
+TOP_P ?=
+TEMPERATURE ?=
+CFG ?=
+BATCH ?=
 # make import-hf / export-hf
 HF ?=
 PAD_MODE ?=
@@ -70,7 +72,7 @@ PYTEST_ARGS ?=
 # make bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test manifests train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
+.PHONY: help setup demo test lint manifests train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -105,8 +107,12 @@ demo: setup  ## the whole job on the embedded tiny model and synthetic data, on 
 	@echo "Demo done: models in $(DEMO_OUT)/models/{general,full,lora}; the comparison is" \
 		"$(DEMO_OUT)/report/index.html (make listen REPORT=$(DEMO_OUT)/report for the blind A/B test)."
 
-test: setup  ## the test suite (real dora runs on a tiny model; a few minutes on 2 CPU cores)
+test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; minutes on 2 CPU cores)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: setup  ## ruff: lint and format check (pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0] [AUGMENT=default]
 	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
@@ -127,12 +133,13 @@ eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [SEED=0] [
 	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors>]"; exit 2; }
 	$(PY) tools/eval.py --base "$(BASE)" --name "$(NAME)" $(if $(TUNED),--tuned "$(TUNED)") \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(GENERAL),--general "$(GENERAL)") \
-		$(if $(PROMPTS),--prompts "$(PROMPTS)") --duration $(DURATION) --seed $(SEED) --top-k $(TOP_K) \
+		$(if $(PROMPTS),--prompts "$(PROMPTS)") $(if $(DURATION),--duration $(DURATION)) --seed $(SEED) \
+		$(if $(TOP_K),--top-k $(TOP_K)) \
 		$(if $(CLAP),--clap "$(CLAP)") $(if $(T5),--t5 "$(T5)") $(if $(OUT),--out "$(OUT)")
 
 listen: setup  ## REPORT=output/reports/<name> [PORT=8000]: serve a report; its blind A/B choices go to choices.json
 	@test -n "$(REPORT)" || { echo "usage: make listen REPORT=output/reports/<name>"; exit 2; }
-	$(PY) -m musicgen_finetune.report_page serve "$(REPORT)" --port $(PORT)
+	$(PY) tools/listen.py "$(REPORT)" --port $(PORT)
 
 export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout
 	@test -n "$(XP)" || { echo "usage: make export XP=<signature> [OUT=<folder>] [WHICH=best|last]"; exit 2; }
@@ -140,8 +147,9 @@ export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model fol
 
 generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=] [DURATION=10] [SEED=0,1] [OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]
 	@test -n "$(MODEL)" -a -n "$(PROMPTS)" || { echo "usage: make generate MODEL=<folder> PROMPTS=<file or text>"; exit 2; }
-	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --duration $(DURATION) --seeds $(SEED) \
-		--top-k $(TOP_K) --top-p $(TOP_P) --temperature $(TEMPERATURE) --cfg $(CFG) --batch $(BATCH) \
+	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --seeds $(SEED) \
+		$(if $(DURATION),--duration $(DURATION)) $(if $(TOP_K),--top-k $(TOP_K)) $(if $(TOP_P),--top-p $(TOP_P)) \
+		$(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(CFG),--cfg $(CFG)) $(if $(BATCH),--batch $(BATCH)) \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(OUT),--out "$(OUT)") $(if $(T5),--t5 "$(T5)")
 
 import-hf: setup  ## HF=<transformers MusicGen folder> [OUT=] [PAD_MODE=constant]: AudioCraft's layout, trainable as MODEL=

@@ -1,33 +1,26 @@
 """Fine-tune MusicGen with AudioCraft's own solver, from a local model folder, offline.
 
+The pipeline, one folder or module a stage (each arrow owned by one part; nothing reaches back up the chain):
+
+    data/         your folder -> manifests/<name>/        (make manifests)
+    models/       model folders: open, check, convert to and from transformers, the tiny model
+    train.py      the dora entry; solver.py, lora.py, caches.py: what it trains with; launch.py: make train
+    grid.py       make grid over grids/
+    experiments   output/xps/<signature>/ as the stages after training read it
+    export.py     experiment -> model folder               (make export)
+    generate.py   model folder -> audio                     (make generate)
+    evaluation/   model folders + manifests -> report       (make eval, make listen)
+    bench/        speed and memory                          (make bench)
+
 The package is also the dora package: `dora -P musicgen_finetune run ...` finds `musicgen_finetune.train.main`.
+Importing it prepares the process's environment first (`environment.prepare`: offline hub, our teams file and
+dora folder, AudioCraft's config tree for Hydra), because dora, Hydra, AudioCraft and transformers read it when
+they are imported.
 """
-from pathlib import Path
-import os
+from . import environment as _environment
+from .errors import UserError
+from .paths import CONFIG_DIR, REPO_ROOT, experiments_dir, manifests_root, output_dir
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "config"
+_environment.prepare()
 
-
-def output_dir() -> Path:
-    """Where experiments, exports and reports go: `$MUSICGEN_FT_OUTPUT` or `<repo>/output`, always absolute."""
-    return Path(os.environ.get("MUSICGEN_FT_OUTPUT") or REPO_ROOT / "output").resolve()
-
-
-def experiments_dir() -> Path:
-    """Where dora keeps experiments: `$AUDIOCRAFT_DORA_DIR/xps` (the entry points set it from OUTPUT=)."""
-    return Path(os.environ.get("AUDIOCRAFT_DORA_DIR") or output_dir()).resolve() / "xps"
-
-
-def upstream_source_dir() -> Path:
-    """The AudioCraft source tree whose `config/` we build on: `$AUDIOCRAFT_SRC` or `<repo>/audiocraft`."""
-    return Path(os.environ.get("AUDIOCRAFT_SRC") or REPO_ROOT / "audiocraft").resolve()
-
-
-def upstream_config_dir() -> Path:
-    config = upstream_source_dir() / "config"
-    if not (config / "config.yaml").is_file():
-        raise FileNotFoundError(
-            f"AudioCraft's config tree was not found at {config}. Run `make setup` to unpack the pinned "
-            "AudioCraft 1.3.0 source there, or set AUDIOCRAFT_SRC to your own AudioCraft checkout.")
-    return config
+__all__ = ["CONFIG_DIR", "REPO_ROOT", "UserError", "experiments_dir", "manifests_root", "output_dir"]

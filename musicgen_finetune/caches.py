@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from .files import write_atomically
+
 logger = logging.getLogger(__name__)
 
 KEY_LENGTH = 16          # hex digits of a cache folder's name
@@ -94,18 +96,6 @@ def token_key_ingredients(compression_model, segment_duration: float) -> dict:
 
 def short_hash(value: tp.Any, length: int = KEY_LENGTH) -> str:
     return hashlib.sha1(json.dumps(value, sort_keys=True).encode()).hexdigest()[:length]
-
-
-def write_atomically(path: Path, write: tp.Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename: an interrupted run never leaves a half file, and two processes writing the
-    same entry both leave a whole one (the last rename wins)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 class TokenCache:

@@ -7,8 +7,12 @@ import tempfile
 import typing as tp
 from pathlib import Path
 
-from . import model_dir, output_dir, upstream_config_dir
-from .data import manifests_root
+import torch
+
+from .errors import UserError
+from .models import folder as model_dir
+from .models.open import open_model
+from .paths import manifests_root, output_dir, upstream_config_dir
 
 # A full fine-tune's checkpoint.th holds the fp32 weights, best_state and AdamW's two moments: musicgen-small's
 # (419.6 M LM parameters) is about 8.8 GB, 21 bytes a parameter. flashy writes it to a temporary file and renames
@@ -36,7 +40,6 @@ def check_python() -> Check:
 
 
 def check_gpu() -> Check:
-    import torch
     if not torch.cuda.is_available():
         return Check(True, "gpu", "none visible: the tiny demo runs on the CPU; fine-tuning musicgen-small needs a "
                                   "CUDA GPU (the finetune/musicgen_small preset is sized for 24 GB)")
@@ -62,14 +65,14 @@ def check_ffmpeg() -> Check:
 def check_upstream() -> Check:
     try:
         return Check(True, "audiocraft config", str(upstream_config_dir()))
-    except FileNotFoundError as err:
+    except UserError as err:
         return Check(False, "audiocraft config", str(err))
 
 
 def check_model(model: str, t5: tp.Optional[str]) -> tp.Tuple[tp.List[Check], tp.Optional[model_dir.ModelFiles]]:
     try:
-        files = model_dir.check(model, t5)
-    except (model_dir.ModelDirError, Exception) as err:  # noqa: BLE001 - every failure is reported the same way
+        files = open_model(model, t5)
+    except UserError as err:
         return [Check(False, "model", str(err))], None
     checks = [Check(True, "model", f"{files.lm} ({files.tensors} tensors, {files.parameters / 1e6:.1f} M "
                                    f"parameters), {files.compression}")]
@@ -107,6 +110,7 @@ def check_hub() -> Check:
 
 
 def run(model: tp.Optional[str] = None, t5: tp.Optional[str] = None) -> int:
+    """`make doctor`: print every check with what to do about it; 1 when something must be fixed."""
     checks = [check_python(), check_gpu(), check_ffmpeg(), check_upstream(), check_hub()]
     files = None
     if model:

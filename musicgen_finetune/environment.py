@@ -1,13 +1,14 @@
-"""Process environment for every entry point, set before dora, Hydra, AudioCraft or transformers are imported.
+"""The process environment, set before dora, Hydra, AudioCraft or transformers are imported.
 
-Each of these libraries reads its settings from the environment at import time, so this module must be imported
-first and must not import them itself (Hydra only, for the search-path plugin).
+Each of these libraries reads its settings from the environment when it is imported, so the package's
+`__init__` calls `prepare()` before any of its modules can import them; this module imports none of them itself
+(Hydra only, inside `prepare`, for the search-path plugin).
 """
 import getpass
 import os
 import sys
 
-from . import CONFIG_DIR, output_dir, upstream_config_dir
+from .paths import CONFIG_DIR, output_dir, upstream_config_dir
 
 TEAM = "musicgen_finetune"
 
@@ -54,11 +55,10 @@ def register_upstream_config() -> None:
     from hydra.core.plugins import Plugins
     from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-    upstream = upstream_config_dir()
-
     class AudioCraftConfigSearchPath(SearchPathPlugin):
         def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-            search_path.append(provider="audiocraft", path=f"file://{upstream}")
+            # looked up when Hydra composes, so that importing the package works before `make setup` ran
+            search_path.append(provider="audiocraft", path=f"file://{upstream_config_dir()}")
 
     Plugins.instance().register(AudioCraftConfigSearchPath)
 
@@ -67,7 +67,8 @@ _prepared = False
 
 
 def prepare() -> None:
-    """Idempotent: every entry point calls it before importing dora, Hydra's compose or AudioCraft."""
+    """Idempotent; the package's `__init__` calls it, so it runs before any of our modules imports dora, Hydra's
+    compose, AudioCraft or transformers."""
     global _prepared
     if _prepared:
         return

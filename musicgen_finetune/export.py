@@ -4,6 +4,7 @@
     <out>/compression_state_dict.bin   the base model's own file, copied (never a pointer to a hub name)
     <out>/adapters.safetensors(.json)  LoRA runs: the adapters alone (the state_dict.bin holds them merged)
     <out>/export.json, README.md       base model, dataset, LoRA settings, epoch, validation loss
+    <out>/history.json                 the run's history (losses per epoch), for reports made from the export
 
 The T5 text encoder is referenced, not copied: xp.cfg names the local folder the run used, and `load()` looks
 for it there, then beside the model (`t5/`), then in the Hugging Face cache.
@@ -16,26 +17,22 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from . import experiments_dir, lora, model_dir, output_dir
+import audiocraft
+
+from . import lora
+from .errors import UserError
+from .experiments import HISTORY_FILE, best_epoch, find_experiment, valid_value
 from .files import replaced_when_complete
+from .models import folder as model_dir
+from .models import xp_cfg
 from .patches import safe_load
+from .paths import output_dir
 
 WHICH = ("best", "last")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """The experiment cannot be exported; the message says why and what to do."""
-
-
-def find_experiment(xp: str) -> Path:
-    """An experiment folder from a signature (output/xps/<sig>) or a path."""
-    path = Path(xp).expanduser()
-    folder = path if path.is_dir() else experiments_dir() / xp
-    if not (folder / "checkpoint.th").is_file():
-        known = sorted(p.name for p in experiments_dir().glob("*") if (p / "checkpoint.th").is_file())
-        raise ExportError(f"XP={xp}: no checkpoint.th in {folder}. Experiments with a checkpoint: "
-                          f"{', '.join(known) or 'none'} (make train prints the signature).")
-    return folder.resolve()
 
 
 def base_folder(cfg) -> Path:
@@ -51,32 +48,11 @@ def base_folder(cfg) -> Path:
     return folder
 
 
-def best_epoch(history: tp.List[dict]) -> tp.Tuple[tp.Optional[int], tp.Optional[float]]:
-    losses = [(e.get("valid", {}).get("ce"), i + 1) for i, e in enumerate(history)]
-    losses = [(ce, epoch) for ce, epoch in losses if ce is not None]
-    if not losses:
-        return None, None
-    ce, epoch = min(losses)
-    return epoch, ce
-
-
-def build_lm(cfg, state: tp.Mapping[str, torch.Tensor]):
-    """The LM of `cfg` (T5 patched to load locally) holding `state`, on the CPU."""
-    from audiocraft.models import builders
-    from . import patches
-    patches.apply()
-    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    cfg.device, cfg.dtype = "cpu", "float32"
-    lm = builders.get_lm_model(cfg)
-    lm.load_state_dict(state, strict=False)
-    return lm
-
-
 def merged_lora_state(cfg, checkpoint: dict, which: str, base: dict, out: Path) -> dict:
     """Base + adapters: write the adapters file, return the merged weights (base keys only)."""
     config = lora.LoraConfig.from_dict(checkpoint["lora"]["config"])
     adapters = checkpoint["best_state"]["model"] if which == "best" else checkpoint["model"]
-    lm = build_lm(cfg, {})
+    lm = xp_cfg.build_lm(cfg)
     lora.inject(lm, config)
     missing, unexpected = lm.load_state_dict({**base, **adapters}, strict=False)
     if unexpected or [k for k in missing if not k.startswith("condition_provider.conditioners.description.t5")]:
@@ -88,6 +64,8 @@ def merged_lora_state(cfg, checkpoint: dict, which: str, base: dict, out: Path) 
 
 
 def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "best") -> Path:
+    """`make export`: the experiment `xp` (signature or folder) as a model folder at `out` (default
+    <output>/exports/<sig>-<which>), its best state (lowest validation loss) or its last; returns the folder."""
     if which not in WHICH:
         raise ExportError(f"WHICH={which!r}: use best (lowest validation loss) or last.")
     folder = find_experiment(xp)
@@ -106,15 +84,15 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
             state = merged_lora_state(cfg, checkpoint, which, {k: v.float() for k, v in base.items()}, staging)
         else:
             state = checkpoint["best_state"]["model"] if which == "best" else checkpoint["model"]
-        import audiocraft
-        torch.save({"best_state": state, "xp.cfg": OmegaConf.to_yaml(cfg), "version": audiocraft.__version__,
-                    "exported": True}, staging / model_dir.LM_FILE)
+        torch.save(xp_cfg.package(cfg, state, version=audiocraft.__version__, exported=True),
+                   staging / model_dir.LM_FILE)
         shutil.copyfile(base_dir / model_dir.COMPRESSION_FILE, staging / model_dir.COMPRESSION_FILE)
         history = checkpoint.get("history") or []
-        epoch, valid_ce = best_epoch(history) if which == "best" else (len(history), None)
+        epoch = best_epoch(history) if which == "best" else len(history)
+        (staging / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         info = {
             "experiment": folder.name, "which": which, "epoch": epoch, "epochs_trained": len(history),
-            "valid_ce": valid_ce if which == "best" else (history[-1].get("valid", {}).get("ce") if history else None),
+            "valid_ce": valid_value(history, epoch),
             "base_model": str(base_dir), "t5": str(OmegaConf.select(cfg, "conditioners.description.t5.name")),
             "dataset": str(OmegaConf.select(cfg, "datasource.train")),
             "segment_duration": OmegaConf.select(cfg, "dataset.segment_duration"),

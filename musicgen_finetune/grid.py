@@ -13,13 +13,15 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from . import environment
+from dora.grid import RunGridArgs, monitor, run_grid
+
+from . import grids
+from .experiments import LOG_FILE, read_done
 from .launch import LaunchError, check_batch, check_device, dora_command
-from .solver import read_done
+from .train import main
 
 
 def load_explorer(name: str):
-    from . import grids
     folder = Path(grids.__file__).parent
     available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
     if name not in available:
@@ -30,15 +32,11 @@ def load_explorer(name: str):
 
 def list_experiments(name: str, explorer) -> list:
     """The grid's experiments (dora sheeps), as `dora grid --dry_run` computes them; nothing is scheduled."""
-    from dora.grid import RunGridArgs, run_grid
-    from .train import main
     args = RunGridArgs(monitor=False, silent=True, dry_run=True)
     return run_grid(main, explorer, name, args=args)
 
 
 def print_table(explorer, sheeps: list) -> None:
-    from dora.grid import RunGridArgs, monitor
-    from .train import main
     monitor(RunGridArgs(), main, explorer, sheeps, print)
 
 
@@ -52,7 +50,6 @@ def run_experiment(argv: tp.Sequence[str], multi_gpu: bool) -> int:
 
 def run(name: str, multi_gpu: bool = False) -> tp.List[str]:
     """Run every experiment of grid `name` not yet ended; print the table; return the signatures that failed."""
-    environment.prepare()
     explorer = load_explorer(name)
     sheeps = list_experiments(name, explorer)
     for sheep in sheeps:  # here they run on this machine: its devices must do
@@ -67,7 +64,7 @@ def run(name: str, multi_gpu: bool = False) -> tp.List[str]:
             continue
         print(f"[{index + 1}/{len(sheeps)}] {sheep.xp.sig}: {shlex.join(sheep.xp.argv)}", flush=True)
         if run_experiment(sheep.xp.argv, multi_gpu) != 0:
-            print(f"{sheep.xp.sig} failed; its log: {sheep.xp.folder / 'solver.log.0'}. Going on with the others.")
+            print(f"{sheep.xp.sig} failed; its log: {sheep.xp.folder / LOG_FILE}. Going on with the others.")
             failed.append(sheep.xp.sig)
     print_table(explorer, sheeps)
     return failed

@@ -10,33 +10,44 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from . import environment, model_dir
-from .data import manifests_root
+import torch
+from dora.__main__ import main as dora_main
+
+from .config import hydra_value
+from .data.dataset import PreparedDataset
+from .errors import UserError
+from .models import folder as model_dir
+from .models import xp_cfg
+from .models.open import open_model
+from .paths import CONFIG_DIR, upstream_config_dir
+from .train import main
 
 DEFAULT_PRESET = "finetune/musicgen_small"
 
 
-class LaunchError(ValueError):
+class LaunchError(UserError, ValueError):
     """Something to fix before training can start; the message says what."""
 
 
 def dataset_overrides(name: str, files: model_dir.ModelFiles) -> tp.List[str]:
     """The overrides in manifests/<name>/dset.yaml (data paths, segment length, padding), checked against the
     model's sample rate and channels."""
-    from omegaconf import OmegaConf
-    root = manifests_root() / name
-    dset = root / "dset.yaml"
-    for path in (root / "train" / "data.jsonl", root / "valid" / "data.jsonl", dset):
-        if not path.is_file():
-            raise LaunchError(f"NAME={name}: {path} does not exist. "
-                              f"Run `make manifests DATA=<your folder> NAME={name}` first.")
-    values = OmegaConf.to_container(OmegaConf.load(dset), resolve=True)
-    rate, channels = values["datasource"]["max_sample_rate"], values["datasource"]["max_channels"]
+    dataset = PreparedDataset(name)
     wanted = (files.xp_cfg.get("sample_rate"), files.xp_cfg.get("channels"))
-    if (rate, channels) != wanted:
-        raise LaunchError(f"NAME={name} was converted to {rate} Hz, {channels} channel(s), but {files.lm} expects "
-                          f"{wanted[0]} Hz, {wanted[1]}: run `make manifests ... NAME={name} MODEL={files.root}`.")
-    return [f"{key}={model_dir.hydra_value(value)}" for key, value in model_dir.leaves(values)]
+    if (dataset.sample_rate, dataset.channels) != wanted:
+        raise LaunchError(f"NAME={name} was converted to {dataset.sample_rate} Hz, {dataset.channels} channel(s), but "
+                          f"{files.lm} expects {wanted[0]} Hz, {wanted[1]}: run `make manifests ... NAME={name} "
+                          f"MODEL={files.root}`.")
+    return dataset.overrides()
+
+
+def pretrained_overrides(files: model_dir.ModelFiles) -> tp.List[str]:
+    """Continue from the local LM, use its EnCodec and its T5: no hub call."""
+    pretrained = hydra_value(f"{model_dir.PRETRAINED_PREFIX}{files.root}")
+    overrides = [f"continue_from={pretrained}", f"compression_model_checkpoint={pretrained}"]
+    if files.t5 is not None:
+        overrides.append(f"conditioners.description.t5.name={hydra_value(str(files.t5))}")
+    return overrides
 
 
 def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False, fresh: bool = False) -> tp.List[str]:
@@ -53,7 +64,6 @@ def run_dora(command: tp.Sequence[str]) -> int:
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     if "-d" in command:
         return subprocess.run(command).returncode
-    from dora.__main__ import main as dora_main
     argv, cwd = sys.argv, os.getcwd()
     sys.argv = list(command)
     try:
@@ -67,14 +77,12 @@ def run_dora(command: tp.Sequence[str]) -> int:
 
 
 def check_device(cfg) -> None:
-    import torch
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise LaunchError("This preset trains on a CUDA GPU and none is visible. On a CPU, train the tiny model "
                           "(`make demo`), or pass ARGS='device=cpu autocast=false' to try anyway (very slow).")
 
 
 def check_preset(preset: str) -> None:
-    from . import CONFIG_DIR, upstream_config_dir
     if not any((root / "solver" / f"{preset}.yaml").is_file() for root in (CONFIG_DIR, upstream_config_dir())):
         ours = sorted(p.relative_to(CONFIG_DIR / "solver").with_suffix("").as_posix()
                       for p in (CONFIG_DIR / "solver").rglob("*.yaml"))
@@ -84,7 +92,6 @@ def check_preset(preset: str) -> None:
 
 def check_batch(cfg, multi_gpu: bool) -> None:
     """Each GPU's share of the batch must split into the accumulation's micro-batches, before anything starts."""
-    import torch
     gpus = max(1, torch.cuda.device_count()) if multi_gpu else 1
     steps = int(cfg.optim.get("grad_accum_steps") or 1)
     if cfg.dataset.batch_size % gpus or cfg.dataset.batch_size // gpus < steps:
@@ -97,13 +104,11 @@ def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAU
          extra: tp.Sequence[str] = (), device_check: bool = True) -> tp.Tuple[tp.List[str], tp.Any]:
     """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config).
     `device_check=False` where the run happens elsewhere (a grid listed on a Slurm login node)."""
-    environment.prepare()
     check_preset(preset)
-    files = model_dir.check(model, t5)
-    base = [f"solver={preset}", *model_dir.pretrained_overrides(files), *dataset_overrides(name, files)]
-    from .train import main  # imports AudioCraft: after the cheap checks
+    files = open_model(model, t5)
+    base = [f"solver={preset}", *pretrained_overrides(files), *dataset_overrides(name, files)]
     composed = main.get_xp([*base, *extra]).cfg
-    overrides = [*base, *model_dir.architecture_overrides(files.xp_cfg, composed), *extra]
+    overrides = [*base, *xp_cfg.architecture_overrides(files.xp_cfg, composed), *extra]
     xp = main.get_xp(overrides)
     if device_check:
         check_device(xp.cfg)

@@ -34,7 +34,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from audiocraft.modules.transformer import StreamingMultiheadAttention, StreamingTransformer
 from torch import nn
+
+from .errors import UserError
 
 ATTENTION_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.out_proj",
                      "cross_attention.q", "cross_attention.k", "cross_attention.v", "cross_attention.out_proj")
@@ -52,8 +55,16 @@ FUSED_PROJECTIONS = ("q", "k", "v")
 FORMAT = "musicgen_finetune.lora/1"
 
 
-class AdapterMismatchError(ValueError):
+class LoraConfigError(UserError, ValueError):
+    """A `lora.*` setting is out of range or matches nothing in the model; the message names the key."""
+
+
+class AdapterMismatchError(UserError, ValueError):
     """Saved adapters do not fit this model: another base model, or other adapted projections."""
+
+
+class AdapterFileError(UserError, FileNotFoundError):
+    """An adapter file lacks the JSON config saved beside it."""
 
 
 @dataclasses.dataclass
@@ -69,29 +80,29 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.targets, str):
             if self.targets not in PRESETS:
-                raise ValueError(f"lora.targets={self.targets!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                raise LoraConfigError(f"lora.targets={self.targets!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                                  f"list of targets; allowed targets: {', '.join(ALLOWED_TARGETS)}.")
             self.targets = PRESETS[self.targets]
         self.targets = tuple(dict.fromkeys(self.targets))  # de-duplicated, order kept
         unknown = [t for t in self.targets if t not in ALLOWED_TARGETS]
         if unknown or not self.targets:
-            raise ValueError(f"lora.targets has {', '.join(map(repr, unknown)) or 'no target'}; allowed targets: "
+            raise LoraConfigError(f"lora.targets has {', '.join(map(repr, unknown)) or 'no target'}; allowed targets: "
                              f"{', '.join(ALLOWED_TARGETS)} (or a preset: {', '.join(PRESETS)}).")
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"lora.rank={self.rank!r} must be an integer >= 1 (e.g. 8, 12 or 16).")
+            raise LoraConfigError(f"lora.rank={self.rank!r} must be an integer >= 1 (e.g. 8, 12 or 16).")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise ValueError(f"lora.alpha={self.alpha!r} must be a number > 0 (the update is scaled by alpha / "
+            raise LoraConfigError(f"lora.alpha={self.alpha!r} must be a number > 0 (the update is scaled by alpha / "
                              "rank; alpha = 2 * rank is a common choice).")
         self.alpha = float(self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.dropout={self.dropout!r} must be in [0, 1) (0 disables it).")
+            raise LoraConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1) (0 disables it).")
         self.dropout = float(self.dropout)
         if self.layers is not None:
             layers = list(self.layers)
             bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
             if bad or not layers:
-                raise ValueError(f"lora.layers={self.layers!r} must be null (all layers) or a non-empty list of "
+                raise LoraConfigError(f"lora.layers={self.layers!r} must be null (all layers) or a non-empty list of "
                                  f"layer indices >= 0; bad: {bad or 'empty list'}.")
             self.layers = sorted(set(layers))
 
@@ -109,11 +120,11 @@ class LoraConfig:
         except ImportError:  # omegaconf is only needed for DictConfig input
             pass
         if not isinstance(values, tp.Mapping):
-            raise ValueError(f"A LoRA config must be a mapping, got {type(values).__name__}: {values!r}.")
+            raise LoraConfigError(f"A LoRA config must be a mapping, got {type(values).__name__}: {values!r}.")
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in known]
         if unknown:
-            raise ValueError(f"Unknown LoRA config key(s) {', '.join(map(repr, unknown))}; allowed keys: "
+            raise LoraConfigError(f"Unknown LoRA config key(s) {', '.join(map(repr, unknown))}; allowed keys: "
                              f"{', '.join(known)}.")
         return cls(**values)
 
@@ -165,80 +176,54 @@ class FusedProjectionAdapter(nn.Module):
                f"dropout={self.dropout}"
 
 
-def _attention_class():
-    from audiocraft.modules.transformer import StreamingMultiheadAttention
+class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
+    """StreamingMultiheadAttention whose `in_proj_weight` reads as base + LoRA deltas of the adapted q/k/v.
 
-    class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
-        """StreamingMultiheadAttention whose `in_proj_weight` reads as base + LoRA deltas of the adapted q/k/v.
-
-        The base stays the registered parameter `in_proj_weight` (its state-dict key), never modified in place
-        by the forward, so autograd, autocast and activation checkpointing see an ordinary out-of-place sum.
-        """
-        lora_in_proj: nn.ModuleDict
-        lora_merged: bool
-
-        @property  # type: ignore[override]
-        def in_proj_weight(self) -> torch.Tensor:
-            cached = self.__dict__.get("_lora_effective_in_proj_weight")
-            return cached if cached is not None else self._lora_effective_in_proj_weight()
-
-        def _lora_split_sizes(self) -> tp.List[int]:
-            # q has embed_dim rows; k and v share the rest (fewer than embed_dim each when kv_repeat > 1).
-            rows = self._parameters["in_proj_weight"].shape[0]
-            kv_rows = (rows - self.embed_dim) // 2
-            return [self.embed_dim, kv_rows, kv_rows]
-
-        def _lora_deltas(self, use_dropout: bool) -> tp.Dict[str, torch.Tensor]:
-            return {name: adapter.delta_weight(use_dropout) for name, adapter in self.lora_in_proj.items()}
-
-        def _lora_effective_in_proj_weight(self) -> torch.Tensor:
-            base = self._parameters["in_proj_weight"]
-            if self.lora_merged:
-                return base
-            deltas = self._lora_deltas(use_dropout=True)
-            slices = base.split(self._lora_split_sizes(), dim=0)
-            return torch.cat([part + deltas[name] if name in deltas else part
-                              for name, part in zip(FUSED_PROJECTIONS, slices)], dim=0)
-
-        def forward(self, query, key, value, *args, **kwargs):
-            # Upstream reads in_proj_weight up to four times a forward (its shape, then the q/k/v slices for
-            # cross-attention): compute it once, so one dropout mask serves the whole forward. A checkpointed
-            # recompute runs this forward again with the same RNG state, hence the same mask.
-            self.__dict__["_lora_effective_in_proj_weight"] = self._lora_effective_in_proj_weight()
-            try:
-                return super().forward(query, key, value, *args, **kwargs)
-            finally:
-                self.__dict__.pop("_lora_effective_in_proj_weight", None)
-
-        def _lora_merge(self, sign: float) -> None:
-            base = self._parameters["in_proj_weight"]
-            deltas = self._lora_deltas(use_dropout=False)
-            for name, part in zip(FUSED_PROJECTIONS, base.data.split(self._lora_split_sizes(), dim=0)):
-                if name in deltas:
-                    part.add_(deltas[name].to(part.dtype), alpha=sign)  # a view: writes into the base
-
-    return LoRAStreamingMultiheadAttention
-
-
-_LORA_ATTENTION: tp.Optional[type] = None
-
-
-def lora_attention_class() -> type:
-    """The attention subclass, built on first use: importing this module must not import AudioCraft, which reads
-    its settings from the environment that `environment.prepare()` sets first.
+    The base stays the registered parameter `in_proj_weight` (its state-dict key), never modified in place
+    by the forward, so autograd, autocast and activation checkpointing see an ordinary out-of-place sum.
     """
-    global _LORA_ATTENTION
-    if _LORA_ATTENTION is None:
-        _LORA_ATTENTION = _attention_class()
-        # Importable as musicgen_finetune.lora.LoRAStreamingMultiheadAttention (module __getattr__), for pickle.
-        _LORA_ATTENTION.__module__, _LORA_ATTENTION.__qualname__ = __name__, _LORA_ATTENTION.__name__
-    return _LORA_ATTENTION
+    lora_in_proj: nn.ModuleDict
+    lora_merged: bool
 
+    @property  # type: ignore[override]
+    def in_proj_weight(self) -> torch.Tensor:
+        cached = self.__dict__.get("_lora_effective_in_proj_weight")
+        return cached if cached is not None else self._lora_effective_in_proj_weight()
 
-def __getattr__(name: str) -> tp.Any:
-    if name == "LoRAStreamingMultiheadAttention":
-        return lora_attention_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def _lora_split_sizes(self) -> tp.List[int]:
+        # q has embed_dim rows; k and v share the rest (fewer than embed_dim each when kv_repeat > 1).
+        rows = self._parameters["in_proj_weight"].shape[0]
+        kv_rows = (rows - self.embed_dim) // 2
+        return [self.embed_dim, kv_rows, kv_rows]
+
+    def _lora_deltas(self, use_dropout: bool) -> tp.Dict[str, torch.Tensor]:
+        return {name: adapter.delta_weight(use_dropout) for name, adapter in self.lora_in_proj.items()}
+
+    def _lora_effective_in_proj_weight(self) -> torch.Tensor:
+        base = self._parameters["in_proj_weight"]
+        if self.lora_merged:
+            return base
+        deltas = self._lora_deltas(use_dropout=True)
+        slices = base.split(self._lora_split_sizes(), dim=0)
+        return torch.cat([part + deltas[name] if name in deltas else part
+                          for name, part in zip(FUSED_PROJECTIONS, slices)], dim=0)
+
+    def forward(self, query, key, value, *args, **kwargs):
+        # Upstream reads in_proj_weight up to four times a forward (its shape, then the q/k/v slices for
+        # cross-attention): compute it once, so one dropout mask serves the whole forward. A checkpointed
+        # recompute runs this forward again with the same RNG state, hence the same mask.
+        self.__dict__["_lora_effective_in_proj_weight"] = self._lora_effective_in_proj_weight()
+        try:
+            return super().forward(query, key, value, *args, **kwargs)
+        finally:
+            self.__dict__.pop("_lora_effective_in_proj_weight", None)
+
+    def _lora_merge(self, sign: float) -> None:
+        base = self._parameters["in_proj_weight"]
+        deltas = self._lora_deltas(use_dropout=False)
+        for name, part in zip(FUSED_PROJECTIONS, base.data.split(self._lora_split_sizes(), dim=0)):
+            if name in deltas:
+                part.add_(deltas[name].to(part.dtype), alpha=sign)  # a view: writes into the base
 
 
 class LoRALinear(nn.Linear):
@@ -270,11 +255,10 @@ class LoRALinear(nn.Linear):
 
 def _lora_modules(model: nn.Module) -> tp.List[tp.Tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, LoRALinear) or (_LORA_ATTENTION is not None and isinstance(m, _LORA_ATTENTION))]
+            if isinstance(m, (LoRALinear, LoRAStreamingMultiheadAttention))]
 
 
 def _find_transformer(model: nn.Module) -> tp.Tuple[str, nn.Module]:
-    from audiocraft.modules.transformer import StreamingTransformer
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, StreamingTransformer)]
     if len(found) != 1:
         raise ValueError(f"LoRA injection expects exactly one AudioCraft StreamingTransformer in "
@@ -285,7 +269,7 @@ def _find_transformer(model: nn.Module) -> tp.Tuple[str, nn.Module]:
 
 def _check_custom_attention(attention: nn.Module, path: str) -> None:
     if not attention.custom:
-        raise ValueError(
+        raise LoraConfigError(
             f"{path} uses torch's nn.MultiheadAttention (transformer_lm.custom=false and memory_efficient=false), "
             "whose projections this LoRA does not adapt. Set transformer_lm.memory_efficient=true (as MusicGen's "
             "released models do) or transformer_lm.custom=true; the state-dict keys change between the two.")
@@ -293,13 +277,12 @@ def _check_custom_attention(attention: nn.Module, path: str) -> None:
 
 def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Module, str]]:
     """(path, module, projection) for every projection to adapt, checked before anything is modified."""
-    from audiocraft.modules.transformer import StreamingMultiheadAttention
     prefix, transformer = _find_transformer(model)
     num_layers = len(transformer.layers)
     layers = config.layers if config.layers is not None else list(range(num_layers))
     out_of_range = [i for i in layers if i >= num_layers]
     if out_of_range:
-        raise ValueError(f"lora.layers has {out_of_range}, but the model has {num_layers} transformer layers "
+        raise LoraConfigError(f"lora.layers has {out_of_range}, but the model has {num_layers} transformer layers "
                          f"(indices 0 to {num_layers - 1}).")
     plan: tp.List[tp.Tuple[str, nn.Module, str]] = []
     matched: tp.Dict[str, int] = {target: 0 for target in config.targets}
@@ -330,7 +313,7 @@ def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Modu
                     matched[OUTPUT_HEADS_TARGET] += 1
     unmatched = [t for t, count in matched.items() if count == 0]
     if unmatched:
-        raise ValueError(f"LoRA target(s) {', '.join(map(repr, unmatched))} match nothing in this "
+        raise LoraConfigError(f"LoRA target(s) {', '.join(map(repr, unmatched))} match nothing in this "
                          f"{type(model).__name__} (layers {layers}); remove them from lora.targets (a model "
                          "without text conditioning has no cross_attention, `linears` needs the LMModel).")
     return plan
@@ -347,8 +330,8 @@ def inject(model: nn.Module, config: LoraConfig) -> tp.List[str]:
     if existing:
         raise RuntimeError(f"{type(model).__name__} already has LoRA adapters (e.g. {existing[0][0]}); inject once "
                            "per model, or build a fresh model.")
-    attention_class = lora_attention_class()
-    for path, module, projection in _plan(model, config):
+    attention_class = LoRAStreamingMultiheadAttention
+    for _, module, projection in _plan(model, config):
         if projection:  # q, k or v of a fused in_proj_weight
             if not isinstance(module, attention_class):
                 module.__class__ = attention_class
@@ -497,8 +480,8 @@ def load_adapters(model: nn.Module, path: tp.Union[str, Path],
     try:
         metadata = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{meta_path} is missing or not JSON ({err}); save_adapters writes it beside "
-                                f"{path.name}, and load_adapters needs it to know which projections to adapt.")
+        raise AdapterFileError(f"{meta_path} is missing or not JSON ({err}); save_adapters writes it beside "
+                                f"{path.name}, and load_adapters needs it to know which projections to adapt.") from err
     if metadata.get("format") != FORMAT:
         raise AdapterMismatchError(f"{meta_path} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
     saved_hash = metadata["base_hash"]

@@ -12,9 +12,15 @@ import types
 import typing as tp
 from pathlib import Path
 
+from .errors import UserError
 
-class UnsafeCheckpointError(RuntimeError):
+
+class UnsafeCheckpointError(UserError, RuntimeError):
     """A file needs arbitrary code to unpickle; it was refused."""
+
+
+class UnreadableCheckpointError(UserError, ValueError):
+    """A file is not a readable torch file (truncated, corrupt, another format)."""
 
 
 def t5_width(t5_dir: tp.Union[str, Path]) -> int:
@@ -51,6 +57,7 @@ def accept_local_t5_dirs() -> None:
 def _checkpoint_globals() -> tp.List[tp.Any]:
     """What AudioCraft's checkpoints pickle besides tensors: the Hydra config (omegaconf) in 'xp.cfg'."""
     import collections
+
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode, ValueNode
@@ -62,7 +69,7 @@ def refused(path: tp.Union[str, Path], err: Exception) -> Exception:
     """The error for a file the weights-only unpickler refused, naming the file and what to do."""
     text = str(err)
     if "Weights only load failed" not in text and "Unsupported global" not in text:
-        return ValueError(f"{path} is not a readable torch file, it may be truncated or corrupt "
+        return UnreadableCheckpointError(f"{path} is not a readable torch file, it may be truncated or corrupt "
                           f"({text.strip()[:120]}); copy or export it again.")
     first_line = (text.strip().splitlines() or [type(err).__name__])[0]
     return UnsafeCheckpointError(

@@ -10,23 +10,31 @@
   (caches.py), so that epochs after the first do not encode the same audio and captions again.
 """
 import contextlib
-import json
 import math
 import typing as tp
-from pathlib import Path
 from unittest import mock
 
 import flashy
 import torch
-from audiocraft import models
-from audiocraft.data.audio_dataset import load_audio_meta
 from audiocraft.data.music_dataset import MusicDataset
-from audiocraft.utils.utils import get_dataset_from_loader
 from audiocraft.solvers import builders
 from audiocraft.solvers.musicgen import MusicGenSolver
+from audiocraft.utils.utils import get_dataset_from_loader
 from dora import git_save
 
-from . import caches, lora, model_dir, output_dir
+from audiocraft import models
+
+from . import caches, lora
+from .data.dataset import count_segments, read_each_segment_once
+from .errors import UserError
+from .experiments import HISTORY_FILE, best_epoch, write_done
+from .models import folder as model_dir
+from .paths import output_dir
+
+
+class TrainingRefusedError(UserError, ValueError):
+    """Training cannot start or resume as asked (a replaced base model, a setting that does not fit); the message
+    says why and how to go on."""
 
 
 def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
@@ -34,62 +42,13 @@ def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
     infos = batch[-1]
     size = len(infos)
     if size < parts:
-        raise ValueError(f"a batch of {size} cannot be split in optim.grad_accum_steps={parts} micro-batches; "
-                         f"raise dataset.batch_size or lower optim.grad_accum_steps.")
+        raise TrainingRefusedError(f"a batch of {size} cannot be split in optim.grad_accum_steps={parts} "
+                                   "micro-batches; raise dataset.batch_size or lower optim.grad_accum_steps.")
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     micro_batches = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
         micro_batches.append(tuple(part[start:end] for part in batch))
     return micro_batches
-
-
-def count_segments(split_path: str) -> int:
-    """Number of audio files in a manifest folder (data.jsonl[.gz]) or file, as AudioCraft reads it."""
-    path = Path(split_path)
-    if path.is_dir():
-        candidates = [path / "data.jsonl", path / "data.jsonl.gz"]
-        found = [c for c in candidates if c.exists()]
-        if not found:
-            raise FileNotFoundError(f"no data.jsonl in {path}: run `make manifests` for this dataset first.")
-        path = found[0]
-    elif not path.exists():
-        raise FileNotFoundError(f"manifest {path} does not exist: run `make manifests` for this dataset first.")
-    return len(load_audio_meta(path))
-
-
-class SegmentOnceMusicDataset(MusicDataset):
-    """Reads segment `index` for index `index`: upstream's AudioDataset draws a random file for every index, even
-    unshuffled (audio_dataset.py `sample_file`), so its validation covers some segments twice and others never."""
-
-    def sample_file(self, index: int, rng: torch.Generator):
-        return self.meta[index % len(self.meta)]
-
-
-def read_each_segment_once(dataset: MusicDataset) -> MusicDataset:
-    """Our segments are pre-cut: validate on each exactly once (a class, not a lambda: workers pickle it)."""
-    dataset.__class__ = SegmentOnceMusicDataset
-    return dataset
-
-
-DONE_FILE = "done.json"
-
-
-def best_epoch(history: tp.List[dict], metric: str = "ce") -> tp.Optional[int]:
-    """The 1-based epoch of the lowest validation `metric` in a dora history (None before any validation)."""
-    scores = [(epoch["valid"][metric], index + 1) for index, epoch in enumerate(history)
-              if metric in epoch.get("valid", {})]
-    return min(scores)[1] if scores else None
-
-
-def write_done(folder: Path, reason: str, history: tp.List[dict], metric: str) -> None:
-    """`<xp>/done.json`: the run ended for good (not a stop_after_epoch pause), for `make grid` and reports."""
-    done = {"reason": reason, "epochs": len(history), "best_epoch": best_epoch(history, metric), "metric": metric}
-    (folder / DONE_FILE).write_text(json.dumps(done, indent=2) + "\n")
-
-
-def read_done(folder: Path) -> tp.Optional[dict]:
-    path = Path(folder) / DONE_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class AdapterView(torch.nn.Module):
@@ -178,11 +137,11 @@ class FinetuneSolver(MusicGenSolver):
             yield
             return
         if not (self.cfg.continue_from or "").startswith(model_dir.PRETRAINED_PREFIX):
-            raise ValueError("lora.enabled=true adapts a pretrained model: set continue_from=//pretrained/<model "
-                             "folder> (make train MODEL=... does).")
+            raise TrainingRefusedError("lora.enabled=true adapts a pretrained model: set "
+                                       "continue_from=//pretrained/<model folder> (make train MODEL=... does).")
         if self.cfg.fsdp.use:
-            raise ValueError("lora.enabled=true does not support fsdp.use=true (FSDP shards what LoRA does not "
-                             "train): turn it off.")
+            raise TrainingRefusedError("lora.enabled=true does not support fsdp.use=true (FSDP shards what LoRA "
+                                       "does not train): turn it off.")
         upstream_get_lm_model = models.builders.get_lm_model
 
         def get_lm_model(cfg):
@@ -198,7 +157,7 @@ class FinetuneSolver(MusicGenSolver):
 
     def build_model(self) -> None:
         if self.grad_accum_steps > 1 and self.cfg.fsdp.use:
-            raise ValueError("optim.grad_accum_steps > 1 is not supported with fsdp.use=true.")
+            raise TrainingRefusedError("optim.grad_accum_steps > 1 is not supported with fsdp.use=true.")
         self.fit_warmup_to_run()
         self.base_model: tp.Optional[dict] = None  # {"path", "hash"} of the model this run continued from
         with self.lm_with_adapters():
@@ -290,7 +249,7 @@ class FinetuneSolver(MusicGenSolver):
         model_state = {k: v for k, v in self.model.state_dict().items() if not lora.is_adapter_key(k)}
         report = model_dir.compare_state_dicts(model_state, state["best_state"]["model"])
         if report.unexpected or report.mismatched:
-            raise ValueError(
+            raise TrainingRefusedError(
                 f"{source} does not fit the LM this config builds: {report.describe()}. `make train MODEL=` reads "
                 "the architecture from the model's xp.cfg; check the overrides given in ARGS.")
         self.logger.info("Loaded pretrained LM weights from %s: %d of %d tensors matched%s", source,
@@ -326,13 +285,13 @@ class FinetuneSolver(MusicGenSolver):
         folder would otherwise be silently ignored, or mixed with adapters trained on another). Its weights."""
         prefix = model_dir.PRETRAINED_PREFIX
         if not (self.cfg.continue_from or "").startswith(prefix):
-            raise ValueError(f"Resuming needs the model the run started from: continue_from=//pretrained/<folder> "
-                             f"(it was {saved['path']}).")
+            raise TrainingRefusedError("Resuming needs the model the run started from: "
+                                       f"continue_from=//pretrained/<folder> (it was {saved['path']}).")
         name = self.cfg.continue_from[len(prefix):]
         base = super().load_from_pretrained(name)["best_state"]["model"]
         base_hash = lora.base_model_hash(base)
         if base_hash != saved["hash"]:
-            raise ValueError(f"{what} {saved['path']} (base hash {saved['hash'][:16]}), but "
+            raise TrainingRefusedError(f"{what} {saved['path']} (base hash {saved['hash'][:16]}), but "
                              f"{model_dir.lm_file(name)} now has hash {base_hash[:16]}: put that model back, or "
                              "start this experiment again from the new one with `make train ... FRESH=1` "
                              "(dora run --clear).")
@@ -345,7 +304,7 @@ class FinetuneSolver(MusicGenSolver):
         adapters were trained on, and complete the checkpoint's model and best state with it."""
         saved = state.pop("lora")
         if not self.lora_config.enabled:
-            raise ValueError("This checkpoint holds LoRA adapters only; resume it with lora.enabled=true.")
+            raise TrainingRefusedError("This checkpoint holds LoRA adapters only; resume it with lora.enabled=true.")
         base = self.check_base_model(saved, "The adapters in this checkpoint were trained on")
         state["model"] = {**base, **state["model"]}
         state["best_state"] = {key: {**base, **values} for key, values in state["best_state"].items()}
@@ -374,7 +333,7 @@ class FinetuneSolver(MusicGenSolver):
     def run(self):
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)
         self.logger.info("Checkpoint: %s, samples: %s, metrics: %s", self.checkpoint_path(),
-                         self.folder / self.cfg.generate.path, self.folder / "history.json")
+                         self.folder / self.cfg.generate.path, self.folder / HISTORY_FILE)
         self.stop_reason: tp.Optional[str] = None
         super().run()
         if self.stop_reason is None and self.epoch > self.cfg.optim.epochs:

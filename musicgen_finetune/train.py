@@ -1,7 +1,8 @@
 """The dora entry point: `dora -P musicgen_finetune run solver=finetune/... key=value ...`.
 
 The same steps as AudioCraft's `audiocraft/train.py` `main`, with our config overlay (config/) on top of
-upstream's tree, our teams file and dora directory, the hub switched off, and our patches applied. It also
+upstream's tree, our teams file and dora directory, the hub switched off (the package's import prepared the
+environment), and our patches applied. It also
 stands in for `audiocraft.train`, which upstream code imports to resolve checkpoints and signatures.
 """
 import multiprocessing
@@ -10,19 +11,20 @@ import random
 import sys
 import typing as tp
 
-from . import environment
+import flashy
+import hydra
+import numpy as np
+import omegaconf
+import torch
+from audiocraft.environment import AudioCraftEnvironment
+from audiocraft.modules.transformer import set_efficient_attention_backend
+from audiocraft.utils.cluster import get_slurm_parameters
+from dora import XP, git_save, hydra_main
 
-environment.prepare()  # before dora, Hydra and AudioCraft read the environment
+from audiocraft import solvers
 
-import flashy  # noqa: E402
-import hydra  # noqa: E402
-import omegaconf  # noqa: E402
-from dora import XP, git_save, hydra_main  # noqa: E402
-
-from audiocraft.environment import AudioCraftEnvironment  # noqa: E402
-from audiocraft.utils.cluster import get_slurm_parameters  # noqa: E402
-
-from . import patches  # noqa: E402
+from . import patches
+from .solver import FinetuneSolver
 
 patches.apply()
 patches.register_train_module(sys.modules[__name__])
@@ -62,8 +64,6 @@ def check_required(cfg: omegaconf.DictConfig) -> None:
 
 
 def get_solver(cfg: omegaconf.DictConfig):
-    from audiocraft import solvers
-    from .solver import FinetuneSolver
     check_required(cfg)
     split_batch_over_gpus(cfg)
     for split, path in cfg.datasource.items():
@@ -99,9 +99,6 @@ def get_solver_from_sig(sig: str, *args, **kwargs):
 
 
 def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
-    import numpy as np
-    import torch
-    from audiocraft.modules.transformer import set_efficient_attention_backend
     multiprocessing.set_start_method(cfg.mp_start_method, force=True)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)

@@ -37,20 +37,20 @@ def workdir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(workdir) -> Path:
-    from musicgen_finetune.tiny_model import write_tiny_model
+    from musicgen_finetune.models.tiny import write_tiny_model
     return write_tiny_model(workdir / "tiny-musicgen", seed=0)
 
 
 @pytest.fixture(scope="session")
 def beats(workdir) -> Path:
-    from musicgen_finetune.synth808 import write_dataset
+    from musicgen_finetune.data.synthetic import write_dataset
     return write_dataset(workdir / "beats", count=8, seconds=3.0, seed=808)
 
 
 @pytest.fixture(scope="session")
 def dataset(beats) -> Path:
     """The beats cut into 1 s segments (short segments keep the end-to-end runs fast)."""
-    from musicgen_finetune.data import ManifestOptions, build_manifests
+    from musicgen_finetune.data.manifests import ManifestOptions, build_manifests
     return build_manifests(beats, DATASET, ManifestOptions(segment=1.0, valid=0.25))
 
 

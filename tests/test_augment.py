@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from musicgen_finetune import augment
-from musicgen_finetune.data import DatasetError, ManifestOptions, build_manifests
+from musicgen_finetune.data import augment
+from musicgen_finetune.data.manifests import DatasetError, ManifestOptions, build_manifests
 
 RATE = 22050
 

@@ -10,10 +10,11 @@ import statistics
 import time
 
 import pytest
-
 from conftest import run_tool
-from musicgen_finetune import bench
-from musicgen_finetune.bench import MatrixParams, StepConfig
+
+from musicgen_finetune.bench import flops, isolation, matrix, pipeline, results
+from musicgen_finetune.bench.flops import MatrixParams
+from musicgen_finetune.bench.matrix import StepConfig
 
 QUICK_ROWS = {(mode, tokens, batch) for mode in ("full", "lora") for tokens in ("cached", "uncached")
               for batch in (1, 2)}
@@ -52,8 +53,8 @@ def test_quick_bench_derived_fields_follow_from_the_measurements(quick):
         assert row["tokens_per_step"] == row["batch"] * row["frames"] * row["codebooks"]
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_s"], rel=1e-3)
         assert row["audio_s_per_s"] == pytest.approx(row["batch"] * row["segment_s"] / row["step_s"], rel=1e-3)
-        arch = bench.ARCHITECTURES[row["arch"]]
-        assert row["flops_per_step"] == bench.training_flops(MatrixParams(**row["matrix_params"]), row["batch"],
+        arch = matrix.ARCHITECTURES[row["arch"]]
+        assert row["flops_per_step"] == flops.training_flops(MatrixParams(**row["matrix_params"]), row["batch"],
                                                              row["positions"], row["text_tokens"], arch.layers,
                                                              arch.dim)
         params = row["matrix_params"]
@@ -107,26 +108,26 @@ def test_quick_bench_markdown_names_the_machine_and_has_one_line_per_row(quick):
 
 def test_training_flops_by_hand():
     # full: 6 x (100 x 2 x 10 + 20 x 2 x 3) = 12,720; attention: 3 x 2 x 1 x (2 x 10^2 x 4 + 4 x 10 x 3 x 4) = 7,680
-    assert bench.training_flops(MatrixParams(100, 100, 20, 20), batch=2, positions=10, text_tokens=3, layers=1,
+    assert flops.training_flops(MatrixParams(100, 100, 20, 20), batch=2, positions=10, text_tokens=3, layers=1,
                                 dim=4) == 20_400
     # LoRA: (4 x 100 + 2 x 10) x 20 + (4 x 20 + 2 x 2) x 6 = 8,904, the same attention
-    assert bench.training_flops(MatrixParams(100, 10, 20, 2), batch=2, positions=10, text_tokens=3, layers=1,
+    assert flops.training_flops(MatrixParams(100, 10, 20, 2), batch=2, positions=10, text_tokens=3, layers=1,
                                 dim=4) == 16_584
 
 
 def test_mfu_and_gpu_peaks():
-    assert bench.mfu(989e12 * 0.5, 1.0, 989.0) == pytest.approx(0.5)
-    assert bench.mfu(330e12, 2.0, 165.0) == pytest.approx(1.0)
-    assert bench.mfu(1e12, 1.0, None) is None
-    assert bench.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989
-    assert bench.gpu_peak_tflops("NVIDIA H100 PCIe") == 756
-    assert bench.gpu_peak_tflops("NVIDIA H200") == 989
-    assert bench.gpu_peak_tflops("NVIDIA A100-SXM4-40GB") == 312
-    assert bench.gpu_peak_tflops("NVIDIA A10G") == 70
-    assert bench.gpu_peak_tflops("NVIDIA GeForce RTX 4090") == 165
-    assert bench.gpu_peak_tflops("NVIDIA L4") == 121
-    assert bench.gpu_peak_tflops("NVIDIA L40S") == 362
-    assert bench.gpu_peak_tflops("Tesla V100-SXM2-16GB") is None and bench.gpu_peak_tflops(None) is None
+    assert flops.mfu(989e12 * 0.5, 1.0, 989.0) == pytest.approx(0.5)
+    assert flops.mfu(330e12, 2.0, 165.0) == pytest.approx(1.0)
+    assert flops.mfu(1e12, 1.0, None) is None
+    assert flops.gpu_peak_tflops("NVIDIA H100 80GB HBM3") == 989
+    assert flops.gpu_peak_tflops("NVIDIA H100 PCIe") == 756
+    assert flops.gpu_peak_tflops("NVIDIA H200") == 989
+    assert flops.gpu_peak_tflops("NVIDIA A100-SXM4-40GB") == 312
+    assert flops.gpu_peak_tflops("NVIDIA A10G") == 70
+    assert flops.gpu_peak_tflops("NVIDIA GeForce RTX 4090") == 165
+    assert flops.gpu_peak_tflops("NVIDIA L4") == 121
+    assert flops.gpu_peak_tflops("NVIDIA L40S") == 362
+    assert flops.gpu_peak_tflops("Tesla V100-SXM2-16GB") is None and flops.gpu_peak_tflops(None) is None
 
 
 def gpu_config(**changes) -> StepConfig:
@@ -141,18 +142,18 @@ def measured_on_gpu(flops: float, times) -> dict:
 
 
 def test_row_mfu_on_a_known_and_an_unknown_gpu():
-    row = bench.make_row(gpu_config(), measured_on_gpu(1e15, [2.0, 2.0]), "NVIDIA H100 80GB HBM3", 989.0)
+    row = results.make_row(gpu_config(), measured_on_gpu(1e15, [2.0, 2.0]), "NVIDIA H100 80GB HBM3", 989.0)
     assert row["step_s"] == 2.0 and row["tokens_per_s"] == 4 * 1500 * 4 / 2.0
     assert row["mfu"] == pytest.approx(5e14 / 989e12, abs=1e-4) and row["peak_tflops"] == 989.0
-    unknown = bench.make_row(gpu_config(), measured_on_gpu(1e15, [2.0]), "NVIDIA Future GPU", None)
+    unknown = results.make_row(gpu_config(), measured_on_gpu(1e15, [2.0]), "NVIDIA Future GPU", None)
     assert unknown["mfu"] is None and "NVIDIA Future GPU" in unknown["mfu_note"]
 
 
 def test_gpu_goals_from_rows():
-    rows = [bench.make_row(gpu_config(mode=mode), {**measured_on_gpu(flops, [1.0]), "peak_gib": peak},
+    rows = [results.make_row(gpu_config(mode=mode), {**measured_on_gpu(flops, [1.0]), "peak_gib": peak},
                            "NVIDIA H100 80GB HBM3", 989.0)
             for mode, flops, peak in (("full", 400e12, 15.0), ("lora", 300e12, 11.0))]
-    goals = {g["goal"].split(" (")[0]: g for g in bench.gpu_goals(rows, "cuda")}
+    goals = {g["goal"].split(" (")[0]: g for g in results.gpu_goals(rows, "cuda")}
     assert goals["full fine-tuning peak < 16 GiB"]["met"] is True
     assert goals["LoRA peak < 10 GiB"]["met"] is False and goals["LoRA peak < 10 GiB"]["value"] == 11.0
     assert goals["MFU >= 35%"]["met"] is True and goals["MFU >= 35%"]["value"] == pytest.approx(400 / 989, abs=1e-4)
@@ -160,59 +161,59 @@ def test_gpu_goals_from_rows():
 
 def test_an_impossible_config_becomes_an_error_row():
     config = StepConfig("tiny", "full", "cached", batch=0, segment_s=1.0, timeout_s=120)
-    measured = bench.measure_in_subprocess(config)  # `python -m musicgen_finetune.bench step --batch=0 ...`
+    measured = isolation.measure_in_subprocess(config)  # `python -m musicgen_finetune.bench step --batch=0 ...`
     assert "batch" in measured["error"] and "must be >= 1" in measured["error"]
-    row = bench.make_row(config, measured, "cpu", None)
+    row = results.make_row(config, measured, "cpu", None)
     assert row["error"] == measured["error"] and row["step_s"] is None and row["tokens_per_s"] is None
-    forked = bench.measure_forked(config)
+    forked = isolation.measure_forked(config)
     assert forked["error"] == measured["error"]
 
 
 def test_a_config_past_its_timeout_becomes_an_error_row():
     config = StepConfig("tiny", "full", "cached", batch=1, segment_s=1.0, timeout_s=0.5)
-    assert bench.measure_in_subprocess(config) == {"error": "timed out after 0.5 s"}
+    assert isolation.measure_in_subprocess(config) == {"error": "timed out after 0.5 s"}
 
 
 def test_a_killed_or_stuck_child_becomes_an_error_row(monkeypatch):
     config = StepConfig("tiny", "full", "cached", batch=1, segment_s=1.0, timeout_s=0.5)
-    monkeypatch.setattr(bench, "step_measurement", lambda config: os.kill(os.getpid(), signal.SIGKILL))
-    assert bench.measure_forked(config) == {"error": "killed by SIGKILL (out of memory?)"}  # as the OOM killer does
-    monkeypatch.setattr(bench, "step_measurement", lambda config: time.sleep(30))
-    assert bench.measure_forked(config) == {"error": "timed out after 0.5 s"}
+    monkeypatch.setattr(isolation, "step_measurement", lambda config: os.kill(os.getpid(), signal.SIGKILL))
+    assert isolation.measure_forked(config) == {"error": "killed by SIGKILL (out of memory?)"}  # as the OOM killer does
+    monkeypatch.setattr(isolation, "step_measurement", lambda config: time.sleep(30))
+    assert isolation.measure_forked(config) == {"error": "timed out after 0.5 s"}
 
 
 def test_the_demo_runs_with_every_output_path_in_a_temporary_folder(tmp_path):
     makefile = tmp_path / "Makefile"
     makefile.write_text("DEMO_MODEL ?= output/models/tiny\nDEMO_NAME ?= demo\nDEMO_NEW_DATA ?= output/data/new\n"
                         "OUT ?=\n")
-    assert bench.demo_path_overrides(makefile, tmp_path / "out") == [
+    assert pipeline.demo_path_overrides(makefile, tmp_path / "out") == [
         f"DEMO_MODEL={tmp_path / 'out/models/tiny'}", f"DEMO_NEW_DATA={tmp_path / 'out/data/new'}"]
 
 
 def test_failures_are_named():
-    assert bench.describe_exit(-9) == "killed by SIGKILL (out of memory?)"
-    assert bench.describe_exit(1, "Traceback...\nValueError: bad") == "exited with code 1: ValueError: bad"
-    assert bench.describe_failure(MemoryError()) == "out of memory"
-    assert bench.describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).startswith(
+    assert isolation.describe_exit(-9) == "killed by SIGKILL (out of memory?)"
+    assert isolation.describe_exit(1, "Traceback...\nValueError: bad") == "exited with code 1: ValueError: bad"
+    assert isolation.describe_failure(MemoryError()) == "out of memory"
+    assert isolation.describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).startswith(
         "out of memory")
 
 
 def test_a_config_too_big_for_the_ram_is_skipped_with_its_estimate():
     config = StepConfig("musicgen-small", "full", "uncached", batch=10_000, segment_s=30.0)
-    reason = bench.memory_skip_reason(config)
+    reason = matrix.memory_skip_reason(config)
     assert reason.startswith("skipped: needs ~") and "GiB" in reason
-    assert bench.memory_skip_reason(StepConfig("tiny", "full", "cached", batch=1, segment_s=1.0)) is None
-    assert bench.estimated_peak_gib(StepConfig("musicgen-small", "lora", "cached", 4, 30.0)) < \
-        bench.estimated_peak_gib(StepConfig("musicgen-small", "full", "cached", 4, 30.0))
+    assert matrix.memory_skip_reason(StepConfig("tiny", "full", "cached", batch=1, segment_s=1.0)) is None
+    assert matrix.estimated_peak_gib(StepConfig("musicgen-small", "lora", "cached", 4, 30.0)) < \
+        matrix.estimated_peak_gib(StepConfig("musicgen-small", "full", "cached", 4, 30.0))
 
 
 def test_the_matrix():
-    quick = bench.matrix("cpu", quick=True)
+    quick = matrix.matrix("cpu", quick=True)
     assert {(c.arch, c.mode, c.tokens, c.batch, c.segment_s) for c in quick} == \
         {("tiny", m, t, b, 1.0) for m, t, b in QUICK_ROWS}
-    full_gpu = bench.matrix("cuda", quick=False)
+    full_gpu = matrix.matrix("cuda", quick=False)
     assert len(full_gpu) == 2 * 3 * 2 * 2 * 2 + 4 and all((c.warmup, c.steps) == (3, 10) for c in full_gpu)
     checkpointed = [c for c in full_gpu if c.checkpointing]
     assert {(c.arch, c.batch, c.segment_s) for c in checkpointed} == {("musicgen-small", 4, 30.0)}
-    assert not any(c.checkpointing for c in bench.matrix("cpu", quick=False))
-    assert all((c.warmup, c.steps) == (1, 2) for c in bench.matrix("cpu", quick=False))
+    assert not any(c.checkpointing for c in matrix.matrix("cpu", quick=False))
+    assert all((c.warmup, c.steps) == (1, 2) for c in matrix.matrix("cpu", quick=False))

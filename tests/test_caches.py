@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import DATASET, TRAIN, run_tool, xp_folder
+
 from musicgen_finetune import caches, environment
 
 environment.prepare()
@@ -142,7 +142,8 @@ def test_t5_cache_drops_least_recently_used_beyond_its_budget(musicgen):
 
 def test_token_cache_key_changes_with_weights_and_segment_duration(musicgen, tmp_path):
     from audiocraft.models import loaders
-    from musicgen_finetune.tiny_model import write_compression_model
+
+    from musicgen_finetune.models.tiny import write_compression_model
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     write_compression_model(other_dir, seed=1, codebook_size=64, num_codebooks=4)

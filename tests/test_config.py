@@ -5,13 +5,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from musicgen_finetune import model_dir
 from musicgen_finetune.config import compose
+from musicgen_finetune.models import folder as model_dir
+from musicgen_finetune.models import xp_cfg
 
 
 def architecture(cfg) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True)
-    return {section: plain.get(section) for section in model_dir.ARCHITECTURE_SECTIONS}
+    return {section: plain.get(section) for section in xp_cfg.ARCHITECTURE_SECTIONS}
 
 
 def test_upstream_groups_are_found_through_the_search_path():
@@ -138,6 +139,6 @@ def test_snapshot_does_not_undo_the_presets_runtime_choices(tiny_model):
     files = model_dir.check(tiny_model)
     assert files.xp_cfg.transformer_lm.checkpointing == "none"
     composed = compose(["solver=finetune/musicgen_small_lowmem"])
-    overrides = model_dir.architecture_overrides(files.xp_cfg, composed)
+    overrides = xp_cfg.architecture_overrides(files.xp_cfg, composed)
     assert overrides and not [o for o in overrides if o.startswith("transformer_lm.checkpointing")]
     assert compose(["solver=finetune/musicgen_small_lowmem", *overrides]).transformer_lm.checkpointing == "torch"

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musicgen_finetune import data
-from musicgen_finetune.audio_analysis import estimate_key, estimate_tempo, segment_bounds
-from musicgen_finetune.data import DatasetError, ManifestOptions, build_manifests
+from musicgen_finetune.data import manifests as data
+from musicgen_finetune.data.audio import estimate_key, estimate_tempo, segment_bounds
+from musicgen_finetune.data.manifests import DatasetError, ManifestOptions, build_manifests
 
 RATE = 44100
 
@@ -273,7 +273,7 @@ def test_make_manifests_command_prints_the_summary_and_strict_fails(beats, workd
     assert "skipped   train/beat_002.wav: not decodable audio" in result.stdout
     assert "segments  1 s: every segment is a full 1 s" in result.stdout
     strict = run_tool(["tools/manifests.py", "--data", str(folder), "--name", "cli2", "--strict"], workdir)
-    assert strict.returncode == 1 and "error: train/beat_002.wav: not decodable audio" in strict.stderr
+    assert strict.returncode == 2 and "error: train/beat_002.wav: not decodable audio" in strict.stderr
     assert not (workdir / "manifests" / "cli2").exists()
 
 

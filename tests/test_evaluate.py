@@ -5,7 +5,6 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import DATASET, run_tool, train, xp_folder
 from test_report_page import Watched, browser, watched  # noqa: F401  (browser fixtures)
 
@@ -16,9 +15,9 @@ GENERAL = "chiptune-test"
 def general_model(workdir, beats, dataset):
     """A tiny model whose codec was trained on both styles, then trained for a few epochs on chiptune: a base
     that knows another style, with audio that shows which style its tokens carry (as in `make demo`)."""
-    from musicgen_finetune.data import ManifestOptions, build_manifests
-    from musicgen_finetune.synth808 import write_dataset
-    from musicgen_finetune.tiny_model import write_tiny_model
+    from musicgen_finetune.data.manifests import ManifestOptions, build_manifests
+    from musicgen_finetune.data.synthetic import write_dataset
+    from musicgen_finetune.models.tiny import write_tiny_model
     data = write_dataset(workdir / "chiptune", count=8, seconds=3.0, seed=7, style="chiptune")
     build_manifests(data, GENERAL, ManifestOptions(segment=1.0, valid=0.25))
     styled = write_tiny_model(workdir / "tiny-styled", seed=0, codec_data=[beats, data])  # as `make demo`
@@ -59,10 +58,11 @@ def test_the_briefly_trained_codec_keeps_the_styles_apart(general_model, workdir
     """What the audio measures below rest on: decoded through the demo's tiny codec, 808 clips keep their sub-bass
     and chiptune clips (almost none below 120 Hz) do not gain it; a codec that collapsed decodes every clip alike."""
     import torch
-    from musicgen_finetune.metrics import low_freq_ratio
-    from musicgen_finetune.model_dir import COMPRESSION_FILE
-    from musicgen_finetune.tiny_model import read_clips
     from audiocraft.models.loaders import load_compression_model
+
+    from musicgen_finetune.evaluation.metrics import low_freq_ratio
+    from musicgen_finetune.models.folder import COMPRESSION_FILE
+    from musicgen_finetune.models.tiny import read_clips
     codec = load_compression_model(str(general_model / COMPRESSION_FILE), device="cpu")
     ratios = {}
     for style, folder in (("808", beats), ("chiptune", workdir / "chiptune")):
@@ -98,12 +98,13 @@ def test_fine_tuned_audio_moves_toward_the_808_references(evaluated):
 def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model):
     """Eval and training read the same valid segments, each once, and compute the same loss; training then
     averages its batches (of 4 here), eval every token alike."""
-    from musicgen_finetune.evaluate import cross_entropy, valid_dataset
+    from musicgen_finetune.data.dataset import PreparedDataset
+    from musicgen_finetune.evaluation.evaluate import cross_entropy
     from musicgen_finetune.generate import load
     _, report = evaluated
     export = json.loads((tuned_model[0] / "export.json").read_text())
     model = load(tuned_model[0], device="cpu")
-    dataset = valid_dataset(DATASET, model.sample_rate, model.audio_channels)
+    dataset = PreparedDataset(DATASET).segments_once("valid", model.sample_rate, model.audio_channels)
     batches = [cross_entropy(model, [dataset[i] for i in range(start, min(start + 4, len(dataset)))])
                for start in range(0, len(dataset), 4)]
     assert math.isclose(sum(b["ce"] for b in batches) / len(batches), export["valid_ce"], abs_tol=1e-4)
@@ -112,13 +113,13 @@ def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model
 
 
 def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_model, tiny_model):
-    from musicgen_finetune import lora
-    from musicgen_finetune.evaluate import EvalError, evaluate
-    from musicgen_finetune.generate import load
+    from musicgen_finetune import UserError, lora
+    from musicgen_finetune.evaluation.evaluate import EvalOptions, evaluate
+    from musicgen_finetune.generate import Sampling, load
 
     def refusal(**kwargs) -> str:
-        with pytest.raises(EvalError) as error:
-            evaluate(str(general_model), DATASET, **kwargs)
+        with pytest.raises(UserError) as error:
+            evaluate(EvalOptions(str(general_model), DATASET, **kwargs))
         return str(error.value)
     missing = refusal(tuned=str(tuned_model[0]), general="no-such-set")
     assert "GENERAL=no-such-set" in missing and "make manifests" in missing
@@ -129,8 +130,7 @@ def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_m
     lora.inject(model.lm, lora.LoraConfig(enabled=True, rank=2, alpha=4))
     lora.save_adapters(model.lm, lora_on_other_base, lora.LoraConfig(enabled=True, rank=2, alpha=4))
     assert "trained on another base model" in refusal(adapter=str(lora_on_other_base))
-    assert "DURATION=0" in str(pytest.raises(Exception, evaluate, str(general_model), DATASET,
-                                             tuned=str(tuned_model[0]), duration=0).value)
+    assert "DURATION=0" in refusal(tuned=str(tuned_model[0]), sampling=Sampling(duration=0))
     assert not (workdir / "output" / "reports" / DATASET).exists()  # nothing written for a refused run
 
 
@@ -176,7 +176,7 @@ def test_report_page_loads_in_chromium(evaluated, watched):  # noqa: F811
 
 
 def test_a_new_report_keeps_the_previous_blind_choices_aside(tmp_path):
-    from musicgen_finetune.evaluate import keep_previous_choices
+    from musicgen_finetune.evaluation.evaluate import keep_previous_choices
     previous, new = tmp_path / "report", tmp_path / "report.partial"
     previous.mkdir()
     new.mkdir()

@@ -4,9 +4,10 @@ import json
 import pytest
 import soundfile as sf
 import torch
-
 from conftest import run_tool, xp_folder
-from musicgen_finetune import export, generate, lora, model_dir
+
+from musicgen_finetune import export, generate, lora
+from musicgen_finetune.models import folder as model_dir
 from musicgen_finetune.patches import safe_load
 
 PROMPT = "hip hop 808 beat, 140 bpm"
@@ -47,6 +48,7 @@ def test_last_state_on_request(first_run, tmp_path):
 def test_export_loads_with_audiocraft_own_loaders(full_export):
     """Upstream's loaders, with our patches (the T5 is a local folder)."""
     from audiocraft.models import loaders
+
     from musicgen_finetune import patches
     patches.apply()
     lm = loaders.load_lm_model(str(full_export))

@@ -2,7 +2,6 @@
 import re
 
 import torch
-
 from conftest import DATASET, run_tool, xp_folder
 
 
@@ -40,6 +39,7 @@ def test_grid_runs_each_experiment_once_and_tables_both(first_run, workdir, tiny
 
 def test_grid_names_what_is_missing(monkeypatch):
     import pytest
+
     from musicgen_finetune import grid
     from musicgen_finetune.launch import LaunchError
     monkeypatch.setenv("MODEL", "")

@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_tool, train, xp_folder
 from omegaconf import OmegaConf
 
-from musicgen_finetune import environment, hf_bridge, model_dir
-
-from conftest import run_tool, train, xp_folder
+from musicgen_finetune import environment
+from musicgen_finetune.models import folder as model_dir
+from musicgen_finetune.models import xp_cfg
+from musicgen_finetune.models.hf import convert as hf_bridge
 
 environment.prepare()
 
@@ -22,10 +24,20 @@ AUDIO_ATOL = 1e-6       # float32; the two EnCodecs run the same convolutions: m
 def build_hf_model(folder: Path, seed: int = 0) -> Path:
     """A tiny random transformers MusicGen (T5 width 32, EnCodec with 4 x 64 codebooks and a 1-layer LSTM, decoder
     64 wide, 2 layers, 2 heads, ffn 128) + its processor, as save_pretrained writes them."""
-    from transformers import (EncodecConfig, EncodecFeatureExtractor, EncodecModel, GenerationConfig,
-                              MusicgenDecoderConfig, MusicgenForCausalLM, MusicgenForConditionalGeneration,
-                              MusicgenProcessor, T5EncoderModel, T5Tokenizer)
-    from musicgen_finetune.tiny_model import write_t5
+    from transformers import (
+        EncodecConfig,
+        EncodecFeatureExtractor,
+        EncodecModel,
+        GenerationConfig,
+        MusicgenDecoderConfig,
+        MusicgenForCausalLM,
+        MusicgenForConditionalGeneration,
+        MusicgenProcessor,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    from musicgen_finetune.models.tiny import write_t5
     t5_dir = write_t5(folder.parent / f"{folder.name}-t5", seed=seed + 1, width=T5_WIDTH)
     torch.manual_seed(seed)
     audio = EncodecModel(EncodecConfig(
@@ -82,7 +94,8 @@ def exported(imported, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def both(hf_model, imported):
     """transformers' model and AudioCraft's MusicGen (as `generate.load` builds it) for the same weights."""
-    from transformers import MusicgenForConditionalGeneration, AutoProcessor
+    from transformers import AutoProcessor, MusicgenForConditionalGeneration
+
     from musicgen_finetune.generate import load
     return (MusicgenForConditionalGeneration.from_pretrained(hf_model).eval(), AutoProcessor.from_pretrained(hf_model),
             load(imported, device="cpu"))
@@ -215,7 +228,7 @@ def test_audiocraft_round_trip_of_the_tiny_model(tiny_model, tmp_path):
             assert torch.equal(tensor.float(), after["best_state"][key].float()), (name, key)
     lm_before, lm_after = (OmegaConf.create(torch.load(f / model_dir.LM_FILE, weights_only=True)["xp.cfg"])
                            for f in (tiny_model, back))
-    assert model_dir.architecture_overrides(lm_after, lm_before) == []
+    assert xp_cfg.architecture_overrides(lm_after, lm_before) == []
     assert lm_after.conditioners.description.t5.name == model_dir.T5_SUBDIR
     c_before, c_after = (OmegaConf.create(torch.load(f / model_dir.COMPRESSION_FILE, weights_only=True)["xp.cfg"])
                          for f in (tiny_model, back))
@@ -247,6 +260,7 @@ def meta_state(shapes):
 def test_musicgen_small_shapes_map_both_ways():
     """Full size, on the meta device (no memory, nothing run): every tensor of musicgen-small maps, both ways."""
     from transformers import EncodecConfig, MusicgenConfig, MusicgenDecoderConfig, T5Config
+
     from musicgen_finetune.config import compose
     hf_config = MusicgenConfig.from_sub_models_config(T5Config(**MUSICGEN_SMALL["text_encoder"]),
                                                       EncodecConfig(**MUSICGEN_SMALL["audio_encoder"]),
@@ -260,7 +274,7 @@ def test_musicgen_small_shapes_map_both_ways():
     assert converted.keys() == plan.expected.keys()
     # ... whose configs are AudioCraft's own musicgen-small (the EnCodec's padding apart: see the module doc)
     small_lm, small_encodec = compose([hf_bridge.LM_SOLVER]), compose([hf_bridge.COMPRESSION_SOLVER])
-    assert model_dir.architecture_overrides(plan.lm_cfg, small_lm) == []
+    assert xp_cfg.architecture_overrides(plan.lm_cfg, small_lm) == []
     assert {k: v for k, v in OmegaConf.to_container(plan.compression_cfg.seanet).items() if k != "pad_mode"} == \
            {k: v for k, v in OmegaConf.to_container(small_encodec.seanet).items() if k != "pad_mode"}
     assert (small_encodec.seanet.pad_mode, plan.compression_cfg.seanet.pad_mode) == ("constant", "reflect")
@@ -427,6 +441,7 @@ def test_imported_transformers_model_trains_and_exports_back(hf_model, workdir, 
     """The transformers folder itself as MODEL (converted through the cache), trained by the real dora run, then
     exported (`make export`) and converted back to transformers, which loads it."""
     from transformers import MusicgenForConditionalGeneration
+
     from musicgen_finetune.export import export
     result = train(workdir, hf_model, args="optim.epochs=1")  # MODEL= the transformers folder itself
     model = hf_bridge.ensure_audiocraft_layout(hf_model)  # where make train converted it

@@ -5,8 +5,15 @@ import math
 import numpy as np
 import pytest
 
-from musicgen_finetune.metrics import (ClapFolderError, bpm_from_text, clap_scores, descriptors, frechet_distance,
-                                       summarize, tempo_error)
+from musicgen_finetune.evaluation.metrics import (
+    ClapFolderError,
+    bpm_from_text,
+    clap_scores,
+    descriptors,
+    frechet_distance,
+    summarize,
+    tempo_error,
+)
 
 RATE = 32000  # MusicGen's
 

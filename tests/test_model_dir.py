@@ -5,8 +5,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from musicgen_finetune import model_dir
-from musicgen_finetune.config import compose
+from musicgen_finetune.config import compose, hydra_value
+from musicgen_finetune.models import folder as model_dir
+from musicgen_finetune.models import xp_cfg
 
 
 def copy_model(tiny_model, tmp_path, name="model"):
@@ -88,7 +89,8 @@ def test_bad_explicit_t5_is_named(tiny_model, tmp_path):
 
 
 def test_pretrained_overrides_point_at_the_folder(tiny_model):
-    overrides = model_dir.pretrained_overrides(model_dir.check(tiny_model))
+    from musicgen_finetune.launch import pretrained_overrides
+    overrides = pretrained_overrides(model_dir.check(tiny_model))
     assert f"continue_from=//pretrained/{tiny_model}" in overrides  # //pretrained/ + /abs/path
     assert f"compression_model_checkpoint=//pretrained/{tiny_model}" in overrides
     assert f"conditioners.description.t5.name={tiny_model / 't5'}" in overrides
@@ -97,7 +99,7 @@ def test_pretrained_overrides_point_at_the_folder(tiny_model):
 def test_architecture_comes_from_the_snapshot(tiny_model):
     files = model_dir.check(tiny_model)
     run_cfg = compose(["solver=finetune/cpu_tiny"])
-    overrides = model_dir.architecture_overrides(files.xp_cfg, run_cfg)
+    overrides = xp_cfg.architecture_overrides(files.xp_cfg, run_cfg)
     applied = compose(["solver=finetune/cpu_tiny", *overrides])
     for section in ("transformer_lm", "codebooks_pattern"):
         assert OmegaConf.to_container(applied[section]) == OmegaConf.to_container(files.xp_cfg[section])
@@ -106,14 +108,14 @@ def test_architecture_comes_from_the_snapshot(tiny_model):
 
 def test_architecture_overrides_are_empty_for_a_matching_model():
     run_cfg = compose(["solver=finetune/musicgen_small"])
-    assert model_dir.architecture_overrides(run_cfg, run_cfg) == []
+    assert xp_cfg.architecture_overrides(run_cfg, run_cfg) == []
 
 
 @pytest.mark.parametrize("value, text", [(None, "null"), (True, "true"), (3, "3"), (0.5, "0.5"),
                                          ([0, 1, 2], "[0,1,2]"), ("delay", "delay"),
                                          ("a b", "'a b'"), ("it's", "'it\\'s'")])
 def test_hydra_values(value, text):
-    assert model_dir.hydra_value(value) == text
+    assert hydra_value(value) == text
 
 
 def test_state_dict_report():
@@ -129,7 +131,7 @@ def test_unresolvable_keys_outside_the_architecture_are_ignored(tiny_model):
     snapshot = OmegaConf.create(OmegaConf.to_yaml(files.xp_cfg))
     snapshot.dora.dir = "/checkpoint/${oc.env:NO_SUCH_VARIABLE_HERE}/outputs"
     run_cfg = compose(["solver=finetune/cpu_tiny"])
-    assert model_dir.architecture_overrides(snapshot, run_cfg) == model_dir.architecture_overrides(
+    assert xp_cfg.architecture_overrides(snapshot, run_cfg) == xp_cfg.architecture_overrides(
         files.xp_cfg, run_cfg)
 
 

@@ -17,7 +17,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from musicgen_finetune import plots, report_page
+from musicgen_finetune.evaluation import page as report_page
+from musicgen_finetune.evaluation import plots, server
 
 RATE = 32000
 MODELS = [{"id": "base", "label": "base model", "path": "/models/base", "adapter": None, "xp": None},
@@ -101,12 +102,12 @@ def report(report_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def served(report_dir):
-    server = report_page.make_server(report_dir, port=0, quiet=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    running = server.make_server(report_dir, port=0, quiet=True)
+    thread = threading.Thread(target=running.serve_forever, daemon=True)
     thread.start()
-    yield server.url
-    server.shutdown()
-    server.server_close()
+    yield running.url
+    running.shutdown()
+    running.server_close()
 
 
 def chromium() -> str:

@@ -8,7 +8,7 @@ environment.prepare()
 
 
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):
-    from musicgen_finetune.tiny_model import write_tiny_model
+    from musicgen_finetune.models.tiny import write_tiny_model
     again = write_tiny_model(tmp_path / "again", seed=0)
     for name in ("state_dict.bin", "compression_state_dict.bin", "t5/model.safetensors", "t5/spiece.model"):
         assert (again / name).read_bytes() == (tiny_model / name).read_bytes(), name

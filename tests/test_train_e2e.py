@@ -5,7 +5,6 @@ import re
 
 import pytest
 import torch
-
 from conftest import DATASET, TRAIN, run_tool, train, xp_folder
 
 
@@ -95,7 +94,8 @@ def test_gradient_accumulation_matches_the_full_batch(workdir, tiny_model, beats
     lengths would legitimately give micro-batches other outputs than the full batch."""
     import json
     import shutil
-    from musicgen_finetune.data import ManifestOptions, build_manifests
+
+    from musicgen_finetune.data.manifests import ManifestOptions, build_manifests
     same_caption = workdir / "same-caption"
     shutil.copytree(beats, same_caption, dirs_exist_ok=True)
     entries = [{"audio": e["audio"], "text": "hip hop 808 beat"}
@@ -195,6 +195,7 @@ def test_lora_resume_refuses_a_changed_base(lora_run, workdir, lora_model):
 def test_full_resume_refuses_a_changed_base_until_fresh(workdir, tiny_model, dataset, tmp_path):
     """A model folder replaced under an experiment is not silently ignored on resume; FRESH=1 starts over from it."""
     import shutil
+
     from musicgen_finetune.lora import base_model_hash
     model = tmp_path / "replaced-model"
     shutil.copytree(tiny_model, model)

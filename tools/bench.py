@@ -1,9 +1,12 @@
-"""make bench [QUICK=1]: speed measurements to output/bench/ (bench.json, bench.md); --help lists the options."""
-import sys
+"""make bench [QUICK=1] [BENCH_ARGS=...]: speed and memory to output/bench/ (bench.json, bench.md); --help lists
+the options."""
+from musicgen_finetune import cli
+from musicgen_finetune.bench import run
 
-from musicgen_finetune import environment
 
-environment.prepare()
-from musicgen_finetune import bench  # noqa: E402
+def main(argv=None) -> None:
+    print(f"Written to {run.main(argv)}")
 
-print(f"Written to {bench.main(sys.argv[1:])}")
+
+if __name__ == "__main__":
+    cli.main(main)

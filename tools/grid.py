@@ -2,18 +2,21 @@
 
 The grid reads MODEL, NAME, T5 and PRESET from the environment (as `dora grid` on a cluster does)."""
 import argparse
-import sys
 
-from musicgen_finetune import grid
-from musicgen_finetune.launch import LaunchError
+from musicgen_finetune import cli, grid
 
-parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("name", help="a grid in musicgen_finetune/grids/ (full_vs_lora, lora_rank_lr, ...)")
-parser.add_argument("--multi-gpu", action="store_true", help="each experiment on all GPUs (dora run -d)")
-opts = parser.parse_args()
-try:
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("name", help="a grid in musicgen_finetune/grids/ (full_vs_lora, lora_rank_lr, ...)")
+    parser.add_argument("--multi-gpu", action="store_true", help="each experiment on all GPUs (dora run -d)")
+    opts = parser.parse_args(argv)
     failed = grid.run(opts.name, multi_gpu=opts.multi_gpu)
-except LaunchError as error:
-    sys.exit(f"Error: {error}")
-if failed:
-    sys.exit(f"{len(failed)} experiment(s) failed: {', '.join(failed)}")
+    if failed:
+        print(f"{len(failed)} experiment(s) failed: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    cli.main(main)

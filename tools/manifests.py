@@ -3,46 +3,45 @@ import argparse
 import json
 import sys
 
-from musicgen_finetune import environment
-
-environment.prepare()
-from musicgen_finetune import data, model_dir  # noqa: E402
-
-parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("--data", required=True, help="folder of audio files and their captions")
-parser.add_argument("--name", required=True, help="dataset name: manifests/<name>/")
-parser.add_argument("--model", default=None, help="take sample rate and channels from this model's xp.cfg")
-parser.add_argument("--segment", type=float, default=30.0, help="training segment length in seconds")
-parser.add_argument("--valid", type=float, default=0.2, help="fraction of source files held out for validation")
-parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
-parser.add_argument("--text", default=None, help="caption for files that have none")
-parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
-parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
-parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-parser.add_argument("--augment", default=None, help="variants of training files, e.g. default or "
-                    "'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'")
-parser.add_argument("--augment-weight", type=float, default=0.5, help="sampling weight of each variant segment")
-opts = parser.parse_args()
+from musicgen_finetune import cli
+from musicgen_finetune.config import compose
+from musicgen_finetune.data.manifests import ManifestOptions, build_manifests, summary
 
 
 def model_format(model):
     """(sample_rate, channels) of the model, or of the default training config."""
     if model:
-        cfg = model_dir.check(model).xp_cfg
+        from musicgen_finetune.models.open import open_model  # torch and transformers: only when MODEL= is given
+        cfg = open_model(model).xp_cfg
     else:
-        from musicgen_finetune.config import compose
         cfg = compose([])
     return int(cfg.sample_rate), int(cfg.channels)
 
 
-try:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True, help="folder of audio files and their captions")
+    parser.add_argument("--name", required=True, help="dataset name: manifests/<name>/")
+    parser.add_argument("--model", default=None, help="take sample rate and channels from this model's xp.cfg")
+    parser.add_argument("--segment", type=float, default=30.0, help="training segment length in seconds")
+    parser.add_argument("--valid", type=float, default=0.2, help="fraction of source files held out for validation")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
+    parser.add_argument("--text", default=None, help="caption for files that have none")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
+    parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    parser.add_argument("--augment", default=None, help="variants of training files, e.g. default or "
+                        "'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'")
+    parser.add_argument("--augment-weight", type=float, default=0.5, help="sampling weight of each variant segment")
+    opts = parser.parse_args(argv)
     sample_rate, channels = model_format(opts.model)
-    options = data.ManifestOptions(sample_rate=sample_rate, channels=channels, segment=opts.segment,
-                                   valid=opts.valid, seed=opts.seed, text=opts.text, strict=opts.strict,
-                                   describe=not opts.no_describe, workers=opts.workers, augment=opts.augment,
-                                   augment_weight=opts.augment_weight)
-    out = data.build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
-except (data.DatasetError, model_dir.ModelDirError) as err:
-    sys.exit(f"error: {err}")
-print(data.summary(json.loads((out / "report.json").read_text())))
-print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")
+    options = ManifestOptions(sample_rate=sample_rate, channels=channels, segment=opts.segment, valid=opts.valid,
+                              seed=opts.seed, text=opts.text, strict=opts.strict, describe=not opts.no_describe,
+                              workers=opts.workers, augment=opts.augment, augment_weight=opts.augment_weight)
+    out = build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
+    print(summary(json.loads((out / "report.json").read_text())))
+    print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")
+
+
+if __name__ == "__main__":
+    cli.main(main)

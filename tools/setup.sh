@@ -10,7 +10,7 @@ VENV=.venv
 STAMP=$VENV/.setup-stamp
 SRC=${AUDIOCRAFT_SRC:-audiocraft}
 
-inputs_hash=$( { cat requirements.lock tools/setup.sh; echo "$SRC"; } | sha256sum | cut -d' ' -f1)
+inputs_hash=$( { cat requirements.lock tools/setup.sh pyproject.toml; echo "$SRC"; } | sha256sum | cut -d' ' -f1)
 if [[ -f $STAMP && "$(cat "$STAMP")" == "$inputs_hash" && -x $VENV/bin/python ]]; then
     echo "setup: up to date ($VENV)"
     exit 0
@@ -69,9 +69,11 @@ fi
 echo "setup: installing AudioCraft from $SRC without its outdated pins"
 "${PIP[@]}" install --no-deps "$SRC"
 
-# Our package, importable from anywhere in the venv (dora -P musicgen_finetune), without a build step.
+# Our package, editable: importable from anywhere in the venv (dora -P musicgen_finetune), this checkout's code.
 site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-echo "$PWD" > "$site/musicgen_finetune.pth"
+rm -f "$site/musicgen_finetune.pth"  # what earlier versions of this script wrote instead
+echo "setup: installing musicgen_finetune (editable, pyproject.toml)"
+"${PIP[@]}" install --no-deps --no-build-isolation --editable .
 
 # AudioCraft pipes every audio file it writes through the ffmpeg binary. Use the system's when there is one,
 # else the static build that the imageio-ffmpeg wheel carries.

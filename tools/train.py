@@ -1,27 +1,29 @@
 """make train MODEL=<folder> NAME=<dataset> [T5=<folder>] [PRESET=finetune/musicgen_small] [ARGS='k=v ...']"""
 import argparse
 import shlex
-import sys
 from pathlib import Path
 
-from musicgen_finetune import launch, model_dir
+from musicgen_finetune import cli, launch
 
-parser = argparse.ArgumentParser(description=__doc__)
-parser.add_argument("--model", required=True, help="local MusicGen folder (musicgen-small snapshot layout)")
-parser.add_argument("--name", required=True, help="dataset written by `make manifests NAME=...`")
-parser.add_argument("--t5", default=None, help="local T5 folder (default: <model>/t5, then the HF cache)")
-parser.add_argument("--preset", default=launch.DEFAULT_PRESET, help="solver preset under config/solver/")
-parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
-parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
-parser.add_argument("--xp-file", default=None, help="write the experiment folder's path to this file")
-parser.add_argument("--fresh", action="store_true", help="start the experiment again instead of resuming it "
-                                                         "(dora run --clear)")
-opts = parser.parse_args()
-try:
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="local MusicGen folder (musicgen-small snapshot layout)")
+    parser.add_argument("--name", required=True, help="dataset written by `make manifests NAME=...`")
+    parser.add_argument("--t5", default=None, help="local T5 folder (default: <model>/t5, then the HF cache)")
+    parser.add_argument("--preset", default=launch.DEFAULT_PRESET, help="solver preset under config/solver/")
+    parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
+    parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
+    parser.add_argument("--xp-file", default=None, help="write the experiment folder's path to this file")
+    parser.add_argument("--fresh", action="store_true", help="start the experiment again instead of resuming it "
+                                                             "(dora run --clear)")
+    opts = parser.parse_args(argv)
     folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu,
                         opts.fresh)
-except (launch.LaunchError, model_dir.ModelDirError) as err:
-    sys.exit(f"error: {err}")
-if opts.xp_file:
-    Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(opts.xp_file).write_text(f"{folder}\n")
+    if opts.xp_file:
+        Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.xp_file).write_text(f"{folder}\n")
+
+
+if __name__ == "__main__":
+    cli.main(main)

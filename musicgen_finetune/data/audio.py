@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from ..errors import UserError
+
 AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif",
                     ".aiff", ".wma", ".webm"}
 TARGET_LUFS = -14.0      # streaming-music loudness; segments are then peak-limited to PEAK_CEILING
@@ -25,7 +27,7 @@ MAJOR_PROFILE = np.array([6.35, 2.23, 3.48, 2.33, 4.38, 4.09, 2.52, 5.19, 2.39, 
 MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 2.69, 3.34, 3.17])
 
 
-class BadAudio(ValueError):
+class BadAudio(UserError, ValueError):
     """This file cannot be used; the message is the reason shown to the user."""
 
 

@@ -11,7 +11,8 @@ import typing as tp
 
 import numpy as np
 
-from .audio_analysis import NOTES
+from ..errors import UserError
+from .audio import NOTES
 
 PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
@@ -28,7 +29,7 @@ def as_number(value: tp.Any) -> tp.Optional[float]:
     return float(match.group(1)) if match else None
 
 
-class AugmentSpecError(ValueError):
+class AugmentSpecError(UserError, ValueError):
     """AUGMENT= cannot be read; the message shows the expected form."""
 
 

@@ -15,6 +15,8 @@ import json
 import typing as tp
 from pathlib import Path, PurePosixPath
 
+from ..errors import UserError
+
 METADATA_NAMES = ("metadata.json", "metadata.jsonl", "metadata.csv")
 PATH_KEYS = ("audio", "file_name", "path", "file")
 TEXT_KEYS = ("text", "description", "caption")
@@ -22,7 +24,7 @@ TEXT_KEYS = ("text", "description", "caption")
 INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "keywords", "instrument")
 
 
-class CaptionFileError(ValueError):
+class CaptionFileError(UserError, ValueError):
     """A metadata file cannot be read; the message names the file and the line or entry."""
 
 

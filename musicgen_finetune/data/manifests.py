@@ -21,12 +21,16 @@ import typing as tp
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
+from tqdm import tqdm
 
-from . import REPO_ROOT
+from ..errors import UserError
+from ..files import replaced_when_complete
+from ..paths import manifests_root
+from . import audio as aa
 from . import augment
-from .audio_analysis import AUDIO_EXTENSIONS, TARGET_LUFS
+from .audio import AUDIO_EXTENSIONS, TARGET_LUFS, segment_bounds
 from .captions import Caption, CaptionFileError, read_metadata_files, sidecar_caption
-from .files import replaced_when_complete
 
 # MusicDataset (data/music_dataset.py ~105) raises KeyError for a sidecar missing any of these.
 MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "description", "name", "instrument")
@@ -36,7 +40,7 @@ CONVERSION_VERSION = 1  # bump when the conversion changes, so cached audio is r
 DURATION_BINS = (0, 5, 10, 20, 30, 60, 120, float("inf"))
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """The folder cannot become a dataset; the message names the file and the fix."""
 
 
@@ -78,11 +82,6 @@ class Source:
         return f"{stem[:80]}-{self.sha1[:12]}"
 
 
-def manifests_root() -> Path:
-    """`$MUSICGEN_FT_MANIFESTS` or `<repo>/manifests`."""
-    return Path(os.environ.get("MUSICGEN_FT_MANIFESTS") or REPO_ROOT / "manifests").resolve()
-
-
 def file_sha1(path: Path) -> str:
     digest = hashlib.sha1()
     with open(path, "rb") as file:
@@ -118,7 +117,6 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
                    variants: tp.Sequence[dict] = ()) -> dict:
     """Convert one file into segments under `target`, plus its augmented variants (reusing `previous` if it holds
     the same conversion). Returns the cache record, or {"error": reason}."""
-    from . import audio_analysis as aa
     target_dir, previous_dir = Path(target), Path(previous)
     conversion = {**ManifestOptions(**options).conversion(), "variants": [v["name"] for v in variants]}
     record_path = previous_dir / "source.json"
@@ -159,8 +157,6 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
 
 def write_segments(audio: np.ndarray, folder: Path, prefix: str, options: dict) -> tp.List[dict]:
     """Cut `audio` into training segments, written as 16-bit wavs `<prefix>_000.wav`, ..."""
-    import soundfile as sf
-    from .audio_analysis import segment_bounds
     rate = options["sample_rate"]
     segments = []
     for index, (start, end) in enumerate(segment_bounds(audio.shape[-1], rate, options["segment"],
@@ -173,7 +169,6 @@ def write_segments(audio: np.ndarray, folder: Path, prefix: str, options: dict) 
 
 def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options: ManifestOptions,
                 progress: bool) -> tp.List[dict]:
-    from tqdm import tqdm
     settings = dataclasses.asdict(options)
     variants = [v.to_dict() for v in augment.parse(options.augment)]
     workers = max(1, min(options.workers or os.cpu_count() or 1, len(sources)))

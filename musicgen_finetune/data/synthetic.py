@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from .audio_analysis import NOTES
+from .audio import NOTES
 
 SAMPLE_RATE = 44100
 HAT_PATTERNS = {"eighth-note": [1, 0] * 8, "sixteenth-note": [1] * 16, "trap roll": [1, 0, 1, 1] * 4}

@@ -4,7 +4,6 @@ Figures are drawn on matplotlib's Agg canvas directly (no pyplot): no GUI, no gl
 """
 import itertools
 import math
-import os
 import typing as tp
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import soundfile as sf
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
+
+from ..files import write_atomically
 
 SPECTROGRAM_SIZE = (5.0, 2.0)   # inches; at SPECTROGRAM_DPI, 500 x 200 pixels
 SPECTROGRAM_DPI = 100
@@ -33,12 +34,7 @@ def _new_figure(size: tp.Tuple[float, float], dpi: int) -> Figure:
 
 def _save_png(figure: Figure, out_png: Path) -> Path:
     """Write through a temporary file, so a reader never sees a half-written image."""
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_png.with_name(out_png.name + ".partial")
-    figure.savefig(partial, format="png", dpi=figure.dpi)
-    os.replace(partial, out_png)
-    return out_png
+    return write_atomically(out_png, lambda partial: figure.savefig(partial, format="png", dpi=figure.dpi))
 
 
 def _ce_points(history: tp.Sequence[dict], split: str) -> tp.Tuple[tp.List[int], tp.List[float]]:

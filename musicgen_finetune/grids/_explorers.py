@@ -3,7 +3,7 @@ ended and its best epoch (from the solver's done.json)."""
 import treetable as tt
 from audiocraft.grids.musicgen._explorers import LMExplorer
 
-from ..solver import best_epoch, read_done
+from ..experiments import best_epoch, read_done
 
 
 class FinetuneExplorer(LMExplorer):

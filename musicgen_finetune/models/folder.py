@@ -1,4 +1,5 @@
 """A local model folder in the facebook/musicgen-small snapshot layout, checked before anything trains.
+`check` only reads; `models.open.open_model` converts a transformers-format folder first.
 
     <model>/state_dict.bin              LM weights + the config it was trained with ('best_state', 'xp.cfg')
     <model>/compression_state_dict.bin  the full EnCodec ('best_state', 'xp.cfg')
@@ -13,17 +14,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..errors import UserError
+from ..patches import UnsafeCheckpointError, safe_load
+
 LM_FILE = "state_dict.bin"
 COMPRESSION_FILE = "compression_state_dict.bin"
 T5_SUBDIR = "t5"
 T5_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 PRETRAINED_PREFIX = "//pretrained/"
-# What must match between a snapshot and the run's config for its weights to load; the rest is optimisation.
-ARCHITECTURE_SECTIONS = ("lm_model", "sample_rate", "channels", "transformer_lm", "codebooks_pattern", "fuser",
-                         "conditioners")
 
 
-class ModelDirError(FileNotFoundError):
+class ModelDirError(UserError, FileNotFoundError):
     """A model folder or its T5 is missing something; the message names what and how to provide it."""
 
 
@@ -76,7 +77,6 @@ def lm_file(name: tp.Union[str, Path]) -> Path:
 
 def load_package(path: Path) -> dict:
     """A snapshot file's dict, memory-mapped (no copy of the weights), with the safe unpickler."""
-    from .patches import UnsafeCheckpointError, safe_load
     try:
         package = safe_load(path, mmap=True)
     except UnsafeCheckpointError:
@@ -119,22 +119,18 @@ def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = 
     for path in candidates:
         if is_t5_dir(path):
             return path.resolve()
-    looked = "\n  ".join(str(c) for c in dict.fromkeys(candidates))
+    looked = "; ".join(str(c) for c in dict.fromkeys(candidates))
     raise ModelDirError(
-        f"No local copy of the T5 text encoder '{name}' that {root / LM_FILE} was trained with. Looked in:\n  "
-        f"{looked}\nProvide it with T5=/path/to/{short} (a folder with config.json, spiece.model and the weights), "
+        f"No local copy of the T5 text encoder '{name}' that {root / LM_FILE} was trained with (looked in: "
+        f"{looked}). Provide it with T5=/path/to/{short} (a folder with config.json, spiece.model and the weights), "
         f"or put it at {root / T5_SUBDIR}, or download it once where the hub is reachable: "
         f"`huggingface-cli download {name}` (then copy ~/.cache/huggingface here).")
 
 
 def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = None) -> ModelFiles:
-    """Everything a fine-tune of `model` needs, or a ModelDirError naming what is missing and how to fix it.
-    A transformers-format MusicGen is converted once to AudioCraft's layout (hf_bridge) and that is checked."""
-    from .hf_bridge import ConversionError, ensure_audiocraft_layout  # imports this module: not at the top
-    try:
-        root = ensure_audiocraft_layout(model)
-    except ConversionError as err:
-        raise ModelDirError(f"MODEL={model} looks like a transformers model that cannot be converted: {err}") from err
+    """Everything a fine-tune of the AudioCraft-layout folder `model` needs, or a ModelDirError naming what is
+    missing and how to fix it. Only reads (weights memory-mapped)."""
+    root = Path(model).expanduser().resolve()
     if not root.is_dir():
         raise ModelDirError(f"MODEL={model}: {root} is not a folder. Point MODEL at a local copy of "
                             "facebook/musicgen-small (state_dict.bin, compression_state_dict.bin).")
@@ -166,61 +162,3 @@ def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = Non
     state = package["best_state"]
     return ModelFiles(root=root, lm=lm, compression=compression, t5=t5_dir, xp_cfg=xp_cfg, tensors=len(state),
                       parameters=sum(t.numel() for t in state.values()))
-
-
-def leaves(value: tp.Any, prefix: str = "") -> tp.Iterator[tp.Tuple[str, tp.Any]]:
-    """(dotted key, value) for every leaf of nested dicts."""
-    if isinstance(value, dict):
-        for key, child in value.items():
-            yield from leaves(child, f"{prefix}.{key}" if prefix else str(key))
-    else:
-        yield prefix, value
-
-
-def hydra_value(value: tp.Any) -> str:
-    """A Python value written as a Hydra command-line override value."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    text = str(value)
-    if text and all(c.isalnum() or c in "-_./" for c in text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def _sections(cfg: DictConfig) -> dict:
-    """The architecture sections as plain values. Only they are resolved: a released xp.cfg also holds paths
-    such as ${oc.env:USER} that need not resolve here."""
-    return {s: OmegaConf.to_container(cfg[s], resolve=True) if OmegaConf.is_config(cfg[s]) else cfg[s]
-            for s in ARCHITECTURE_SECTIONS if s in cfg}
-
-
-# Keys of the architecture sections that say how to run the model, not what it is: the preset decides them.
-RUNTIME_KEYS = ("transformer_lm.checkpointing", "transformer_lm.memory_efficient",
-                "transformer_lm.attention_as_float32")
-
-
-def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.List[str]:
-    """`key=value` overrides that give the run's config the snapshot's architecture, where they differ."""
-    run_leaves = dict(leaves(_sections(run_cfg), ""))
-    overrides = []
-    for key, value in leaves(_sections(snapshot_cfg), ""):
-        if key.endswith("t5.name") or key not in run_leaves or value == {} or key in RUNTIME_KEYS:
-            continue  # the T5 path is set separately; keys this AudioCraft has no more are irrelevant
-        if run_leaves[key] != value:
-            overrides.append(f"{key}={hydra_value(value)}")
-    return overrides
-
-
-def pretrained_overrides(files: ModelFiles) -> tp.List[str]:
-    """Continue from the local LM, use its EnCodec and its T5: no hub call."""
-    pretrained = hydra_value(f"{PRETRAINED_PREFIX}{files.root}")
-    overrides = [f"continue_from={pretrained}", f"compression_model_checkpoint={pretrained}"]
-    if files.t5 is not None:
-        overrides.append(f"conditioners.description.t5.name={hydra_value(str(files.t5))}")
-    return overrides

@@ -11,11 +11,14 @@ import typing as tp
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from audiocraft.models import builders
 
-from . import model_dir
-from .files import replaced_when_complete
-from .config import compose
+import audiocraft
+
+from ..config import compose
+from ..files import replaced_when_complete
+from . import folder as model_dir
+from . import xp_cfg
 
 # A few hundred words a caption may use, for the tokenizer: the demo's styles, and general music vocabulary.
 TOKENIZER_CORPUS = """
@@ -58,11 +61,6 @@ def write_t5(out: Path, seed: int, width: int = 32) -> Path:
     torch.manual_seed(seed)
     T5EncoderModel(config).save_pretrained(out, safe_serialization=True)
     return out
-
-
-def _plain_cfg(cfg) -> str:
-    """The config as upstream stores it in 'xp.cfg': a yaml string, here with interpolations resolved."""
-    return OmegaConf.to_yaml(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)))
 
 
 def read_clips(folders: tp.Sequence[Path], sample_rate: int, seconds: float) -> torch.Tensor:
@@ -128,7 +126,6 @@ def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebo
                             codec_data: tp.Sequence[Path] = (), codec_steps: int = CODEC_STEPS) -> None:
     """A small SEANet EnCodec at 32 kHz and 50 Hz (musicgen-small's rates), its codebooks initialised by k-means;
     random, or briefly trained on the wavs of `codec_data` (the demo's, so that its audio carries the styles)."""
-    from audiocraft.models import builders
     # trained: wide enough to tell the styles apart; random: as small as possible
     filters, dimension = (8, 64) if codec_data else (4, 16)
     cfg = compose(["solver=compression/encodec_musicgen_32khz", "device=cpu", f"seanet.n_filters={filters}",
@@ -148,26 +145,21 @@ def write_compression_model(out: Path, seed: int, codebook_size: int, num_codebo
         with torch.no_grad():
             model(torch.randn(4, 1, 32000) * 0.1)
     model.eval()
-    torch.save({"xp.cfg": _plain_cfg(cfg), "best_state": model.state_dict()}, out / model_dir.COMPRESSION_FILE)
+    torch.save(xp_cfg.package(cfg, model.state_dict()), out / model_dir.COMPRESSION_FILE)
 
 
 def write_lm(out: Path, seed: int, codebook_size: int, num_codebooks: int, t5_dir: Path,
              extra_overrides: tp.Sequence[str] = ()) -> None:
     """The musicgen_lm architecture at 'xsmall' scale, with T5 text conditioning, weights stored in fp16."""
-    import audiocraft
-    from audiocraft.models import builders
-    from . import patches
-    patches.apply()
     overrides = ["solver=finetune/cpu_tiny", "model/lm/model_scale=xsmall", f"transformer_lm.card={codebook_size}",
                  f"transformer_lm.n_q={num_codebooks}", f"conditioners.description.t5.name={t5_dir}",
                  *extra_overrides]
     cfg = compose(overrides)
     torch.manual_seed(seed)
-    lm = builders.get_lm_model(cfg)
+    lm = xp_cfg.build_lm(cfg)
     cfg.conditioners.description.t5.name = model_dir.T5_SUBDIR  # found beside the model, wherever it is moved
     state = {k: v.half() if v.is_floating_point() else v for k, v in lm.state_dict().items()}
-    torch.save({"best_state": state, "xp.cfg": _plain_cfg(cfg), "version": audiocraft.__version__,
-                "exported": True}, out / model_dir.LM_FILE)
+    torch.save(xp_cfg.package(cfg, state, version=audiocraft.__version__, exported=True), out / model_dir.LM_FILE)
 
 
 def write_tiny_model(out: tp.Union[str, Path], seed: int = 0, codebook_size: int = 64,

@@ -1,0 +1,71 @@
+"""An experiment folder, `output/xps/<signature>/`, as the stages after training read it.
+
+    checkpoint.th   dora/flashy's checkpoint: weights, optimizer, history, the run's config (xp.cfg)
+    history.json    one entry per epoch: {"train": {...}, "valid": {"ce": ...}, ...}
+    done.json       written when a run ended for good: how (completed, early_stop) and its best epoch
+    solver.log.0    the training log
+
+The best epoch is the one with the lowest validation metric (`ce` unless the run's `early_stop.metric` says
+otherwise); `make export WHICH=best` exports its state.
+"""
+import json
+import typing as tp
+from pathlib import Path
+
+from .errors import UserError
+from .files import write_text_atomically
+from .paths import experiments_dir
+
+CHECKPOINT_FILE = "checkpoint.th"
+HISTORY_FILE = "history.json"
+DONE_FILE = "done.json"
+LOG_FILE = "solver.log.0"
+
+
+class ExperimentNotFoundError(UserError, FileNotFoundError):
+    """XP= names no experiment with a checkpoint; the message lists those that exist."""
+
+
+def best_epoch(history: tp.Sequence[dict], metric: str = "ce") -> tp.Optional[int]:
+    """The 1-based epoch of the lowest validation `metric` in a dora history (None before any validation).
+    Ties go to the earlier epoch."""
+    scores = [(epoch["valid"][metric], index + 1) for index, epoch in enumerate(history)
+              if metric in epoch.get("valid", {})]
+    return min(scores)[1] if scores else None
+
+
+def valid_value(history: tp.Sequence[dict], epoch: tp.Optional[int], metric: str = "ce") -> tp.Optional[float]:
+    """The validation `metric` of 1-based `epoch`, or None."""
+    if epoch is None or not 1 <= epoch <= len(history):
+        return None
+    return history[epoch - 1].get("valid", {}).get(metric)
+
+
+def write_done(folder: Path, reason: str, history: tp.Sequence[dict], metric: str) -> None:
+    """`<xp>/done.json`: the run ended for good (not a stop_after_epoch pause), for `make grid` and reports."""
+    done = {"reason": reason, "epochs": len(history), "best_epoch": best_epoch(history, metric), "metric": metric}
+    write_text_atomically(Path(folder) / DONE_FILE, json.dumps(done, indent=2) + "\n")
+
+
+def read_done(folder: Path) -> tp.Optional[dict]:
+    """done.json of an experiment folder, or None while it has not ended."""
+    path = Path(folder) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_history(folder: Path) -> tp.List[dict]:
+    """history.json of an experiment (or export) folder; [] when there is none."""
+    path = Path(folder) / HISTORY_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def find_experiment(xp: tp.Union[str, Path]) -> Path:
+    """An experiment folder with a checkpoint, from a signature (output/xps/<sig>) or a path."""
+    path = Path(xp).expanduser()
+    folder = path if path.is_dir() else experiments_dir() / str(xp)
+    if not (folder / CHECKPOINT_FILE).is_file():
+        known = sorted(p.name for p in experiments_dir().glob("*") if (p / CHECKPOINT_FILE).is_file())
+        raise ExperimentNotFoundError(
+            f"XP={xp}: no {CHECKPOINT_FILE} in {folder}. Experiments with a checkpoint: {', '.join(known) or 'none'} "
+            "(make train prints the signature).")
+    return folder.resolve()
