@@ -29,6 +29,7 @@ SEGMENT ?= 30
 SPLIT_SEED ?= 0
 STRICT ?=
 DESCRIBE ?= 1
+TEMPO_RANGE ?=
 AUGMENT ?=
 AUGMENT_WEIGHT ?= 0.5
 TEXT ?=
@@ -114,11 +115,12 @@ lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0] [AUGMENT=default]
+manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0] [TEMPO_RANGE=70-140] [AUGMENT=default]
 	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
 	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --segment $(SEGMENT) --valid $(VALID) --seed $(SPLIT_SEED) \
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
-		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
+		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(TEMPO_RANGE),--tempo-range "$(TEMPO_RANGE)") \
+		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 
 train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all] [FRESH=1]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }

@@ -144,7 +144,13 @@ def test_sidecars_have_every_field_and_the_right_caption(mixed):
     assert by_source["more/encoded.mp3"]["description"].startswith("mp3 beat, heavy")
     assert by_source["more/encoded.mp3"]["bpm"] == "100"
     assert by_source["more/encoded.ogg"]["caption_source"] == "metadata.csv, line 3"
-    assert "bpm" in by_source["train/float32.wav"]["measured"]  # estimated where the metadata lacks it
+    # a 440 Hz tone with a 2 Hz tremolo: one note and no backbeat, so neither a key nor a tempo is trusted; the
+    # measurement's confidence is recorded, and nothing is added to the caption (this once read "float tone, 120 bpm")
+    tone = by_source["train/float32.wav"]
+    assert (tone["bpm"], tone["key"], tone["measured"], tone["description"]) == (None, None, [], "float tone")
+    assert 0 <= tone["bpm_confidence"] < 0.5 and 0 <= tone["key_confidence"] < 0.5
+    assert by_source["train/pcm16 stereo.wav"]["bpm_confidence"] is None  # given by the metadata, not measured
+    assert by_source["train/pcm24.wav"]["key_confidence"] is None
 
 
 def test_music_dataset_yields_the_descriptions(mixed):

@@ -29,6 +29,8 @@ def main(argv=None) -> None:
     parser.add_argument("--text", default=None, help="caption for files that have none")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
     parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
+    parser.add_argument("--tempo-range", default=None, help="lo-hi bpm, e.g. 70-140: measured tempos are halved or "
+                        "doubled into it (default: none; a tempo whose octave the audio cannot settle is left out)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--augment", default=None, help="variants of training files, e.g. default or "
                         "'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'")
@@ -37,7 +39,8 @@ def main(argv=None) -> None:
     sample_rate, channels = model_format(opts.model)
     options = ManifestOptions(sample_rate=sample_rate, channels=channels, segment=opts.segment, valid=opts.valid,
                               seed=opts.seed, text=opts.text, strict=opts.strict, describe=not opts.no_describe,
-                              workers=opts.workers, augment=opts.augment, augment_weight=opts.augment_weight)
+                              tempo_range=opts.tempo_range, workers=opts.workers, augment=opts.augment,
+                              augment_weight=opts.augment_weight)
     out = build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
     print(summary(json.loads((out / "report.json").read_text())))
     print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")

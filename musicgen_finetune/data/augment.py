@@ -3,7 +3,7 @@
 A spec lists the variants to render, one per value: `pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3` makes 8
 variants of every training file (4 pitch shifts in semitones, 2 time stretches, 2 gains), never combinations.
 Pitch shift and time stretch are librosa's (phase vocoder, soxr resampling). A variant's key is transposed by its
-semitones and its bpm scaled by its tempo factor, and its description is rewritten from them.
+semitones and its bpm scaled by its tempo factor (to whole bpm), and its description is rewritten from them.
 """
 import dataclasses
 import re
@@ -12,7 +12,7 @@ import typing as tp
 import numpy as np
 
 from ..errors import UserError
-from .audio import NOTES
+from .audio import NOTES, whole_bpm
 
 PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
@@ -112,10 +112,10 @@ def transformed_info(info: dict, variant: Variant) -> dict:
         description = KEY_PATTERN.sub(lambda m: transpose_key(m.group(0), variant.amount) or "", description)
         description = re.sub(r"(,\s*)+(?=,|$)", "", description).strip(" ,")
     elif variant.kind == "tempo":
+        # whole bpm, as every written tempo: a caption says "143 bpm", never "142.5 bpm" (issue 13)
         bpm = as_number(info.get("bpm"))
-        out["bpm"] = round(bpm * variant.amount, 1) if bpm else None
-        description = BPM_PATTERN.sub(lambda m: f"{float(m.group(1)) * variant.amount:.1f}".rstrip("0").rstrip(".")
-                                      + " bpm", description)
+        out["bpm"] = whole_bpm(bpm * variant.amount) if bpm else None
+        description = BPM_PATTERN.sub(lambda m: f"{whole_bpm(float(m.group(1)) * variant.amount)} bpm", description)
     out["description"] = description
     out["augmented"] = variant.to_dict()
     return out

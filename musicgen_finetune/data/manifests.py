@@ -29,14 +29,15 @@ from ..files import replaced_when_complete
 from ..paths import manifests_root
 from . import audio as aa
 from . import augment
-from .audio import AUDIO_EXTENSIONS, TARGET_LUFS, segment_bounds
+from .audio import AUDIO_EXTENSIONS, TARGET_LUFS, segment_bounds, whole_bpm
 from .captions import Caption, CaptionFileError, read_metadata_files, sidecar_caption
 
 # MusicDataset (data/music_dataset.py ~105) raises KeyError for a sidecar missing any of these.
 MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "description", "name", "instrument")
 SPLITS = ("train", "valid")
 LAYOUT_FOLDERS = {"train": "train", "valid": "valid", "validation": "valid", "val": "valid"}
-CONVERSION_VERSION = 1  # bump when the conversion changes, so cached audio is rebuilt
+CONVERSION_VERSION = 2  # bump when the conversion changes, so cached audio is rebuilt (2: tempo and key with
+                        # their confidence in source.json, issue 13)
 DURATION_BINS = (0, 5, 10, 20, 30, 60, 120, float("inf"))
 
 
@@ -54,6 +55,7 @@ class ManifestOptions:
     text: tp.Optional[str] = None    # caption for files that have none
     strict: bool = False             # stop at the first bad file instead of skipping it
     describe: bool = True            # add tempo and key to descriptions that lack them
+    tempo_range: tp.Optional[str] = None  # "lo-hi" bpm: measured tempos are folded by octaves into it
     min_seconds: float = 1.0         # shorter files are skipped
     min_segment_ratio: float = 0.8   # a remainder shorter than this fraction of a segment is dropped
     loudness: float = TARGET_LUFS    # integrated loudness target (LUFS)
@@ -135,9 +137,12 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
         audio, rate = aa.decode(Path(path))
         aa.check(audio, rate, options["min_seconds"])
         source_seconds = audio.shape[-1] / rate
+        # the tempo from the file as given: a 16 kHz model's conversion would cut the hi-hats that mark the beats
+        # between the snares (measured: 3 of 60 synth808 beats then unread); the key needs no highs
+        tempo = aa.measure_tempo(audio, rate)
         audio = aa.convert(audio, rate, options["sample_rate"], options["channels"])
         audio = aa.normalize_loudness(audio, options["sample_rate"], options["loudness"])
-        tempo, key = aa.estimate_tempo(audio, options["sample_rate"]), aa.estimate_key(audio, options["sample_rate"])
+        key = aa.measure_key(audio, options["sample_rate"])
     except aa.BadAudio as err:
         return {"error": str(err)}
     except Exception as err:  # noqa: BLE001 - one file's failure is reported, it does not end the run
@@ -150,7 +155,8 @@ def process_source(path: str, sha1: str, target: str, previous: str, options: di
         for segment in write_segments(rendered, target_dir, variant["name"], options):
             variant_segments.append({**segment, "variant": variant})
     record = {"sha1": sha1, "conversion": conversion, "source_seconds": round(source_seconds, 3),
-              "tempo": tempo, "key": key, "segments": segments, "variant_segments": variant_segments}
+              "tempo": dataclasses.asdict(tempo), "key": dataclasses.asdict(key), "segments": segments,
+              "variant_segments": variant_segments}
     (target_dir / "source.json").write_text(json.dumps(record, indent=2) + "\n")
     return {**record, "reused": False}
 
@@ -198,21 +204,48 @@ def describe(caption: str, bpm: tp.Any, key: tp.Any) -> str:
     parts = [caption.rstrip(" ,.")]
     tempo = augment.as_number(bpm)
     if tempo and not augment.BPM_PATTERN.search(caption):
-        parts.append(f"{round(tempo):g} bpm")
+        parts.append(f"{whole_bpm(tempo)} bpm")
     if key and not augment.KEY_PATTERN.search(caption):
         parts.append(str(key))
     return ", ".join(parts)
 
 
+def tempo_range_bounds(spec: tp.Optional[str]) -> tp.Optional[tp.Tuple[float, float]]:
+    """TEMPO_RANGE "70-140" -> (70.0, 140.0); None for none."""
+    if spec in (None, ""):
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*-\s*(\d+(?:\.\d+)?)\s*(?:bpm)?\s*", str(spec))
+    if not match or not 0 < float(match.group(1)) < float(match.group(2)):
+        raise DatasetError(f"TEMPO_RANGE={spec}: expected lo-hi in bpm with lo < hi, e.g. TEMPO_RANGE=70-140 "
+                           "(a measured tempo is then halved or doubled into it).")
+    return float(match.group(1)), float(match.group(2))
+
+
+def measurements(record: dict, options: ManifestOptions) -> dict:
+    """The measured bpm and key to write (None where not confident) and their confidences, from the cache record:
+    TEMPO_RANGE is applied here, so that changing it does not convert the audio again."""
+    bpm, bpm_confidence = aa.resolve_tempo(aa.TempoEstimate(**record["tempo"]),
+                                           tempo_range_bounds(options.tempo_range))
+    key = aa.KeyEstimate(**record["key"])
+    return {"bpm": bpm, "bpm_confidence": round(bpm_confidence, 3), "key": key.trusted,
+            "key_confidence": round(key.confidence, 3)}
+
+
 def music_info(source: Source, record: dict, segment: dict, index: int, options: ManifestOptions) -> dict:
-    """The complete MusicInfo sidecar of one segment (empty fields are null, never missing)."""
+    """The complete MusicInfo sidecar of one segment (empty fields are null, never missing).
+
+    bpm and key: the user's, as given; else the measured ones only when confident, as MusicDataset may merge these
+    fields into the text the model is conditioned on (merge_text_p). `<field>_confidence`: of the measurement,
+    0..1, written from 0.5; null where the user gave the value.
+    """
     info: tp.Dict[str, tp.Any] = {field: None for field in MUSIC_INFO_FIELDS}
     info.update(source.caption.fields)
-    measured = []
-    if info["bpm"] in (None, "") and record.get("tempo"):
-        info["bpm"], measured = round(record["tempo"]), measured + ["bpm"]
-    if info["key"] in (None, "") and record.get("key"):
-        info["key"], measured = record["key"], measured + ["key"]
+    measured, measurement = [], measurements(record, options)
+    for field in ("bpm", "key"):
+        given = info[field] not in (None, "")
+        if not given and measurement[field] is not None:
+            info[field], measured = measurement[field], measured + [field]
+        info[f"{field}_confidence"] = None if given else measurement[f"{field}_confidence"]
     if isinstance(info["moods"], str):
         info["moods"] = [m.strip() for m in info["moods"].split(",") if m.strip()]
     info["moods"] = info["moods"] or []
@@ -366,6 +399,7 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
         variants = augment.parse(options.augment)
     except augment.AugmentSpecError as err:
         raise DatasetError(str(err)) from err
+    tempo_range_bounds(options.tempo_range)  # a bad TEMPO_RANGE stops the run before anything is converted
     if variants and not options.augment_weight > 0:
         raise DatasetError(f"AUGMENT_WEIGHT={options.augment_weight}: must be > 0 (0.5: a variant is drawn half as "
                            "often as an original).")
@@ -387,6 +421,7 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
         manifests: tp.Dict[str, tp.List[str]] = {split: [] for split in SPLITS}
         variant_counts: tp.Dict[str, int] = {split: 0 for split in SPLITS}
         durations, tempos, keys, examples = [], [], collections.Counter(), []
+        left_out: tp.Dict[str, int] = {"bpm": 0, "key": 0}  # measured, not confident enough to write
         for source, record in used:
             segments = [(segment, None) for segment in record["segments"]]
             if source.split == "train":  # validation is never augmented
@@ -414,6 +449,9 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
                 tempos.append(float(info0["bpm"]))
             if info0["key"]:
                 keys[str(info0["key"])] += 1
+            for field in left_out:
+                if info0[field] is None and info0[f"{field}_confidence"] is not None:
+                    left_out[field] += 1
         for split in SPLITS:
             (staging / split).mkdir()
             (staging / split / "data.jsonl").write_text("\n".join(manifests[split]) + "\n")
@@ -434,6 +472,7 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
             "source_durations": histogram([r["source_seconds"] for _, r in used], DURATION_BINS, "s"),
             "tempo": histogram(tempos, list(range(0, 301, 10)) + [float("inf")], "bpm"),
             "keys": dict(keys.most_common()),
+            "uncertain": left_out,
             "augmentation": {"spec": options.augment, "variants": [v.name for v in variants],
                              "weight": options.augment_weight, "examples": examples} if variants else None,
         }
@@ -457,6 +496,11 @@ def summary(report: dict) -> str:
     for label, key in (("durations", "source_durations"), ("tempo", "tempo"), ("keys", "keys")):
         if report[key]:
             lines.append(f"  {label:<9} " + ", ".join(f"{k}: {v}" for k, v in report[key].items()))
+    uncertain = report.get("uncertain") or {}
+    if any(uncertain.values()):
+        lines.append(f"  uncertain tempo of {uncertain.get('bpm', 0)} files and key of {uncertain.get('key', 0)} files "
+                     f"left out of their captions: measured with a confidence under {aa.CONFIDENT:g} "
+                     "(bpm_confidence, key_confidence in the sidecars; TEMPO_RANGE=lo-hi settles tempo octaves)")
     augmentation = report.get("augmentation")
     if augmentation:
         lines.append(f"  augment   {', '.join(augmentation['variants'])} of each training file, sampling weight "

@@ -1,0 +1,221 @@
+"""Tempo and key reach captions only when they can be trusted (issue 13): slow beats at their own octave, no key for
+drums or noise, whole bpm everywhere. Every clip is synthesised here, and every expected value is how it was made."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from musicgen_finetune.data import audio as aa
+from musicgen_finetune.data import augment
+from musicgen_finetune.data import synthetic as synth808
+from musicgen_finetune.data.manifests import DatasetError, ManifestOptions, build_manifests
+
+RATE = synth808.SAMPLE_RATE
+A3, C4, D4, E4, F4, G4, GS4, B3 = 57, 60, 62, 64, 65, 67, 68, 59  # MIDI notes
+
+
+def beat(bpm, seconds=8.0, seed=0):
+    """A synth808 beat [channels, samples]: 808, snare or clap on beats 2 and 4, hi-hats in 8ths/16ths/rolls."""
+    audio, info = synth808.render_beat(bpm, "F minor", seconds, np.random.default_rng(seed))
+    assert info["bpm"] == round(bpm)
+    return audio.T
+
+
+def clicks(bpm, seconds=8.0):
+    """The same click on every beat: nothing tells 60 from 120 from 240."""
+    track = np.zeros(int(seconds * RATE), np.float32)
+    for index in range(int(seconds * bpm / 60)):
+        start = int(index * RATE * 60 / bpm)
+        track[start:start + 200] += np.hanning(200).astype(np.float32)
+    return track[None]
+
+
+def arpeggios(chords, seconds_per_note=0.25, repeats=2):
+    """Each chord's notes played in turn (decaying sines), `repeats` times per chord."""
+    length = int(seconds_per_note * RATE)
+    t = np.arange(length) / RATE
+    notes = [note for chord in chords for _ in range(repeats) for note in chord]
+    track = np.zeros(len(notes) * length)
+    for index, note in enumerate(notes):
+        frequency = 440.0 * 2 ** ((note - 69) / 12)
+        track[index * length:(index + 1) * length] += 0.3 * np.sin(2 * np.pi * frequency * t) * np.exp(-t / 0.3)
+    return track.astype(np.float32)[None]
+
+
+def drums_only(bpm=140, seconds=8.0, seed=1):
+    """synth808's snare, clap and hi-hats, without its pitched 808."""
+    rng = np.random.default_rng(seed)
+    step, length = int(round(RATE * 60 / bpm / 4)), int(seconds * RATE)
+    track, snare, clap = np.zeros(length), synth808.snare(rng), synth808.clap(rng)
+    for bar in range(0, length, 16 * step):
+        for index in (4, 12):
+            synth808.place(track, snare, bar + index * step)
+            synth808.place(track, clap, bar + index * step, gain=0.5)
+        for index in range(16):
+            synth808.place(track, synth808.hat(rng, open_hat=index == 14), bar + index * step, gain=0.7)
+    return track.astype(np.float32)[None]
+
+
+def white_noise(seconds=8.0):
+    return (0.1 * np.random.default_rng(0).standard_normal(int(seconds * RATE))).astype(np.float32)[None]
+
+
+A_MINOR = [[A3, C4, E4], [D4, F4, A3 + 12], [E4, GS4, B3 + 12], [A3, C4, E4]]  # i iv V i: G# is A minor's own
+C_MAJOR = [[C4, E4, G4], [F4, A3 + 12, C4 + 12], [G4, B3 + 12, D4 + 12], [C4, E4, G4]]  # I IV V I
+# I vi IV V: the same notes as its relative A minor, which scores close behind (within 0.11); not a rival key
+C_MAJOR_WITH_ITS_RELATIVE = [[C4, E4, G4], [A3, C4, E4], [F4, A3 + 12, C4 + 12], [G4, B3 + 12, D4 + 12]]
+
+
+@pytest.mark.parametrize("bpm", [72, 78, 85, 90, 132, 140, 155, 170])
+def test_beats_are_read_at_their_own_tempo_not_doubled_or_halved(bpm):
+    estimate = aa.measure_tempo(beat(bpm, seed=bpm), RATE)
+    written, confidence = aa.resolve_tempo(estimate)
+    assert written is not None and abs(written - bpm) <= 2, (bpm, estimate)
+    assert isinstance(written, int) and confidence >= aa.CONFIDENT
+
+
+def test_an_unsettled_octave_is_left_out_unless_tempo_range_settles_it():
+    pulse = aa.measure_tempo(clicks(120), RATE)  # a steady pulse, but its octave is anyone's guess
+    assert aa.resolve_tempo(pulse)[0] is None and aa.resolve_tempo(pulse)[1] < aa.CONFIDENT
+    assert aa.resolve_tempo(pulse, (100, 160))[0] == 120
+    assert aa.resolve_tempo(pulse, (40, 80))[0] == 60
+    assert aa.resolve_tempo(pulse, (50, 200))[0] is None  # 60 and 120 both fit: the range does not settle it
+    assert aa.resolve_tempo(pulse, (130, 200)) == (None, 0.0)  # no octave of it in the range: not believed
+    chiptune, _ = synth808.render_chiptune(110, "C major", 8.0, np.random.default_rng(0))  # no backbeat either
+    chip = aa.measure_tempo(chiptune.T, RATE)
+    assert aa.resolve_tempo(chip)[0] is None
+    assert aa.resolve_tempo(chip, (90, 170))[0] == 110
+    slow = aa.measure_tempo(beat(85, seed=3), RATE)  # its backbeat settles the octave, where the range allows two
+    assert aa.resolve_tempo(slow, (60, 180))[0] == 85
+    assert aa.resolve_tempo(slow, (120, 180))[0] == 170  # the user's range wins: "my beats are 120-180"
+
+
+def test_a_snare_alone_is_no_backbeat():
+    """Nothing marks the beats between its hits, so 2 hits a bar, 1 or 4 are equally likely: no tempo."""
+    track = np.zeros(8 * RATE, np.float32)
+    for start in range(0, len(track), int(RATE * 60 / 85 * 2)):  # every 2 beats at 85 bpm
+        synth808.place(track, synth808.snare(np.random.default_rng(0)).astype(np.float32), start)
+    estimate = aa.measure_tempo(track[None], RATE)
+    assert estimate.backbeat == 0 and aa.resolve_tempo(estimate)[0] is None
+
+
+def test_silence_and_noise_have_no_tempo():
+    assert aa.measure_tempo(np.zeros((1, RATE * 4), np.float32), RATE).bpm is None
+    assert aa.resolve_tempo(aa.measure_tempo(white_noise(), RATE), (60, 180))[0] is None
+
+
+@pytest.mark.parametrize("name", ["drums only", "white noise", "808 beat: one bass note", "one sine"])
+def test_clips_without_a_key_get_none(name):
+    t = np.arange(4 * RATE) / RATE
+    audio = {"drums only": drums_only, "white noise": white_noise, "808 beat: one bass note": lambda: beat(140),
+             "one sine": lambda: (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]}[name]()
+    estimate = aa.measure_key(audio, RATE)
+    assert estimate.trusted is None and estimate.confidence < aa.CONFIDENT, estimate
+    assert aa.estimate_key(audio, RATE) is None
+
+
+@pytest.mark.parametrize("name, audio, key", [
+    ("A minor i-iv-V-i", lambda: arpeggios(A_MINOR), "A minor"),
+    ("C major I-IV-V-I", lambda: arpeggios(C_MAJOR), "C major"),
+    ("C major I-vi-IV-V", lambda: arpeggios(C_MAJOR_WITH_ITS_RELATIVE), "C major"),
+    ("A minor triad, held", lambda: arpeggios([[A3, C4, E4]], seconds_per_note=4.0, repeats=1), "A minor"),
+    ("square-wave arpeggio", lambda: synth808.render_chiptune(110, "F minor", 8.0, np.random.default_rng(2))[0].T,
+     "F minor"),
+])
+def test_tonal_clips_keep_their_key(name, audio, key):
+    estimate = aa.measure_key(audio(), RATE)
+    assert estimate.trusted == key and estimate.confidence >= aa.CONFIDENT, estimate
+
+
+@pytest.mark.parametrize("bpm, factor, written", [(150, 0.95, 143), (90, 1.05, 95), (141, 0.95, 134),
+                                                  (128, 1.05, 134)])
+def test_augmented_tempos_are_whole_bpm(bpm, factor, written):
+    info = {"bpm": bpm, "key": "F minor", "description": f"trap beat, {bpm} bpm, F minor"}
+    out = augment.transformed_info(info, augment.Variant("tempo", factor))
+    assert out["bpm"] == written and isinstance(out["bpm"], int)
+    assert out["description"] == f"trap beat, {written} bpm, F minor"
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Captions without tempo or key, so every one is measured."""
+    folder = tmp_path_factory.mktemp("tempo_key")
+    clips = {"slow.wav": beat(85, 8.0, seed=4), "noise.wav": white_noise(6.0),
+             "arps.wav": arpeggios(A_MINOR), "clicks.wav": clicks(120, 6.0)}
+    for name, audio in clips.items():
+        sf.write(folder / name, audio.T, RATE, subtype="PCM_16")
+    (folder / "metadata.json").write_text(json.dumps([
+        {"audio": "slow.wav", "text": "slow hip hop beat"}, {"audio": "noise.wav", "text": "white noise"},
+        {"audio": "arps.wav", "text": "piano arpeggios"}, {"audio": "clicks.wav", "text": "a click track"}]))
+    return folder
+
+
+def sidecars(out):
+    infos = {}
+    for split in ("train", "valid"):
+        for line in (out / split / "data.jsonl").read_text().splitlines():
+            info = json.loads(open(json.loads(line)["path"][:-4] + ".json").read())
+            infos.setdefault(info["source_file"], info)
+    return infos
+
+
+def test_manifests_record_confidence_and_leave_uncertain_values_out(folder, tmp_path):
+    from musicgen_finetune.data.manifests import summary
+    out = build_manifests(folder, "tk", ManifestOptions(segment=10.0, valid=0.25), out_root=tmp_path)
+    infos = sidecars(out)
+    slow, noise, arps, click = (infos[f"{name}.wav"] for name in ("slow", "noise", "arps", "clicks"))
+    assert (slow["bpm"], slow["measured"], slow["description"]) == (85, ["bpm"], "slow hip hop beat, 85 bpm")
+    assert slow["bpm_confidence"] >= 0.5 > slow["key_confidence"]
+    assert (noise["bpm"], noise["key"], noise["description"]) == (None, None, "white noise")
+    assert noise["bpm_confidence"] < 0.5 and noise["key_confidence"] < 0.5
+    assert (arps["key"], arps["bpm"], arps["description"]) == ("A minor", None, "piano arpeggios, A minor")
+    assert arps["key_confidence"] >= 0.5 > arps["bpm_confidence"]
+    assert (click["bpm"], click["description"]) == (None, "a click track")
+    report = json.loads((out / "report.json").read_text())
+    assert report["uncertain"] == {"bpm": 3, "key": 3}  # tempo: noise, arps, clicks; key: slow, noise, clicks
+    assert "uncertain tempo of 3 files and key of 3 files" in summary(report)
+    # TEMPO_RANGE is applied to the cached measurement: the audio is reused, the click track now has its tempo
+    ranged = build_manifests(folder, "tk", ManifestOptions(segment=10.0, valid=0.25, tempo_range="100-180"),
+                             out_root=tmp_path)
+    report = json.loads((ranged / "report.json").read_text())
+    assert report["files_reused"] == report["files_used"] == 4
+    assert sidecars(ranged)["clicks.wav"]["description"] == "a click track, 120 bpm"
+    assert sidecars(ranged)["slow.wav"]["bpm"] == 170  # folded into the range, as asked
+
+
+def test_a_cache_from_before_the_confidences_is_converted_again(folder, tmp_path):
+    out = build_manifests(folder, "old", ManifestOptions(segment=10.0, valid=0.25), out_root=tmp_path)
+    for record_path in (out / "audio").glob("*/source.json"):  # as version 1 wrote it: a bare float and a name
+        record = json.loads(record_path.read_text())
+        record.update(tempo=170.5, key="F# minor")
+        record["conversion"]["version"] = 1
+        record_path.write_text(json.dumps(record))
+    again = build_manifests(folder, "old", ManifestOptions(segment=10.0, valid=0.25), out_root=tmp_path)
+    assert json.loads((again / "report.json").read_text())["files_reused"] == 0
+    assert sidecars(again)["slow.wav"]["bpm"] == 85
+
+
+def test_bad_tempo_range_is_refused_before_anything_is_written(folder, tmp_path):
+    for spec in ("fast", "140-70", "0-100"):
+        with pytest.raises(DatasetError, match="TEMPO_RANGE="):
+            build_manifests(folder, "bad", ManifestOptions(tempo_range=spec), out_root=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_make_passes_tempo_range_to_the_tool():
+    from conftest import REPO
+    dry = subprocess.run(["make", "-n", "manifests", "DATA=d", "NAME=n", "TEMPO_RANGE=70-140"], cwd=REPO,
+                         capture_output=True, text=True, check=True).stdout
+    assert '--tempo-range "70-140"' in dry
+    assert "--tempo-range" not in subprocess.run(["make", "-n", "manifests", "DATA=d", "NAME=n"], cwd=REPO,
+                                                 capture_output=True, text=True, check=True).stdout
+
+
+def test_tool_folds_into_tempo_range(folder, workdir):
+    from conftest import run_tool
+    result = run_tool(["tools/manifests.py", "--data", str(folder), "--name", "tk-cli", "--segment", "10",
+                       "--valid", "0.25", "--tempo-range", "100-160"], workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sidecars(workdir / "manifests" / "tk-cli")["clicks.wav"]["bpm"] == 120
