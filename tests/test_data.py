@@ -9,6 +9,7 @@ import soundfile as sf
 
 from musicgen_finetune.data import manifests as data
 from musicgen_finetune.data.audio import estimate_key, estimate_tempo, segment_bounds
+from musicgen_finetune.data.captions import with_tempo_and_key
 from musicgen_finetune.data.manifests import DatasetError, ManifestOptions, build_manifests
 
 RATE = 44100
@@ -284,9 +285,9 @@ def test_make_manifests_command_prints_the_summary_and_strict_fails(beats, workd
 
 
 def test_descriptions_keep_what_the_caption_says():
-    assert data.describe("trap beat in F minor", 140, "C minor") == "trap beat in F minor, 140 bpm"
-    assert data.describe("trap beat, 90 bpm", 140.4, None) == "trap beat, 90 bpm"
-    assert data.describe("trap beat", "fast", "C minor") == "trap beat, C minor"  # a bpm that is no number
+    assert with_tempo_and_key("trap beat in F minor", 140, "C minor") == "trap beat in F minor, 140 bpm"
+    assert with_tempo_and_key("trap beat, 90 bpm", 140.4, None) == "trap beat, 90 bpm"
+    assert with_tempo_and_key("trap beat", "fast", "C minor") == "trap beat, C minor"  # a bpm that is no number
 
 
 def test_training_reads_whole_segments_and_masks_padding(mixed):

@@ -13,20 +13,11 @@ import numpy as np
 
 from ..errors import UserError
 from .audio import NOTES, whole_bpm
+from .captions import BPM_PATTERN, KEY_FIELD, KEY_PATTERN, as_number
 
 PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
 FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E"}
-# a key is a capital note letter and a mode: "F minor", "C# major", "Bb min", "Fm" (not "a minor feel")
-KEY_PATTERN = re.compile(r"\b([A-G])([#b]?)\s*((?i:major|minor|maj|min)\b|m\b)")
-KEY_FIELD = re.compile(r"([A-G])([#b]?)\s*(major|minor|maj|min|m)", re.IGNORECASE)  # a metadata key field
-BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm", re.IGNORECASE)
-
-
-def as_number(value: tp.Any) -> tp.Optional[float]:
-    """140, "140", "140 bpm" -> 140.0; anything else -> None."""
-    match = re.match(r"\s*(\d+(?:\.\d+)?)", str(value)) if value not in (None, "") else None
-    return float(match.group(1)) if match else None
 
 
 class AugmentSpecError(UserError, ValueError):

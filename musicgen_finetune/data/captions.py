@@ -8,20 +8,50 @@ In order of precedence, for `<folder>/<sub>/a.wav`:
 2. an AudioCraft sidecar `a.json` beside the audio (MusicInfo fields, the caption in "description");
 3. a plain-text caption `a.txt` beside the audio;
 4. the TEXT= default caption.
+
+And the caption grammar: what in a caption is a tempo (`BPM_PATTERN`) or a key (`KEY_PATTERN`), and
+`with_tempo_and_key`, which adds what a caption lacks.
 """
 import csv
 import dataclasses
 import json
+import re
 import typing as tp
 from pathlib import Path, PurePosixPath
 
 from ..errors import UserError
+from .audio import whole_bpm
 
 METADATA_NAMES = ("metadata.json", "metadata.jsonl", "metadata.csv")
 PATH_KEYS = ("audio", "file_name", "path", "file")
 TEXT_KEYS = ("text", "description", "caption")
 # MusicInfo fields kept from a caption source (description is the caption itself).
 INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "keywords", "instrument")
+
+
+# The caption grammar: what in a caption or a metadata field is a tempo or a key.
+# A key is a capital note letter and a mode: "F minor", "C# major", "Bb min", "Fm" (not "a minor feel").
+KEY_PATTERN = re.compile(r"\b([A-G])([#b]?)\s*((?i:major|minor|maj|min)\b|m\b)")
+KEY_FIELD = re.compile(r"([A-G])([#b]?)\s*(major|minor|maj|min|m)", re.IGNORECASE)  # a metadata key field
+BPM_PATTERN = re.compile(r"(\d+(?:\.\d+)?)\s*bpm", re.IGNORECASE)
+
+
+def as_number(value: tp.Any) -> tp.Optional[float]:
+    """140, "140", "140 bpm" -> 140.0; anything else -> None."""
+    match = re.match(r"\s*(\d+(?:\.\d+)?)", str(value)) if value not in (None, "") else None
+    return float(match.group(1)) if match else None
+
+
+def with_tempo_and_key(caption: str, bpm: tp.Any, key: tp.Any) -> str:
+    """'hip hop 808 beat' -> 'hip hop 808 beat, 140 bpm, F minor', adding only what the caption does not say
+    (a caption that names any tempo or key keeps its own); tempos as whole bpm."""
+    parts = [caption.rstrip(" ,.")]
+    tempo = as_number(bpm)
+    if tempo and not BPM_PATTERN.search(caption):
+        parts.append(f"{whole_bpm(tempo)} bpm")
+    if key and not KEY_PATTERN.search(caption):
+        parts.append(str(key))
+    return ", ".join(parts)
 
 
 class CaptionFileError(UserError, ValueError):

@@ -29,8 +29,8 @@ from ..files import replaced_when_complete
 from ..paths import manifests_root
 from . import audio as aa
 from . import augment
-from .audio import AUDIO_EXTENSIONS, TARGET_LUFS, segment_bounds, whole_bpm
-from .captions import Caption, CaptionFileError, read_metadata_files, sidecar_caption
+from .audio import AUDIO_EXTENSIONS, TARGET_LUFS, segment_bounds
+from .captions import Caption, CaptionFileError, read_metadata_files, sidecar_caption, with_tempo_and_key
 
 # MusicDataset (data/music_dataset.py ~105) raises KeyError for a sidecar missing any of these.
 MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "description", "name", "instrument")
@@ -198,18 +198,6 @@ def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options
 
 # -- the dataset ------------------------------------------------------------------------------------------------
 
-def describe(caption: str, bpm: tp.Any, key: tp.Any) -> str:
-    """'hip hop 808 beat' -> 'hip hop 808 beat, 140 bpm, F minor', adding only what the caption does not say
-    (a caption that names any tempo or key keeps its own)."""
-    parts = [caption.rstrip(" ,.")]
-    tempo = augment.as_number(bpm)
-    if tempo and not augment.BPM_PATTERN.search(caption):
-        parts.append(f"{whole_bpm(tempo)} bpm")
-    if key and not augment.KEY_PATTERN.search(caption):
-        parts.append(str(key))
-    return ", ".join(parts)
-
-
 def tempo_range_bounds(spec: tp.Optional[str]) -> tp.Optional[tp.Tuple[float, float]]:
     """TEMPO_RANGE "70-140" -> (70.0, 140.0); None for none."""
     if spec in (None, ""):
@@ -250,7 +238,7 @@ def music_info(source: Source, record: dict, segment: dict, index: int, options:
         info["moods"] = [m.strip() for m in info["moods"].split(",") if m.strip()]
     info["moods"] = info["moods"] or []
     text = source.caption.text or ""
-    info["description"] = describe(text, info["bpm"], info["key"]) if options.describe else text
+    info["description"] = with_tempo_and_key(text, info["bpm"], info["key"]) if options.describe else text
     info["name"] = info.get("name") or Path(source.relative).stem
     info.update({"measured": measured, "caption_source": source.caption.source, "source_file": source.relative,
                  "segment": index, "start": segment["start"]})

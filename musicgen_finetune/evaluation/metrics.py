@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import audio as aa
-from ..data.augment import BPM_PATTERN
+from ..data.captions import BPM_PATTERN
 
 LOW_FREQ_HZ = 120             # the 808 / sub-bass band: energy below this over all energy is `low_freq_ratio`
 TEMPO_FRAME_RATE = 100        # onset-envelope frames per second for tempo (see tempo_hop_length)
