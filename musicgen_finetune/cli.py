@@ -31,3 +31,12 @@ def main(entry: tp.Callable[[tp.Optional[tp.Sequence[str]]], tp.Optional[int]],
 def one_line(message: str) -> str:
     """A message on one line: line breaks become '; '."""
     return "; ".join(part.strip() for part in message.strip().splitlines() if part.strip())
+
+
+def number(text: str, variable: str, kind: type = float) -> tp.Any:
+    """A number given on the command line, or a UserError naming the Makefile variable it came from."""
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        what = "a whole number" if kind is int else "a number"
+        raise UserError(f"{variable}={text}: must be {what}.") from None

@@ -53,7 +53,7 @@ def run(name: str, multi_gpu: bool = False) -> tp.List[str]:
     explorer = load_explorer(name)
     sheeps = list_experiments(name, explorer)
     for sheep in sheeps:  # here they run on this machine: its devices must do
-        check_device(sheep.xp.cfg)
+        check_device(sheep.xp.cfg, how=f"make grid GRID={name}")
         check_batch(sheep.xp.cfg, multi_gpu)
     print(f"Grid {name}: {len(sheeps)} experiments in {sheeps[0].xp.folder.parent if sheeps else '-'}", flush=True)
     failed = []

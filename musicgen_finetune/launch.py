@@ -1,4 +1,5 @@
-"""`make train`: check the model folder and dataset, build the `dora run` command, run it, say where things are.
+"""`make train`: check the model folder, the dataset and every override, build the `dora run` command, run it, say
+where things are. Nothing is created before every check has passed.
 
 The command is printed in full, so it can be re-run or edited by hand; running it again resumes the experiment
 (same overrides, same signature, same folder).
@@ -12,10 +13,15 @@ from pathlib import Path
 
 import torch
 from dora.__main__ import main as dora_main
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from .config import hydra_value
+from .cli import USER_ERROR_STATUS
+from .config import OverrideError, check_override_keys, check_values, hydra_value
 from .data.dataset import PreparedDataset
 from .errors import UserError
+from .experiments import CHECKPOINT_FILE, LOG_FILE
+from .lora import LoraConfig
 from .models import folder as model_dir
 from .models import xp_cfg
 from .models.open import open_model
@@ -76,10 +82,12 @@ def run_dora(command: tp.Sequence[str]) -> int:
         os.chdir(cwd)  # Hydra runs the experiment inside its folder
 
 
-def check_device(cfg) -> None:
+def check_device(cfg, how: str = "make train") -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise LaunchError("This preset trains on a CUDA GPU and none is visible. On a CPU, train the tiny model "
-                          "(`make demo`), or pass ARGS='device=cpu autocast=false' to try anyway (very slow).")
+        raise LaunchError(f"This preset trains on a CUDA GPU and none is visible. On a CPU, use the tiny model's "
+                          f"preset: `{how} ... PRESET=finetune/cpu_tiny` (with LORA=1: finetune/cpu_tiny_lora; "
+                          "`make demo` shows it), or add `device=cpu autocast=false` to this preset's overrides to "
+                          "try it anyway (very slow at musicgen-small's size).")
 
 
 def check_preset(preset: str) -> None:
@@ -100,36 +108,69 @@ def check_batch(cfg, multi_gpu: bool) -> None:
                           f"{steps} micro-batches. Raise dataset.batch_size or lower optim.grad_accum_steps.")
 
 
+def get_xp(overrides: tp.Sequence[str]):
+    """dora's experiment (signature, folder, config) for these overrides; Hydra's refusals as one OverrideError."""
+    try:
+        return main.get_xp(list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        message = " ".join(str(err).split())
+        raise OverrideError(f"the config cannot be composed with these overrides: {message}") from None
+
+
 def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
-         extra: tp.Sequence[str] = (), device_check: bool = True) -> tp.Tuple[tp.List[str], tp.Any]:
-    """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config).
-    `device_check=False` where the run happens elsewhere (a grid listed on a Slurm login node)."""
+         extra: tp.Sequence[str] = (), device_check: bool = True,
+         how: str = "make train") -> tp.Tuple[tp.List[str], tp.Any]:
+    """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config),
+    with every override and value checked; nothing is created.
+
+    Args:
+        model, name, t5, preset: as `make train` takes them (MODEL, NAME, T5, PRESET).
+        extra: the user's overrides (ARGS).
+        device_check: False where the run happens elsewhere (a grid listed on a Slurm login node).
+        how: the command the user typed, for the messages.
+    """
     check_preset(preset)
     files = open_model(model, t5)
     base = [f"solver={preset}", *pretrained_overrides(files), *dataset_overrides(name, files)]
-    composed = main.get_xp([*base, *extra]).cfg
+    check_override_keys(extra, get_xp(base).cfg, [CONFIG_DIR, upstream_config_dir()])
+    composed = get_xp([*base, *extra]).cfg
     overrides = [*base, *xp_cfg.architecture_overrides(files.xp_cfg, composed), *extra]
-    xp = main.get_xp(overrides)
+    xp = get_xp(overrides)
+    check_values(xp.cfg)
+    if xp.cfg.get("lora") and xp.cfg.lora.enabled:
+        LoraConfig.from_dict(xp.cfg.lora)  # its own checks: targets, layers
     if device_check:
-        check_device(xp.cfg)
+        check_device(xp.cfg, how)
     print(f"Model: {files.describe()}")
     return overrides, xp
 
 
 def run(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
         extra: tp.Sequence[str] = (), multi_gpu: bool = False, fresh: bool = False) -> Path:
+    """`make train`: plan, run `dora run`, say where everything is; returns the experiment folder.
+
+    A refusal inside training (a replaced base model) was printed by the run as one `error:` line: exit 2 here
+    too. An interrupted run says how to resume; a failed one where its log is."""
     overrides, xp = plan(model, name, t5, preset, extra)
     check_batch(xp.cfg, multi_gpu)
     if fresh and xp.folder.exists():
         print(f"FRESH: removing {xp.folder} and starting this experiment again", flush=True)
     command = dora_command(overrides, multi_gpu, fresh)
     print("Running: " + shlex.join(command), flush=True)
-    returncode = run_dora(command)
+    checkpoint, log = xp.folder / CHECKPOINT_FILE, xp.folder / LOG_FILE
+    try:
+        returncode = run_dora(command)
+    except KeyboardInterrupt:
+        resume = (f"re-running the same command resumes from {checkpoint}" if checkpoint.is_file() else
+                  "no checkpoint was written yet: re-running the same command starts it again")
+        print(f"Interrupted: {resume}.", file=sys.stderr, flush=True)
+        raise
+    if returncode == USER_ERROR_STATUS:
+        raise SystemExit(USER_ERROR_STATUS)  # the run printed its one error line
     if returncode != 0:
-        raise SystemExit(f"Training failed (exit {returncode}); the log is {xp.folder / 'solver.log.0'}. "
-                         f"Re-running the same command resumes from the last checkpoint.")
+        raise SystemExit(f"Training failed (exit {returncode}); the log is {log}.")
     print(f"Experiment {xp.sig}: {xp.folder}\n"
-          f"  checkpoint {xp.folder / 'checkpoint.th'}\n"
-          f"  log        {xp.folder / 'solver.log.0'}\n"
+          f"  checkpoint {checkpoint}\n"
+          f"  log        {log}\n"
           f"  samples    {xp.folder / 'samples'}")
     return xp.folder

@@ -5,6 +5,7 @@ upstream's tree, our teams file and dora directory, the hub switched off (the pa
 environment), and our patches applied. It also
 stands in for `audiocraft.train`, which upstream code imports to resolve checkpoints and signatures.
 """
+import logging
 import multiprocessing
 import os
 import random
@@ -24,7 +25,11 @@ from dora import XP, git_save, hydra_main
 from audiocraft import solvers
 
 from . import patches
-from .solver import FinetuneSolver
+from .cli import USER_ERROR_STATUS, one_line
+from .errors import UserError
+from .solver import FinetuneSolver, TrainingRefusedError
+
+logger = logging.getLogger(__name__)
 
 patches.apply()
 patches.register_train_module(sys.modules[__name__])
@@ -40,7 +45,7 @@ def split_batch_over_gpus(cfg: omegaconf.DictConfig) -> None:
         if split in cfg.dataset and cfg.dataset[split].get("batch_size") is not None]
     for name, section in sections:
         if section.batch_size % world_size:
-            raise ValueError(f"{name}.batch_size={section.batch_size} does not split over {world_size} GPUs; "
+            raise TrainingRefusedError(f"{name}.batch_size={section.batch_size} does not split over {world_size} GPUs; "
                              f"use a multiple of {world_size}.")
         section.batch_size //= world_size
 
@@ -50,17 +55,19 @@ def check_required(cfg: omegaconf.DictConfig) -> None:
     if cfg.solver != "musicgen_finetune":
         return
     if not cfg.get("continue_from"):
-        raise ValueError("continue_from is not set, so this would train MusicGen from random weights. Fine-tune a "
-                         "model with `make train MODEL=<folder>`, or pass continue_from=//pretrained//<abs model "
-                         "folder> (or continue_from=<signature> to start from another experiment).")
+        raise TrainingRefusedError(
+            "continue_from is not set, so this would train MusicGen from random weights. Fine-tune a model with "
+            "`make train MODEL=<folder>`, or pass continue_from=//pretrained//<abs model folder> (or "
+            "continue_from=<signature> to start from another experiment).")
     if not cfg.get("compression_model_checkpoint"):
-        raise ValueError("compression_model_checkpoint is not set: use `make train MODEL=<folder>`, or pass "
-                         "compression_model_checkpoint=//pretrained//<abs model folder> and "
-                         "continue_from=//pretrained//<abs model folder>.")
+        raise TrainingRefusedError(
+            "compression_model_checkpoint is not set: use `make train MODEL=<folder>`, or pass "
+            "compression_model_checkpoint=//pretrained//<abs model folder> and "
+            "continue_from=//pretrained//<abs model folder>.")
     for split in ("train", "valid"):
         if not cfg.datasource.get(split):
-            raise ValueError(f"datasource.{split} is not set: use `make train NAME=<dataset>`, or pass "
-                             f"datasource.{split}=<abs path to manifests/<name>/{split}>.")
+            raise TrainingRefusedError(f"datasource.{split} is not set: use `make train NAME=<dataset>`, or pass "
+                                       f"datasource.{split}=<abs path to manifests/<name>/{split}>.")
 
 
 def get_solver(cfg: omegaconf.DictConfig):
@@ -109,8 +116,8 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     set_efficient_attention_backend(cfg.efficient_attention_backend)
 
 
-@hydra_main(config_path="../config", config_name="musicgen_finetune", version_base="1.1")
-def main(cfg):
+def run(cfg: omegaconf.DictConfig):
+    """What upstream's `main` does: seed, logging, distributed init, the solver, its run (or one stage)."""
     init_seed_and_system(cfg)
     log_name = f"{cfg.execute_only}.log.{{rank}}" if cfg.execute_only else "solver.log.{rank}"
     flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name=log_name)
@@ -121,11 +128,24 @@ def main(cfg):
         return
     if cfg.execute_only:
         if not (cfg.execute_inplace or cfg.continue_from is not None):
-            raise ValueError("execute_only needs continue_from=<sig or path>, or execute_inplace=true.")
+            raise TrainingRefusedError("execute_only needs continue_from=<sig or path>, or execute_inplace=true.")
         solver.restore(replay_metrics=False)
         solver.run_one_stage(cfg.execute_only)
         return
     return solver.run()
+
+
+@hydra_main(config_path="../config", config_name="musicgen_finetune", version_base="1.1")
+def main(cfg):
+    """The dora entry. A refusal the user can act on (a replaced base model, ...) ends the run with its message
+    alone, on one line, and exit status 2 (Hydra would print a traceback for any exception)."""
+    try:
+        return run(cfg)
+    except UserError as err:
+        logger.error("%s", err)
+        if flashy.distrib.is_rank_zero():
+            print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        raise SystemExit(USER_ERROR_STATUS) from None
 
 
 main.dora.dir = AudioCraftEnvironment.get_dora_dir()

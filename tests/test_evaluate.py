@@ -153,8 +153,10 @@ def test_report_names_the_run_its_best_epoch_and_what_was_skipped(evaluated, tun
     out, report = evaluated
     folder = tuned_model[1]
     done = json.loads((folder / "done.json").read_text())
+    exported = json.loads((tuned_model[0] / "export.json").read_text())
     assert report["runs"] == [{"model": "full", "label": "fine-tuned", "xp": folder.name,
-                               "best_epoch": done["best_epoch"], "epochs": done["epochs"]}]
+                               "best_epoch": done["best_epoch"], "epochs": done["epochs"],
+                               "exported_epoch": exported["epoch"]}]
     assert (out / report["plots"]["loss"]).is_file()
     assert any("CLAP" in note for note in report["notes"]) and any("VGGish" in note for note in report["notes"])
 

@@ -23,9 +23,9 @@ def main(argv=None) -> None:
     parser.add_argument("--data", required=True, help="folder of audio files and their captions")
     parser.add_argument("--name", required=True, help="dataset name: manifests/<name>/")
     parser.add_argument("--model", default=None, help="take sample rate and channels from this model's xp.cfg")
-    parser.add_argument("--segment", type=float, default=30.0, help="training segment length in seconds")
-    parser.add_argument("--valid", type=float, default=0.2, help="fraction of source files held out for validation")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/valid split")
+    parser.add_argument("--segment", default="30", help="training segment length in seconds")
+    parser.add_argument("--valid", default="0.2", help="fraction of source files held out for validation")
+    parser.add_argument("--seed", default="0", help="seed of the train/valid split")
     parser.add_argument("--text", default=None, help="caption for files that have none")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
     parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
@@ -34,13 +34,15 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--augment", default=None, help="variants of training files, e.g. default or "
                         "'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'")
-    parser.add_argument("--augment-weight", type=float, default=0.5, help="sampling weight of each variant segment")
+    parser.add_argument("--augment-weight", default="0.5", help="sampling weight of each variant segment")
     opts = parser.parse_args(argv)
+    numbers = {"segment": cli.number(opts.segment, "SEGMENT"), "valid": cli.number(opts.valid, "VALID"),
+               "seed": cli.number(opts.seed, "SPLIT_SEED", int),
+               "augment_weight": cli.number(opts.augment_weight, "AUGMENT_WEIGHT")}
     sample_rate, channels = model_format(opts.model)
-    options = ManifestOptions(sample_rate=sample_rate, channels=channels, segment=opts.segment, valid=opts.valid,
-                              seed=opts.seed, text=opts.text, strict=opts.strict, describe=not opts.no_describe,
-                              tempo_range=opts.tempo_range, workers=opts.workers, augment=opts.augment,
-                              augment_weight=opts.augment_weight)
+    options = ManifestOptions(sample_rate=sample_rate, channels=channels, text=opts.text, strict=opts.strict,
+                              describe=not opts.no_describe, tempo_range=opts.tempo_range, workers=opts.workers,
+                              augment=opts.augment, **numbers)
     out = build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
     print(summary(json.loads((out / "report.json").read_text())))
     print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")

@@ -14,6 +14,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -62,6 +63,10 @@ class ManifestOptions:
     workers: tp.Optional[int] = None  # processes; default: all cores
     augment: tp.Optional[str] = None  # variants of training files (musicgen_finetune/augment.py), e.g. "default"
     augment_weight: float = 0.5      # sampling weight of each variant segment; originals weigh 1
+
+    def check(self, augmenting: bool = False) -> None:
+        """DatasetError naming each setting out of range (see check_options)."""
+        check_options(self, augmenting)
 
     def conversion(self) -> dict:
         """Everything that changes the converted audio: cached audio is reused only if all of it is equal."""
@@ -197,6 +202,26 @@ def run_workers(sources: tp.List[Source], staging: Path, previous: Path, options
 
 
 # -- the dataset ------------------------------------------------------------------------------------------------
+
+def check_options(options: "ManifestOptions", augmenting: bool) -> None:
+    """Every setting a user gives (as the Makefile variable that sets it), before anything is read or written."""
+    problems = []
+    if not (isinstance(options.segment, (int, float)) and math.isfinite(options.segment)
+            and options.segment >= options.min_seconds):
+        problems.append(f"SEGMENT={options.segment}: must be a number of seconds >= {options.min_seconds:g} (30 for "
+                        "musicgen-small; longer tracks are cut into pieces of this length)")
+    if not (isinstance(options.valid, (int, float)) and 0 <= options.valid < 1):
+        problems.append(f"VALID={options.valid}: must be a fraction in [0, 1), the share of files held out for "
+                        "validation (0.2: one in five)")
+    if isinstance(options.seed, bool) or not isinstance(options.seed, int):
+        problems.append(f"SPLIT_SEED={options.seed}: must be a whole number (it picks the validation files)")
+    if augmenting and not (isinstance(options.augment_weight, (int, float)) and options.augment_weight > 0):
+        problems.append(f"AUGMENT_WEIGHT={options.augment_weight}: must be > 0 (0.5: a variant is drawn half as "
+                        "often as an original)")
+    if problems:
+        raise DatasetError("; ".join(problems) + ".")
+    tempo_range_bounds(options.tempo_range)  # a bad TEMPO_RANGE stops the run before anything is converted
+
 
 def tempo_range_bounds(spec: tp.Optional[str]) -> tp.Optional[tp.Tuple[float, float]]:
     """TEMPO_RANGE "70-140" -> (70.0, 140.0); None for none."""
@@ -345,10 +370,24 @@ def collect_sources(folder: Path, options: ManifestOptions,
         split = layout_split(relative) if split_layout else None
         sources.append(Source(relative, path, sha1, split or "", caption))
     if not sources:
-        raise DatasetError(f"{folder}: no usable audio file (looked for {', '.join(sorted(AUDIO_EXTENSIONS))}; "
-                           f"{len(collector.skipped)} skipped).")
+        raise DatasetError(no_usable_file(folder, audio_files, collector.skipped))
     assign_splits([s for s in sources if not s.split], options)
     return sources, len(audio_files)
+
+
+def no_usable_file(folder: Path, audio_files: tp.List[Path], skipped: tp.List[dict]) -> str:
+    """Why a folder gave nothing to train on, and what to do."""
+    if not audio_files:
+        return (f"DATA={folder}: no audio file found (looked for {', '.join(sorted(AUDIO_EXTENSIONS))}, in every "
+                "sub-folder, hidden ones left out).")
+    uncaptioned = [s for s in skipped if s["reason"].startswith("no caption")]
+    if len(uncaptioned) == len(audio_files):
+        return (f"DATA={folder}: none of its {len(audio_files)} audio files has a caption. Give each one in "
+                "metadata.json, metadata.jsonl or metadata.csv, or as a .txt or .json beside the audio, or one "
+                "caption for every file with TEXT='hip hop 808 beat'.")
+    reasons = collections.Counter(s["reason"].split(":")[0] for s in skipped)
+    return (f"DATA={folder}: none of its {len(audio_files)} audio files can be used ("
+            + ", ".join(f"{count}: {reason}" for reason, count in reasons.most_common(4)) + ").")
 
 
 def assign_splits(sources: tp.List[Source], options: ManifestOptions) -> None:
@@ -387,10 +426,7 @@ def build_manifests(data_dir: tp.Union[str, Path], name: str, options: tp.Option
         variants = augment.parse(options.augment)
     except augment.AugmentSpecError as err:
         raise DatasetError(str(err)) from err
-    tempo_range_bounds(options.tempo_range)  # a bad TEMPO_RANGE stops the run before anything is converted
-    if variants and not options.augment_weight > 0:
-        raise DatasetError(f"AUGMENT_WEIGHT={options.augment_weight}: must be > 0 (0.5: a variant is drawn half as "
-                           "often as an original).")
+    options.check(bool(variants))
     collector = Collector(options.strict)
     sources, found = collect_sources(folder, options, collector)
     with replaced_when_complete(out) as staging:
