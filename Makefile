@@ -82,10 +82,7 @@ help:  ## this list
 setup:  ## .venv with the pinned stack, AudioCraft's source in audiocraft/, ffmpeg on PATH (seconds when done)
 	@bash tools/setup.sh
 
-demo: setup  ## the whole job on the embedded tiny model and synthetic data, on the CPU: train, compare, listen
-	$(PY) egs/hiphop808/make_data.py --style chiptune --seed 7 --out $(DEMO_GENERAL_DATA)
-	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
-	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --train-codec-on $(DEMO_DATA) $(DEMO_GENERAL_DATA)
+demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data, on the CPU: train, compare, listen
 	@echo "== 1. a 'general' base: the random tiny model trained briefly on another style (chiptune)"
 	$(PY) tools/manifests.py --data $(DEMO_GENERAL_DATA) --name $(DEMO_GENERAL_NAME) --model $(DEMO_MODEL) --segment 2 \
 		--valid 0.25
@@ -168,10 +165,11 @@ doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, wri
 bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...']: speed and memory table to output/bench/
 	$(PY) tools/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 
-tiny-model: setup  ## write the embedded tiny model to DEMO_MODEL (output/models/tiny-musicgen)
-	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --force
+tiny-model: demo-data  ## the demo's tiny model in DEMO_MODEL, its codec trained on the demo's clips (kept when up to date)
+	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --train-codec-on $(DEMO_DATA) $(DEMO_GENERAL_DATA)
 
-demo-data: setup  ## synthesise the 808 demo dataset to DEMO_DATA
+demo-data: setup  ## synthesise the demo's datasets: 808 beats (DEMO_DATA) and chiptune (DEMO_GENERAL_DATA)
+	$(PY) egs/hiphop808/make_data.py --style chiptune --seed 7 --out $(DEMO_GENERAL_DATA)
 	$(PY) egs/hiphop808/make_data.py --out $(DEMO_DATA)
 
 clean:  ## remove outputs and manifests (keeps .venv and audiocraft/)

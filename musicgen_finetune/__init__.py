@@ -17,6 +17,7 @@ Importing it prepares the process's environment first (`environment.prepare`: of
 dora folder, AudioCraft's config tree for Hydra), because dora, Hydra, AudioCraft and transformers read it when
 they are imported.
 """
+
 from . import environment as _environment
 from .errors import UserError
 from .paths import CONFIG_DIR, REPO_ROOT, experiments_dir, manifests_root, output_dir

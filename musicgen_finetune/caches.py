@@ -15,6 +15,7 @@ to the batch size and to the order of the epochs, and it loads pickled MusicInfo
 weights-only). That suits 32-GPU runs over a huge dataset, not a small single-GPU fine-tune; its `cache.*` keys
 are left as upstream has them (off).
 """
+
 import collections
 import contextlib
 import dataclasses
@@ -31,13 +32,14 @@ from .files import write_atomically
 
 logger = logging.getLogger(__name__)
 
-KEY_LENGTH = 16          # hex digits of a cache folder's name
-TOKEN_LIMIT = 2 ** 15    # tokens are stored as int16
+KEY_LENGTH = 16  # hex digits of a cache folder's name
+TOKEN_LIMIT = 2**15  # tokens are stored as int16
 
 
 @dataclasses.dataclass
 class HitCounter:
     """Hits and misses since the last `take()`, for the per-epoch log."""
+
     hits: int = 0
     misses: int = 0
 
@@ -83,6 +85,7 @@ def state_dict_hash(model: torch.nn.Module) -> str:
 def token_key_ingredients(compression_model, segment_duration: float) -> dict:
     """Everything that changes the tokens of a segment, besides the segment itself."""
     import audiocraft
+
     return {
         "compression_model_sha1": state_dict_hash(compression_model),
         "sample_rate": int(compression_model.sample_rate),
@@ -128,6 +131,7 @@ class TokenCache:
     def load(self, info) -> tp.Optional[torch.Tensor]:
         """The segment's tokens [K, T] (int16, CPU), or None."""
         from safetensors.torch import load_file
+
         path = self.entry_path(info)
         if not path.is_file():
             return None
@@ -139,9 +143,12 @@ class TokenCache:
 
     def store(self, info, tokens: torch.Tensor) -> None:
         from safetensors.torch import save_file
+
         if tokens.min() < 0 or tokens.max() >= TOKEN_LIMIT:
-            raise ValueError(f"tokens outside [0, {TOKEN_LIMIT}) cannot be stored as int16; turn the token cache "
-                             "off (token_cache.enabled=false) for this compression model.")
+            raise ValueError(
+                f"tokens outside [0, {TOKEN_LIMIT}) cannot be stored as int16; turn the token cache "
+                "off (token_cache.enabled=false) for this compression model."
+            )
         fields = self.entry_fields(info)
         metadata = {"path": fields[0], "seek_time": str(fields[3]), "n_frames": str(fields[4])}
         data = {"tokens": tokens.detach().to("cpu", torch.int16).contiguous()}
@@ -152,10 +159,12 @@ class TokenCache:
 
     def describe(self) -> str:
         i = self.ingredients
-        return (f"Token cache at {self.folder} (compression model sha1 {i['compression_model_sha1'][:12]}, "
-                f"{i['sample_rate']} Hz, {i['channels']} channel(s), {i['frame_rate']:g} frames/s, "
-                f"{i['num_codebooks']} codebooks, {i['segment_duration']:g} s segments, "
-                f"audiocraft {i['audiocraft']}), {self.count()} entries found")
+        return (
+            f"Token cache at {self.folder} (compression model sha1 {i['compression_model_sha1'][:12]}, "
+            f"{i['sample_rate']} Hz, {i['channels']} channel(s), {i['frame_rate']:g} frames/s, "
+            f"{i['num_codebooks']} codebooks, {i['segment_duration']:g} s segments, "
+            f"audiocraft {i['audiocraft']}), {self.count()} entries found"
+        )
 
 
 class CachedCompressionModel:
@@ -200,15 +209,19 @@ class CachedCompressionModel:
             # the whole batch when nothing is cached: exactly upstream's call
             codes, scale = self.model.encode(x if len(missing) == len(infos) else x[missing])
             if scale is not None:
-                raise ValueError("the token cache does not support a scaled compression model; turn it off with "
-                                 "token_cache.enabled=false.")
+                raise ValueError(
+                    "the token cache does not support a scaled compression model; turn it off with "
+                    "token_cache.enabled=false."
+                )
             for index, code in zip(missing, codes, strict=True):
                 self.cache.store(infos[index], code)
                 tokens[index] = code
         shapes = {tuple(t.shape) for t in tokens}
         if len(shapes) > 1:
-            raise RuntimeError(f"cached and encoded tokens differ in shape {sorted(shapes)} in {self.cache.folder}; "
-                               "delete that folder (it is rebuilt as training goes).")
+            raise RuntimeError(
+                f"cached and encoded tokens differ in shape {sorted(shapes)} in {self.cache.folder}; "
+                "delete that folder (it is rebuilt as training goes)."
+            )
         return torch.stack([t.to(device=x.device, dtype=torch.long) for t in tokens])
 
 
@@ -249,19 +262,22 @@ class CachedT5Encoder:
             raise AttributeError(name)
         return getattr(self.t5, name)
 
-    def __call__(self, input_ids: tp.Optional[torch.Tensor] = None,
-                 attention_mask: tp.Optional[torch.Tensor] = None, **kwargs):
+    def __call__(
+        self, input_ids: tp.Optional[torch.Tensor] = None, attention_mask: tp.Optional[torch.Tensor] = None, **kwargs
+    ):
         if kwargs or input_ids is None or attention_mask is None:  # not the call upstream makes: no cache
             return self.t5(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         from transformers.modeling_outputs import BaseModelOutput
+
         with sync_allowed(), torch.no_grad():
             lengths = valid_lengths(attention_mask)
             if lengths is None:  # not right-padded: no cache
                 return self.t5(input_ids=input_ids, attention_mask=attention_mask)
             return BaseModelOutput(last_hidden_state=self._hidden_states(input_ids, attention_mask, lengths))
 
-    def _hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       lengths: tp.List[int]) -> torch.Tensor:
+    def _hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: tp.List[int]
+    ) -> torch.Tensor:
         ids = input_ids.detach().cpu()
         keys = [tuple(ids[row, :length].tolist()) for row, length in enumerate(lengths)]
         missing: tp.Dict[tuple, int] = {}  # key -> first row with it
@@ -279,17 +295,19 @@ class CachedT5Encoder:
         found.update(self._encode_missing(input_ids, attention_mask, missing, lengths))
         return self._padded(keys, found, input_ids.shape[1]).to(input_ids.device)
 
-    def _encode_missing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, missing: dict,
-                        lengths: tp.List[int]) -> tp.Dict[tuple, torch.Tensor]:
+    def _encode_missing(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, missing: dict, lengths: tp.List[int]
+    ) -> tp.Dict[tuple, torch.Tensor]:
         if not missing:
             return {}
         rows = list(missing.values())
         longest = max(lengths[row] for row in rows)
-        hidden = self.t5(input_ids=input_ids[rows, :longest],
-                         attention_mask=attention_mask[rows, :longest]).last_hidden_state
+        hidden = self.t5(
+            input_ids=input_ids[rows, :longest], attention_mask=attention_mask[rows, :longest]
+        ).last_hidden_state
         computed = {}
         for key, states, row in zip(missing, hidden, rows, strict=True):
-            computed[key] = states[:lengths[row]].detach().cpu().clone()
+            computed[key] = states[: lengths[row]].detach().cpu().clone()
             self._remember(key, computed[key])
         return computed
 
@@ -307,23 +325,24 @@ class CachedT5Encoder:
         out = torch.zeros(len(keys), length, width, dtype=dtype)
         for row, key in enumerate(keys):
             if key:
-                out[row, :len(key)] = found[key]
+                out[row, : len(key)] = found[key]
         return out
 
     def describe(self) -> str:
-        return f"{len(self.entries)} kept, {self.bytes / 2 ** 20:.1f} of {self.max_bytes / 2 ** 20:g} MB"
+        return f"{len(self.entries)} kept, {self.bytes / 2**20:.1f} of {self.max_bytes / 2**20:g} MB"
 
 
 def install_text_cache(condition_provider, max_mb: float) -> tp.Dict[str, CachedT5Encoder]:
     """A `CachedT5Encoder` on every frozen T5 conditioner (a fine-tuned T5 changes every step: none there).
     Idempotent. Returns {conditioner name: cache}."""
     from audiocraft.modules.conditioners import T5Conditioner
+
     installed = {}
     for name, conditioner in condition_provider.conditioners.items():
         if not isinstance(conditioner, T5Conditioner) or conditioner.finetune:
             continue
         if not isinstance(conditioner.t5, CachedT5Encoder):
             # a frozen T5 is a plain attribute, not a submodule (upstream keeps it out of checkpoints): same here
-            conditioner.__dict__["t5"] = CachedT5Encoder(conditioner.t5, int(max_mb * 2 ** 20))
+            conditioner.__dict__["t5"] = CachedT5Encoder(conditioner.t5, int(max_mb * 2**20))
         installed[name] = conditioner.t5
     return installed

@@ -1,9 +1,10 @@
 """What every command-line entry in tools/ shares: one `error:` line for anything a user can cause.
 
-    def main(argv=None) -> None: ...            # parse, then call the stage
-    if __name__ == "__main__":                   # a worker process that imports this file runs nothing
-        cli.main(main)
+def main(argv=None) -> None: ...            # parse, then call the stage
+if __name__ == "__main__":                   # a worker process that imports this file runs nothing
+    cli.main(main)
 """
+
 import sys
 import typing as tp
 
@@ -13,8 +14,9 @@ USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
 
 
-def main(entry: tp.Callable[[tp.Optional[tp.Sequence[str]]], tp.Optional[int]],
-         argv: tp.Optional[tp.Sequence[str]] = None) -> tp.NoReturn:
+def main(
+    entry: tp.Callable[[tp.Optional[tp.Sequence[str]]], tp.Optional[int]], argv: tp.Optional[tp.Sequence[str]] = None
+) -> tp.NoReturn:
     """Run `entry(argv)` and exit with its status: 2 and `error: <message>` for a UserError, 130 when
     interrupted (Ctrl-C), a traceback only for what is a bug."""
     try:

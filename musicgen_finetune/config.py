@@ -1,11 +1,12 @@
 """The harness's Hydra config (config/ over AudioCraft's tree) outside of dora, and writing values as overrides.
 
-    compose(overrides)     the config `dora -P musicgen_finetune run <overrides>` would run with
-    hydra_value(value)     a Python value written as a command-line override value
-    leaves(nested)         (dotted key, value) for every leaf of nested dicts
-    check_override_keys    every `key=value` a user gives names a key: one line with the closest ones if not
-    check_values           the values of the keys people change most: type and range, one line naming each
+compose(overrides)     the config `dora -P musicgen_finetune run <overrides>` would run with
+hydra_value(value)     a Python value written as a command-line override value
+leaves(nested)         (dotted key, value) for every leaf of nested dicts
+check_override_keys    every `key=value` a user gives names a key: one line with the closest ones if not
+check_values           the values of the keys people change most: type and range, one line naming each
 """
+
 import dataclasses
 import difflib
 import math
@@ -57,6 +58,7 @@ def hydra_value(value: tp.Any) -> str:
 
 # -- checking what a user overrides, before anything is created -------------------------------------------------
 
+
 class OverrideError(UserError, ValueError):
     """An override names no key, or gives a value of the wrong type or out of range; the message names the key,
     the value and what is allowed."""
@@ -65,9 +67,10 @@ class OverrideError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Allowed:
     """What a key accepts: a whole number or a number, within bounds, maybe null; `what` says what it means."""
-    kind: type                        # int or float
-    low: tp.Optional[float] = None    # inclusive unless low_open
-    high: tp.Optional[float] = None   # exclusive unless high_closed
+
+    kind: type  # int or float
+    low: tp.Optional[float] = None  # inclusive unless low_open
+    high: tp.Optional[float] = None  # exclusive unless high_closed
     low_open: bool = False
     high_closed: bool = False
     nullable: bool = False
@@ -126,8 +129,10 @@ def parse_overrides(overrides: tp.Sequence[str]) -> list:
             parsed.extend(parser.parse_overrides([text]))
         except OverrideParseException as err:
             first = str(err).strip().splitlines()[0]
-            raise OverrideError(f"ARGS: {text!r} is not a Hydra override ({first}); write key=value, e.g. "
-                                "optim.epochs=20 or lora.targets=[linear1,linear2].") from None
+            raise OverrideError(
+                f"ARGS: {text!r} is not a Hydra override ({first}); write key=value, e.g. "
+                "optim.epochs=20 or lora.targets=[linear1,linear2]."
+            ) from None
     return parsed
 
 
@@ -146,6 +151,7 @@ def dotted_keys(cfg: DictConfig) -> tp.List[str]:
                 path = f"{prefix}.{key}" if prefix else str(key)
                 keys.append(path)
                 walk(child, path)
+
     walk(OmegaConf.to_container(cfg, resolve=False), "")
     return keys
 
@@ -168,21 +174,29 @@ def check_override_keys(overrides: tp.Sequence[str], cfg: DictConfig, search_pat
             continue
         if OmegaConf.select(cfg, key, default=_ABSENT) is _ABSENT:
             close = closest_keys(key, known)
-            hint = f"did you mean {' or '.join(close)}?" if close else \
-                "the keys are those of config/solver/finetune/musicgen_small.yaml and AudioCraft's config tree"
+            hint = (
+                f"did you mean {' or '.join(close)}?"
+                if close
+                else "the keys are those of config/solver/finetune/musicgen_small.yaml and AudioCraft's config tree"
+            )
             raise OverrideError(f"{key}: no such key; {hint}")
 
 
 def check_values(cfg: DictConfig) -> None:
     """The values of the keys in ALLOWED, and the few that depend on each other; OverrideError naming each
     problem."""
-    problems = [problem for key, allowed in ALLOWED.items()
-                if (problem := allowed.problem(key, OmegaConf.select(cfg, key, default=None)))
-                and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT]
+    problems = [
+        problem
+        for key, allowed in ALLOWED.items()
+        if (problem := allowed.problem(key, OmegaConf.select(cfg, key, default=None)))
+        and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+    ]
     top_k, card = OmegaConf.select(cfg, "generate.lm.top_k"), OmegaConf.select(cfg, "transformer_lm.card")
     if not problems and isinstance(top_k, int) and isinstance(card, int) and top_k > card:
-        problems.append(f"generate.lm.top_k={top_k}: more than the {card} codes of this model's codebooks; use at "
-                        f"most {card} (the cpu_tiny presets use 50)")
+        problems.append(
+            f"generate.lm.top_k={top_k}: more than the {card} codes of this model's codebooks; use at "
+            f"most {card} (the cpu_tiny presets use 50)"
+        )
     if problems:
         raise OverrideError("; ".join(problems) + ".")
 

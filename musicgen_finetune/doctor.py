@@ -1,4 +1,5 @@
 """`make doctor`: is this machine ready to fine-tune, and if not, what to do about it."""
+
 import os
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ MUSICGEN_SMALL_PARAMETERS = 419_617_792
 
 def disk_needed(parameters: int) -> float:
     """GiB a full fine-tune of a model of `parameters` LM parameters writes at its peak."""
-    return parameters * (2 * CHECKPOINT_BYTES_PER_PARAMETER + EXPORT_BYTES_PER_PARAMETER) / 2 ** 30
+    return parameters * (2 * CHECKPOINT_BYTES_PER_PARAMETER + EXPORT_BYTES_PER_PARAMETER) / 2**30
 
 
 class Check(tp.NamedTuple):
@@ -41,10 +42,14 @@ def check_python() -> Check:
 
 def check_gpu() -> Check:
     if not torch.cuda.is_available():
-        return Check(True, "gpu", "none visible: the tiny demo runs on the CPU; fine-tuning musicgen-small needs a "
-                                  "CUDA GPU (the finetune/musicgen_small preset is sized for 24 GB)")
+        return Check(
+            True,
+            "gpu",
+            "none visible: the tiny demo runs on the CPU; fine-tuning musicgen-small needs a "
+            "CUDA GPU (the finetune/musicgen_small preset is sized for 24 GB)",
+        )
     props = torch.cuda.get_device_properties(0)
-    memory = props.total_memory / 2 ** 30
+    memory = props.total_memory / 2**30
     bf16 = torch.cuda.is_bf16_supported()
     detail = f"{torch.cuda.device_count()} x {props.name}, {memory:.0f} GiB, bf16 {'yes' if bf16 else 'no'}"
     if not bf16:
@@ -55,8 +60,12 @@ def check_gpu() -> Check:
 def check_ffmpeg() -> Check:
     path = shutil.which("ffmpeg")
     if not path:
-        return Check(False, "ffmpeg", "not on PATH: AudioCraft writes every audio file through it. Run `make setup` "
-                                      "(it links the imageio-ffmpeg binary into .venv/bin) or install ffmpeg.")
+        return Check(
+            False,
+            "ffmpeg",
+            "not on PATH: AudioCraft writes every audio file through it. Run `make setup` "
+            "(it links the imageio-ffmpeg binary into .venv/bin) or install ffmpeg.",
+        )
     result = subprocess.run([path, "-version"], capture_output=True, text=True)
     first = (result.stdout.splitlines() or ["?"])[0]
     return Check(result.returncode == 0, "ffmpeg", f"{path}: {first}")
@@ -74,8 +83,13 @@ def check_model(model: str, t5: tp.Optional[str]) -> tp.Tuple[tp.List[Check], tp
         files = open_model(model, t5)
     except UserError as err:
         return [Check(False, "model", str(err))], None
-    checks = [Check(True, "model", f"{files.lm} ({files.tensors} tensors, {files.parameters / 1e6:.1f} M "
-                                   f"parameters), {files.compression}")]
+    checks = [
+        Check(
+            True,
+            "model",
+            f"{files.lm} ({files.tensors} tensors, {files.parameters / 1e6:.1f} M parameters), {files.compression}",
+        )
+    ]
     if files.t5 is not None:
         checks.append(Check(True, "t5", str(files.t5)))
     return checks, files
@@ -94,19 +108,28 @@ def check_writable(path: Path, what: str) -> Check:
 def check_disk(path: Path, parameters: int = MUSICGEN_SMALL_PARAMETERS, model: str = "musicgen-small") -> Check:
     """Room at `path` for a full fine-tune of a model of `parameters` LM parameters (LoRA needs far less)."""
     existing = next(p for p in [path, *path.parents] if p.exists())
-    free = shutil.disk_usage(existing).free / 2 ** 30
+    free = shutil.disk_usage(existing).free / 2**30
     needed = disk_needed(parameters)
     detail = f"{free:.1f} GiB free at {existing}; a full fine-tune of {model} writes up to {needed:.2g} GiB"
     if free < needed:
-        return Check(False, "disk", f"{detail} (checkpoint.th with its optimizer state, twice while it is replaced, "
-                                    "and an export): free some space or move outputs with OUTPUT=<folder>")
+        return Check(
+            False,
+            "disk",
+            f"{detail} (checkpoint.th with its optimizer state, twice while it is replaced, "
+            "and an export): free some space or move outputs with OUTPUT=<folder>",
+        )
     return Check(True, "disk", detail)
 
 
 def check_hub() -> Check:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-    return Check(True, "hub", "offline (HF_HUB_OFFLINE=1): nothing is downloaded" if offline
-                 else "reachable if the network allows: AudioCraft may try to download")
+    return Check(
+        True,
+        "hub",
+        "offline (HF_HUB_OFFLINE=1): nothing is downloaded"
+        if offline
+        else "reachable if the network allows: AudioCraft may try to download",
+    )
 
 
 def run(model: tp.Optional[str] = None, t5: tp.Optional[str] = None) -> int:

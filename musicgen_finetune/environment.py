@@ -4,6 +4,7 @@ Each of these libraries reads its settings from the environment when it is impor
 `__init__` calls `prepare()` before any of its modules can import them; this module imports none of them itself
 (Hydra only, inside `prepare`, for the search-path plugin).
 """
+
 import getpass
 import os
 import sys
@@ -24,6 +25,7 @@ def offline_hub() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     if "huggingface_hub" in sys.modules:  # imported before us: its constants were read already
         import huggingface_hub.constants
+
         huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 

@@ -8,6 +8,7 @@
 The best epoch is the one with the lowest validation metric (`ce` unless the run's `early_stop.metric` says
 otherwise); `make export WHICH=best` exports its state.
 """
+
 import json
 import typing as tp
 from pathlib import Path
@@ -29,8 +30,9 @@ class ExperimentNotFoundError(UserError, FileNotFoundError):
 def best_epoch(history: tp.Sequence[dict], metric: str = "ce") -> tp.Optional[int]:
     """The 1-based epoch of the lowest validation `metric` in a dora history (None before any validation).
     Ties go to the earlier epoch."""
-    scores = [(epoch["valid"][metric], index + 1) for index, epoch in enumerate(history)
-              if metric in epoch.get("valid", {})]
+    scores = [
+        (epoch["valid"][metric], index + 1) for index, epoch in enumerate(history) if metric in epoch.get("valid", {})
+    ]
     return min(scores)[1] if scores else None
 
 
@@ -67,5 +69,6 @@ def find_experiment(xp: tp.Union[str, Path]) -> Path:
         known = sorted(p.name for p in experiments_dir().glob("*") if (p / CHECKPOINT_FILE).is_file())
         raise ExperimentNotFoundError(
             f"XP={xp}: no {CHECKPOINT_FILE} in {folder}. Experiments with a checkpoint: {', '.join(known) or 'none'} "
-            "(make train prints the signature).")
+            "(make train prints the signature)."
+        )
     return folder.resolve()

@@ -9,6 +9,7 @@
 The T5 text encoder is referenced, not copied: xp.cfg names the local folder the run used, and `load()` looks
 for it there, then beside the model (`t5/`), then in the Hugging Face cache.
 """
+
 import json
 import shutil
 import typing as tp
@@ -39,12 +40,16 @@ def base_folder(cfg) -> Path:
     prefix = model_dir.PRETRAINED_PREFIX
     name = str(cfg.get("continue_from") or "")
     if not name.startswith(prefix):
-        raise ExportError(f"The experiment did not start from a local model folder (continue_from={name!r}); "
-                          "its compression model cannot be copied.")
-    folder = Path(name[len(prefix):])
+        raise ExportError(
+            f"The experiment did not start from a local model folder (continue_from={name!r}); "
+            "its compression model cannot be copied."
+        )
+    folder = Path(name[len(prefix) :])
     if not (folder / model_dir.COMPRESSION_FILE).is_file():
-        raise ExportError(f"The experiment's base model {folder} is gone (no {model_dir.COMPRESSION_FILE}): put it "
-                          "back where it was trained from; the export copies its compression model.")
+        raise ExportError(
+            f"The experiment's base model {folder} is gone (no {model_dir.COMPRESSION_FILE}): put it "
+            "back where it was trained from; the export copies its compression model."
+        )
     return folder
 
 
@@ -56,8 +61,9 @@ def merged_lora_state(cfg, checkpoint: dict, which: str, base: dict, out: Path) 
     lora.inject(lm, config)
     missing, unexpected = lm.load_state_dict({**base, **adapters}, strict=False)
     if unexpected or [k for k in missing if not k.startswith("condition_provider.conditioners.description.t5")]:
-        raise ExportError(f"The checkpoint's adapters do not fit the model: missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}.")
+        raise ExportError(
+            f"The checkpoint's adapters do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
     lora.save_adapters(lm, out / "adapters.safetensors", config, base_hash=checkpoint["lora"]["hash"])
     lora.merge(lm)
     return {k: v for k, v in lm.state_dict().items() if not lora.is_adapter_key(k)}
@@ -79,21 +85,28 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
             base = base_package["best_state"]
             base_hash = lora.base_model_hash(base)
             if base_hash != checkpoint["lora"]["hash"]:
-                raise ExportError(f"{base_dir / model_dir.LM_FILE} changed since the adapters were trained (hash "
-                                  f"{base_hash[:16]}, expected {checkpoint['lora']['hash'][:16]}).")
+                raise ExportError(
+                    f"{base_dir / model_dir.LM_FILE} changed since the adapters were trained (hash "
+                    f"{base_hash[:16]}, expected {checkpoint['lora']['hash'][:16]})."
+                )
             state = merged_lora_state(cfg, checkpoint, which, {k: v.float() for k, v in base.items()}, staging)
         else:
             state = checkpoint["best_state"]["model"] if which == "best" else checkpoint["model"]
-        torch.save(xp_cfg.package(cfg, state, version=audiocraft.__version__, exported=True),
-                   staging / model_dir.LM_FILE)
+        torch.save(
+            xp_cfg.package(cfg, state, version=audiocraft.__version__, exported=True), staging / model_dir.LM_FILE
+        )
         shutil.copyfile(base_dir / model_dir.COMPRESSION_FILE, staging / model_dir.COMPRESSION_FILE)
         history = checkpoint.get("history") or []
         epoch = best_epoch(history) if which == "best" else len(history)
         (staging / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         info = {
-            "experiment": folder.name, "which": which, "epoch": epoch, "epochs_trained": len(history),
+            "experiment": folder.name,
+            "which": which,
+            "epoch": epoch,
+            "epochs_trained": len(history),
             "valid_ce": valid_value(history, epoch),
-            "base_model": str(base_dir), "t5": str(OmegaConf.select(cfg, "conditioners.description.t5.name")),
+            "base_model": str(base_dir),
+            "t5": str(OmegaConf.select(cfg, "conditioners.description.t5.name")),
             "dataset": str(OmegaConf.select(cfg, "datasource.train")),
             "segment_duration": OmegaConf.select(cfg, "dataset.segment_duration"),
             "lora": checkpoint["lora"]["config"] if "lora" in checkpoint else None,
@@ -103,9 +116,14 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
             f"# Fine-tuned MusicGen ({folder.name}, {which} state)\n\n"
             f"Fine-tuned from {base_dir} on {info['dataset']}, epoch {epoch} of {len(history)}, "
             f"validation cross-entropy {info['valid_ce']}.\n"
-            + (f"LoRA rank {info['lora']['rank']}, alpha {info['lora']['alpha']}, targets "
-               f"{', '.join(info['lora']['targets'])}: merged into state_dict.bin, and alone in "
-               "adapters.safetensors.\n" if info["lora"] else "")
-            + "\nLoad it with `musicgen_finetune.generate.load(\"<this folder>\")` or `make generate MODEL=<this "
-              "folder>`; it has the musicgen-small layout (state_dict.bin + compression_state_dict.bin).\n")
+            + (
+                f"LoRA rank {info['lora']['rank']}, alpha {info['lora']['alpha']}, targets "
+                f"{', '.join(info['lora']['targets'])}: merged into state_dict.bin, and alone in "
+                "adapters.safetensors.\n"
+                if info["lora"]
+                else ""
+            )
+            + '\nLoad it with `musicgen_finetune.generate.load("<this folder>")` or `make generate MODEL=<this '
+            "folder>`; it has the musicgen-small layout (state_dict.bin + compression_state_dict.bin).\n"
+        )
     return out

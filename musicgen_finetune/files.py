@@ -6,6 +6,7 @@
 Both leave their outputs with the permissions of an ordinary file of this process (0644 under the usual umask
 022), not the 0600 that temporary files are created with.
 """
+
 import contextlib
 import os
 import shutil

@@ -9,6 +9,7 @@
 MusicGen converted once), optionally with LoRA adapters on top, and works offline whatever segment length the
 model was trained on.
 """
+
 import dataclasses
 import json
 import re
@@ -26,8 +27,8 @@ from .files import write_text_atomically
 from .models import xp_cfg
 from .models.open import open_model
 
-MAX_DURATION = 30.0      # one generation window, as musicgen-small; longer audio is extended window by window
-LONGEST = 600.0          # seconds; past this, generation by extension drifts and takes very long
+MAX_DURATION = 30.0  # one generation window, as musicgen-small; longer audio is extended window by window
+LONGEST = 600.0  # seconds; past this, generation by extension drifts and takes very long
 
 
 class GenerationError(UserError, ValueError):
@@ -37,25 +38,30 @@ class GenerationError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How audio is sampled from a model; the defaults of `make generate` and `make eval` (MusicGen's own)."""
-    duration: float = 10.0       # seconds of audio per prompt
-    top_k: int = 250             # sample among the k likeliest codes (0: off)
-    top_p: float = 0.0           # nucleus sampling threshold (0: off)
+
+    duration: float = 10.0  # seconds of audio per prompt
+    top_k: int = 250  # sample among the k likeliest codes (0: off)
+    top_p: float = 0.0  # nucleus sampling threshold (0: off)
     temperature: float = 1.0
-    cfg_coef: float = 3.0        # classifier-free guidance
-    batch_size: int = 4          # prompts generated together
+    cfg_coef: float = 3.0  # classifier-free guidance
+    batch_size: int = 4  # prompts generated together
 
     def check(self, card: tp.Optional[int] = None) -> None:
         """GenerationError naming every value out of range (as the Makefile variable that sets it); `card`: the
         model's codebook size, which top-k may not exceed."""
         problems = []
         if not 0 < self.duration <= LONGEST:
-            problems.append(f"DURATION={self.duration:g}: must be above 0 and at most {LONGEST:g} s (past "
-                            f"{MAX_DURATION:g} s the audio is extended window by window)")
+            problems.append(
+                f"DURATION={self.duration:g}: must be above 0 and at most {LONGEST:g} s (past "
+                f"{MAX_DURATION:g} s the audio is extended window by window)"
+            )
         if self.top_k < 0:
             problems.append(f"TOP_K={self.top_k}: must be >= 0 (0 disables top-k)")
         elif card is not None and self.top_k > card:
-            problems.append(f"TOP_K={self.top_k} is more than the {card} codes of this model's codebooks; use at "
-                            f"most {card} (0 disables top-k)")
+            problems.append(
+                f"TOP_K={self.top_k} is more than the {card} codes of this model's codebooks; use at "
+                f"most {card} (0 disables top-k)"
+            )
         if not 0 <= self.top_p <= 1:
             problems.append(f"TOP_P={self.top_p:g}: must be in [0, 1] (0 disables top-p)")
         if self.temperature <= 0:
@@ -69,13 +75,23 @@ class Sampling:
 
     def generation_params(self) -> dict:
         """What `MusicGen.set_generation_params` takes."""
-        return {"use_sampling": True, "top_k": self.top_k, "top_p": self.top_p, "temperature": self.temperature,
-                "duration": self.duration, "cfg_coef": self.cfg_coef,
-                "extend_stride": min(18.0, MAX_DURATION / 2)}
+        return {
+            "use_sampling": True,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "temperature": self.temperature,
+            "duration": self.duration,
+            "cfg_coef": self.cfg_coef,
+            "extend_stride": min(18.0, MAX_DURATION / 2),
+        }
 
 
-def load(folder: tp.Union[str, Path], adapter: tp.Optional[tp.Union[str, Path]] = None,
-         device: tp.Optional[str] = None, t5: tp.Optional[tp.Union[str, Path]] = None) -> MusicGen:
+def load(
+    folder: tp.Union[str, Path],
+    adapter: tp.Optional[tp.Union[str, Path]] = None,
+    device: tp.Optional[str] = None,
+    t5: tp.Optional[tp.Union[str, Path]] = None,
+) -> MusicGen:
     """AudioCraft's `MusicGen` for a local model folder (+ LoRA adapters, merged for speed), offline.
 
     Args:
@@ -89,8 +105,9 @@ def load(folder: tp.Union[str, Path], adapter: tp.Optional[tp.Union[str, Path]] 
     files = open_model(folder, t5)  # every file and the T5 are checked before anything is built
     adapter_path = Path(adapter).expanduser().resolve() if adapter else None
     if adapter_path is not None and not adapter_path.is_file():
-        raise GenerationError(f"ADAPTER={adapter}: {adapter_path} does not exist (make export writes "
-                              "adapters.safetensors for LoRA runs).")
+        raise GenerationError(
+            f"ADAPTER={adapter}: {adapter_path} does not exist (make export writes adapters.safetensors for LoRA runs)."
+        )
     patches.apply()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = xp_cfg.build_lm(files.xp_cfg, patches.safe_load(files.lm)["best_state"], t5=files.t5)
@@ -114,8 +131,9 @@ def read_prompts(prompts: str) -> tp.List[str]:
     if not prompts.strip():
         raise GenerationError("PROMPTS is empty: give a prompt text, or a file with one prompt per line.")
     if re.fullmatch(r"\S+\.(txt|csv|lst|prompts)", prompts.strip(), re.IGNORECASE):
-        raise GenerationError(f"PROMPTS={prompts}: no such file ({path.resolve()}); give an existing file, or the "
-                              "prompt text itself.")
+        raise GenerationError(
+            f"PROMPTS={prompts}: no such file ({path.resolve()}); give an existing file, or the prompt text itself."
+        )
     return [prompts.strip()]
 
 
@@ -123,9 +141,16 @@ def slug(text: str, length: int = 48) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:length] or "prompt"
 
 
-def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str, Path],
-             adapter: tp.Optional[str] = None, sampling: Sampling = Sampling(), seeds: tp.Sequence[int] = (0,),
-             progress: bool = True, t5: tp.Optional[str] = None) -> Path:
+def generate(
+    model_folder: tp.Union[str, Path],
+    prompts: str,
+    out: tp.Union[str, Path],
+    adapter: tp.Optional[str] = None,
+    sampling: Sampling = Sampling(),
+    seeds: tp.Sequence[int] = (0,),
+    progress: bool = True,
+    t5: tp.Optional[str] = None,
+) -> Path:
     """`make generate`: one wav per prompt and seed in `out`, and generated.json saying what was made with which
     settings. The same model, prompts, seeds and settings give the same audio. Returns `out`."""
     texts = read_prompts(prompts)
@@ -134,26 +159,36 @@ def generate(model_folder: tp.Union[str, Path], prompts: str, out: tp.Union[str,
     model = load(model_folder, adapter, t5=t5)
     out = Path(out).expanduser().resolve()
     items = write_samples(model, texts, out, sampling, seeds, progress)
-    manifest = {"model": str(Path(model_folder).expanduser().resolve()),
-                "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
-                "sample_rate": model.sample_rate, "settings": {**dataclasses.asdict(sampling), "use_sampling": True},
-                "items": items}
+    manifest = {
+        "model": str(Path(model_folder).expanduser().resolve()),
+        "adapter": str(Path(adapter).expanduser().resolve()) if adapter else None,
+        "sample_rate": model.sample_rate,
+        "settings": {**dataclasses.asdict(sampling), "use_sampling": True},
+        "items": items,
+    }
     write_text_atomically(out / "generated.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return out
 
 
-def write_samples(model: MusicGen, texts: tp.Sequence[str], out: Path, sampling: Sampling = Sampling(),
-                  seeds: tp.Sequence[int] = (0,), progress: bool = True,
-                  loudness_normalize: bool = True) -> tp.List[dict]:
+def write_samples(
+    model: MusicGen,
+    texts: tp.Sequence[str],
+    out: Path,
+    sampling: Sampling = Sampling(),
+    seeds: tp.Sequence[int] = (0,),
+    progress: bool = True,
+    loudness_normalize: bool = True,
+) -> tp.List[dict]:
     """Generate with a loaded `model` into `out`: one wav per text and seed; returns a record per wav. Each batch has
     its own seed, so the same texts, seeds and batch size give the same noise whatever the model (reports compare
     models this way). `loudness_normalize=False` keeps the model's own level (only clipped), for measuring it."""
     out.mkdir(parents=True, exist_ok=True)
     model.set_generation_params(**sampling.generation_params())
     size = sampling.batch_size
-    batches = [list(texts[i:i + size]) for i in range(0, len(texts), size)]
-    write_options = {"strategy": "loudness", "loudness_compressor": True} if loudness_normalize else \
-        {"strategy": "clip"}
+    batches = [list(texts[i : i + size]) for i in range(0, len(texts), size)]
+    write_options = (
+        {"strategy": "loudness", "loudness_compressor": True} if loudness_normalize else {"strategy": "clip"}
+    )
     items = []
     bar = tqdm(total=len(seeds) * len(texts), desc="generating", unit="clip", disable=not progress)
     for seed in seeds:
@@ -165,8 +200,16 @@ def write_samples(model: MusicGen, texts: tp.Sequence[str], out: Path, sampling:
                 position = number * size + index
                 stem = out / f"{position:03d}_{slug(text)}_seed{seed}"
                 path = audio_write(stem, wav.cpu(), model.sample_rate, **write_options)
-                items.append({"file": path.name, "prompt": text, "seed": seed, "torch_seed": torch_seed,
-                              "index": position, "seconds": round(wav.shape[-1] / model.sample_rate, 3)})
+                items.append(
+                    {
+                        "file": path.name,
+                        "prompt": text,
+                        "seed": seed,
+                        "torch_seed": torch_seed,
+                        "index": position,
+                        "seconds": round(wav.shape[-1] / model.sample_rate, 3),
+                    }
+                )
                 bar.update()
     bar.close()
     return items

@@ -5,6 +5,7 @@ Dora's `grid` command submits through Slurm only (`srun`). Here the grid's exper
 already ended are skipped, and dora's own table is printed with each one's metrics. The same grid file still runs on
 a cluster with `dora -P musicgen_finetune grid <name>`.
 """
+
 import importlib
 import os
 import shlex
@@ -25,8 +26,7 @@ def load_explorer(name: str):
     folder = Path(grids.__file__).parent
     available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
     if name not in available:
-        raise LaunchError(f"GRID={name}: there is no musicgen_finetune/grids/{name}.py. "
-                          f"Grids: {', '.join(available)}.")
+        raise LaunchError(f"GRID={name}: there is no musicgen_finetune/grids/{name}.py. Grids: {', '.join(available)}.")
     return importlib.import_module(f"{grids.__name__}.{name}").explorer
 
 

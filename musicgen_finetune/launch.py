@@ -4,6 +4,7 @@ where things are. Nothing is created before every check has passed.
 The command is printed in full, so it can be re-run or edited by hand; running it again resumes the experiment
 (same overrides, same signature, same folder).
 """
+
 import os
 import shlex
 import subprocess
@@ -41,9 +42,11 @@ def dataset_overrides(name: str, files: model_dir.ModelFiles) -> tp.List[str]:
     dataset = PreparedDataset(name)
     wanted = (files.xp_cfg.get("sample_rate"), files.xp_cfg.get("channels"))
     if (dataset.sample_rate, dataset.channels) != wanted:
-        raise LaunchError(f"NAME={name} was converted to {dataset.sample_rate} Hz, {dataset.channels} channel(s), but "
-                          f"{files.lm} expects {wanted[0]} Hz, {wanted[1]}: run `make manifests ... NAME={name} "
-                          f"MODEL={files.root}`.")
+        raise LaunchError(
+            f"NAME={name} was converted to {dataset.sample_rate} Hz, {dataset.channels} channel(s), but "
+            f"{files.lm} expects {wanted[0]} Hz, {wanted[1]}: run `make manifests ... NAME={name} "
+            f"MODEL={files.root}`."
+        )
     return dataset.overrides()
 
 
@@ -58,8 +61,15 @@ def pretrained_overrides(files: model_dir.ModelFiles) -> tp.List[str]:
 
 def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False, fresh: bool = False) -> tp.List[str]:
     """`fresh`: dora's --clear, which removes the experiment's folder first (no resume)."""
-    return ["dora", "-P", "musicgen_finetune", "run", *(["-d"] if multi_gpu else []), *(["--clear"] if fresh else []),
-            *overrides]
+    return [
+        "dora",
+        "-P",
+        "musicgen_finetune",
+        "run",
+        *(["-d"] if multi_gpu else []),
+        *(["--clear"] if fresh else []),
+        *overrides,
+    ]
 
 
 def run_dora(command: tp.Sequence[str]) -> int:
@@ -84,18 +94,24 @@ def run_dora(command: tp.Sequence[str]) -> int:
 
 def check_device(cfg, how: str = "make train") -> None:
     if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise LaunchError(f"This preset trains on a CUDA GPU and none is visible. On a CPU, use the tiny model's "
-                          f"preset: `{how} ... PRESET=finetune/cpu_tiny` (with LORA=1: finetune/cpu_tiny_lora; "
-                          "`make demo` shows it), or add `device=cpu autocast=false` to this preset's overrides to "
-                          "try it anyway (very slow at musicgen-small's size).")
+        raise LaunchError(
+            f"This preset trains on a CUDA GPU and none is visible. On a CPU, use the tiny model's "
+            f"preset: `{how} ... PRESET=finetune/cpu_tiny` (with LORA=1: finetune/cpu_tiny_lora; "
+            "`make demo` shows it), or add `device=cpu autocast=false` to this preset's overrides to "
+            "try it anyway (very slow at musicgen-small's size)."
+        )
 
 
 def check_preset(preset: str) -> None:
     if not any((root / "solver" / f"{preset}.yaml").is_file() for root in (CONFIG_DIR, upstream_config_dir())):
-        ours = sorted(p.relative_to(CONFIG_DIR / "solver").with_suffix("").as_posix()
-                      for p in (CONFIG_DIR / "solver").rglob("*.yaml"))
-        raise LaunchError(f"PRESET={preset}: there is no config/solver/{preset}.yaml (LORA=1 adds _lora to the "
-                          f"preset's name). Presets: {', '.join(ours)}.")
+        ours = sorted(
+            p.relative_to(CONFIG_DIR / "solver").with_suffix("").as_posix()
+            for p in (CONFIG_DIR / "solver").rglob("*.yaml")
+        )
+        raise LaunchError(
+            f"PRESET={preset}: there is no config/solver/{preset}.yaml (LORA=1 adds _lora to the "
+            f"preset's name). Presets: {', '.join(ours)}."
+        )
 
 
 def check_batch(cfg, multi_gpu: bool) -> None:
@@ -103,9 +119,11 @@ def check_batch(cfg, multi_gpu: bool) -> None:
     gpus = max(1, torch.cuda.device_count()) if multi_gpu else 1
     steps = int(cfg.optim.get("grad_accum_steps") or 1)
     if cfg.dataset.batch_size % gpus or cfg.dataset.batch_size // gpus < steps:
-        raise LaunchError(f"dataset.batch_size={cfg.dataset.batch_size} over {gpus} GPU(s) and "
-                          f"optim.grad_accum_steps={steps}: each GPU needs a multiple of {gpus} split into at least "
-                          f"{steps} micro-batches. Raise dataset.batch_size or lower optim.grad_accum_steps.")
+        raise LaunchError(
+            f"dataset.batch_size={cfg.dataset.batch_size} over {gpus} GPU(s) and "
+            f"optim.grad_accum_steps={steps}: each GPU needs a multiple of {gpus} split into at least "
+            f"{steps} micro-batches. Raise dataset.batch_size or lower optim.grad_accum_steps."
+        )
 
 
 def get_xp(overrides: tp.Sequence[str]):
@@ -117,9 +135,15 @@ def get_xp(overrides: tp.Sequence[str]):
         raise OverrideError(f"the config cannot be composed with these overrides: {message}") from None
 
 
-def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
-         extra: tp.Sequence[str] = (), device_check: bool = True,
-         how: str = "make train") -> tp.Tuple[tp.List[str], tp.Any]:
+def plan(
+    model: str,
+    name: str,
+    t5: tp.Optional[str] = None,
+    preset: str = DEFAULT_PRESET,
+    extra: tp.Sequence[str] = (),
+    device_check: bool = True,
+    how: str = "make train",
+) -> tp.Tuple[tp.List[str], tp.Any]:
     """The overrides for a fine-tune of `model` on dataset `name`, and its dora XP (signature, folder, config),
     with every override and value checked; nothing is created.
 
@@ -145,8 +169,15 @@ def plan(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAU
     return overrides, xp
 
 
-def run(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAULT_PRESET,
-        extra: tp.Sequence[str] = (), multi_gpu: bool = False, fresh: bool = False) -> Path:
+def run(
+    model: str,
+    name: str,
+    t5: tp.Optional[str] = None,
+    preset: str = DEFAULT_PRESET,
+    extra: tp.Sequence[str] = (),
+    multi_gpu: bool = False,
+    fresh: bool = False,
+) -> Path:
     """`make train`: plan, run `dora run`, say where everything is; returns the experiment folder.
 
     A refusal inside training (a replaced base model) was printed by the run as one `error:` line: exit 2 here
@@ -161,16 +192,21 @@ def run(model: str, name: str, t5: tp.Optional[str] = None, preset: str = DEFAUL
     try:
         returncode = run_dora(command)
     except KeyboardInterrupt:
-        resume = (f"re-running the same command resumes from {checkpoint}" if checkpoint.is_file() else
-                  "no checkpoint was written yet: re-running the same command starts it again")
+        resume = (
+            f"re-running the same command resumes from {checkpoint}"
+            if checkpoint.is_file()
+            else "no checkpoint was written yet: re-running the same command starts it again"
+        )
         print(f"Interrupted: {resume}.", file=sys.stderr, flush=True)
         raise
     if returncode == USER_ERROR_STATUS:
         raise SystemExit(USER_ERROR_STATUS)  # the run printed its one error line
     if returncode != 0:
         raise SystemExit(f"Training failed (exit {returncode}); the log is {log}.")
-    print(f"Experiment {xp.sig}: {xp.folder}\n"
-          f"  checkpoint {checkpoint}\n"
-          f"  log        {log}\n"
-          f"  samples    {xp.folder / 'samples'}")
+    print(
+        f"Experiment {xp.sig}: {xp.folder}\n"
+        f"  checkpoint {checkpoint}\n"
+        f"  log        {log}\n"
+        f"  samples    {xp.folder / 'samples'}"
+    )
     return xp.folder

@@ -25,6 +25,7 @@ output is bit-identical to the base model's.
 Typical use: `inject(lm, config)`, `freeze_base(lm)`, train `adapter_parameters(lm)`, `save_adapters(...)`;
 for inference `load_adapters(lm, path)` then `merge(lm)` (the fused delta is otherwise recomputed every forward).
 """
+
 import dataclasses
 import hashlib
 import json
@@ -39,8 +40,16 @@ from torch import nn
 
 from .errors import UserError
 
-ATTENTION_TARGETS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.out_proj",
-                     "cross_attention.q", "cross_attention.k", "cross_attention.v", "cross_attention.out_proj")
+ATTENTION_TARGETS = (
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.out_proj",
+    "cross_attention.q",
+    "cross_attention.k",
+    "cross_attention.v",
+    "cross_attention.out_proj",
+)
 FEED_FORWARD_TARGETS = ("linear1", "linear2")
 OUTPUT_HEADS_TARGET = "linears"
 ALLOWED_TARGETS = ATTENTION_TARGETS + FEED_FORWARD_TARGETS + (OUTPUT_HEADS_TARGET,)
@@ -70,6 +79,7 @@ class AdapterFileError(UserError, FileNotFoundError):
 @dataclasses.dataclass
 class LoraConfig:
     """Which projections get adapters, and their shape. `targets` may also name a preset of `PRESETS`."""
+
     enabled: bool = False
     rank: int = 12
     alpha: float = 24.0
@@ -80,30 +90,37 @@ class LoraConfig:
     def __post_init__(self):
         if isinstance(self.targets, str):
             if self.targets not in PRESETS:
-                raise LoraConfigError(f"lora.targets={self.targets!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-                                 f"list of targets; allowed targets: {', '.join(ALLOWED_TARGETS)}.")
+                raise LoraConfigError(
+                    f"lora.targets={self.targets!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                    f"list of targets; allowed targets: {', '.join(ALLOWED_TARGETS)}."
+                )
             self.targets = PRESETS[self.targets]
         self.targets = tuple(dict.fromkeys(self.targets))  # de-duplicated, order kept
         unknown = [t for t in self.targets if t not in ALLOWED_TARGETS]
         if unknown or not self.targets:
-            raise LoraConfigError(f"lora.targets has {', '.join(map(repr, unknown)) or 'no target'}; allowed targets: "
-                             f"{', '.join(ALLOWED_TARGETS)} (or a preset: {', '.join(PRESETS)}).")
+            raise LoraConfigError(
+                f"lora.targets has {', '.join(map(repr, unknown)) or 'no target'}; allowed targets: "
+                f"{', '.join(ALLOWED_TARGETS)} (or a preset: {', '.join(PRESETS)})."
+            )
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise LoraConfigError(f"lora.rank={self.rank!r} must be an integer >= 1 (e.g. 8, 12 or 16).")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
-            raise LoraConfigError(f"lora.alpha={self.alpha!r} must be a number > 0 (the update is scaled by alpha / "
-                             "rank; alpha = 2 * rank is a common choice).")
+            raise LoraConfigError(
+                f"lora.alpha={self.alpha!r} must be a number > 0 (the update is scaled by alpha / "
+                "rank; alpha = 2 * rank is a common choice)."
+            )
         self.alpha = float(self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
-                or not 0 <= self.dropout < 1:
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise LoraConfigError(f"lora.dropout={self.dropout!r} must be in [0, 1) (0 disables it).")
         self.dropout = float(self.dropout)
         if self.layers is not None:
             layers = list(self.layers)
             bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
             if bad or not layers:
-                raise LoraConfigError(f"lora.layers={self.layers!r} must be null (all layers) or a non-empty list of "
-                                 f"layer indices >= 0; bad: {bad or 'empty list'}.")
+                raise LoraConfigError(
+                    f"lora.layers={self.layers!r} must be null (all layers) or a non-empty list of "
+                    f"layer indices >= 0; bad: {bad or 'empty list'}."
+                )
             self.layers = sorted(set(layers))
 
     @property
@@ -115,6 +132,7 @@ class LoraConfig:
         """From a mapping or an OmegaConf DictConfig (the `lora:` section of a run's config)."""
         try:
             from omegaconf import DictConfig, OmegaConf
+
             if isinstance(values, DictConfig):
                 values = OmegaConf.to_container(values, resolve=True)
         except ImportError:  # omegaconf is only needed for DictConfig input
@@ -124,13 +142,20 @@ class LoraConfig:
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in known]
         if unknown:
-            raise LoraConfigError(f"Unknown LoRA config key(s) {', '.join(map(repr, unknown))}; allowed keys: "
-                             f"{', '.join(known)}.")
+            raise LoraConfigError(
+                f"Unknown LoRA config key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(known)}."
+            )
         return cls(**values)
 
     def to_dict(self) -> tp.Dict[str, tp.Any]:
-        return {"enabled": self.enabled, "rank": self.rank, "alpha": self.alpha, "dropout": self.dropout,
-                "targets": list(self.targets), "layers": self.layers}
+        return {
+            "enabled": self.enabled,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "targets": list(self.targets),
+            "layers": self.layers,
+        }
 
 
 def is_adapter_key(name: str) -> bool:
@@ -138,8 +163,7 @@ def is_adapter_key(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ADAPTER_PARAMETER_NAMES
 
 
-def _new_adapter_weights(module: nn.Module, in_features: int, out_features: int, rank: int,
-                         like: torch.Tensor) -> None:
+def _new_adapter_weights(module: nn.Module, in_features: int, out_features: int, rank: int, like: torch.Tensor) -> None:
     """Register lora_A (rank, in) and lora_B (out, rank) on `module`, on the device and in the dtype of `like`."""
     factory = {"device": like.device, "dtype": like.dtype}
     module.lora_A = nn.Parameter(torch.empty(rank, in_features, **factory))
@@ -156,8 +180,9 @@ class FusedProjectionAdapter(nn.Module):
     over A's columns, scaled by 1 / (1 - p), is drawn once per forward (shared by every token of the batch).
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float,
-                 like: torch.Tensor):
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float, like: torch.Tensor
+    ):
         super().__init__()
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
         self.scale = alpha / rank
@@ -166,14 +191,15 @@ class FusedProjectionAdapter(nn.Module):
     def delta_weight(self, use_dropout: bool = True) -> torch.Tensor:
         lora_A = self.lora_A
         if use_dropout and self.training and self.dropout > 0:
-            keep = torch.empty(lora_A.shape[1], device=lora_A.device, dtype=lora_A.dtype).bernoulli_(
-                1 - self.dropout)
+            keep = torch.empty(lora_A.shape[1], device=lora_A.device, dtype=lora_A.dtype).bernoulli_(1 - self.dropout)
             lora_A = lora_A * (keep / (1 - self.dropout))
         return (self.lora_B @ lora_A) * self.scale
 
     def extra_repr(self) -> str:
-        return f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, rank={self.rank}, alpha={self.alpha}, " \
-               f"dropout={self.dropout}"
+        return (
+            f"in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}, rank={self.rank}, alpha={self.alpha}, "
+            f"dropout={self.dropout}"
+        )
 
 
 class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
@@ -182,6 +208,7 @@ class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
     The base stays the registered parameter `in_proj_weight` (its state-dict key), never modified in place
     by the forward, so autograd, autocast and activation checkpointing see an ordinary out-of-place sum.
     """
+
     lora_in_proj: nn.ModuleDict
     lora_merged: bool
 
@@ -205,8 +232,9 @@ class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
             return base
         deltas = self._lora_deltas(use_dropout=True)
         slices = base.split(self._lora_split_sizes(), dim=0)
-        return torch.cat([part + deltas[name] if name in deltas else part
-                          for name, part in zip(FUSED_PROJECTIONS, slices)], dim=0)
+        return torch.cat(
+            [part + deltas[name] if name in deltas else part for name, part in zip(FUSED_PROJECTIONS, slices)], dim=0
+        )
 
     def forward(self, query, key, value, *args, **kwargs):
         # Upstream reads in_proj_weight up to four times a forward (its shape, then the q/k/v slices for
@@ -228,6 +256,7 @@ class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
 
 class LoRALinear(nn.Linear):
     """nn.Linear plus `dropout(x) @ A.T @ B.T * alpha / rank` (LoRA as in the paper, true input dropout)."""
+
     lora_A: nn.Parameter
     lora_B: nn.Parameter
     lora_merged: bool
@@ -254,15 +283,18 @@ class LoRALinear(nn.Linear):
 
 
 def _lora_modules(model: nn.Module) -> tp.List[tp.Tuple[str, nn.Module]]:
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, (LoRALinear, LoRAStreamingMultiheadAttention))]
+    return [
+        (name, m) for name, m in model.named_modules() if isinstance(m, (LoRALinear, LoRAStreamingMultiheadAttention))
+    ]
 
 
 def _find_transformer(model: nn.Module) -> tp.Tuple[str, nn.Module]:
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, StreamingTransformer)]
     if len(found) != 1:
-        raise ValueError(f"LoRA injection expects exactly one AudioCraft StreamingTransformer in "
-                         f"{type(model).__name__}, found {len(found)}: pass the LMModel (or the transformer).")
+        raise ValueError(
+            f"LoRA injection expects exactly one AudioCraft StreamingTransformer in "
+            f"{type(model).__name__}, found {len(found)}: pass the LMModel (or the transformer)."
+        )
     name, transformer = found[0]
     return (name + "." if name else ""), transformer
 
@@ -272,7 +304,8 @@ def _check_custom_attention(attention: nn.Module, path: str) -> None:
         raise LoraConfigError(
             f"{path} uses torch's nn.MultiheadAttention (transformer_lm.custom=false and memory_efficient=false), "
             "whose projections this LoRA does not adapt. Set transformer_lm.memory_efficient=true (as MusicGen's "
-            "released models do) or transformer_lm.custom=true; the state-dict keys change between the two.")
+            "released models do) or transformer_lm.custom=true; the state-dict keys change between the two."
+        )
 
 
 def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Module, str]]:
@@ -282,8 +315,10 @@ def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Modu
     layers = config.layers if config.layers is not None else list(range(num_layers))
     out_of_range = [i for i in layers if i >= num_layers]
     if out_of_range:
-        raise LoraConfigError(f"lora.layers has {out_of_range}, but the model has {num_layers} transformer layers "
-                         f"(indices 0 to {num_layers - 1}).")
+        raise LoraConfigError(
+            f"lora.layers has {out_of_range}, but the model has {num_layers} transformer layers "
+            f"(indices 0 to {num_layers - 1})."
+        )
     plan: tp.List[tp.Tuple[str, nn.Module, str]] = []
     matched: tp.Dict[str, int] = {target: 0 for target in config.targets}
     for i in layers:
@@ -313,9 +348,11 @@ def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Modu
                     matched[OUTPUT_HEADS_TARGET] += 1
     unmatched = [t for t, count in matched.items() if count == 0]
     if unmatched:
-        raise LoraConfigError(f"LoRA target(s) {', '.join(map(repr, unmatched))} match nothing in this "
-                         f"{type(model).__name__} (layers {layers}); remove them from lora.targets (a model "
-                         "without text conditioning has no cross_attention, `linears` needs the LMModel).")
+        raise LoraConfigError(
+            f"LoRA target(s) {', '.join(map(repr, unmatched))} match nothing in this "
+            f"{type(model).__name__} (layers {layers}); remove them from lora.targets (a model "
+            "without text conditioning has no cross_attention, `linears` needs the LMModel)."
+        )
     return plan
 
 
@@ -328,8 +365,10 @@ def inject(model: nn.Module, config: LoraConfig) -> tp.List[str]:
     """
     existing = _lora_modules(model)
     if existing:
-        raise RuntimeError(f"{type(model).__name__} already has LoRA adapters (e.g. {existing[0][0]}); inject once "
-                           "per model, or build a fresh model.")
+        raise RuntimeError(
+            f"{type(model).__name__} already has LoRA adapters (e.g. {existing[0][0]}); inject once "
+            "per model, or build a fresh model."
+        )
     attention_class = LoRAStreamingMultiheadAttention
     for _, module, projection in _plan(model, config):
         if projection:  # q, k or v of a fused in_proj_weight
@@ -340,7 +379,8 @@ def inject(model: nn.Module, config: LoraConfig) -> tp.List[str]:
             base = module._parameters["in_proj_weight"]
             rows = dict(zip(FUSED_PROJECTIONS, module._lora_split_sizes()))[projection]
             module.lora_in_proj[projection] = FusedProjectionAdapter(
-                base.shape[1], rows, config.rank, config.alpha, config.dropout, like=base)
+                base.shape[1], rows, config.rank, config.alpha, config.dropout, like=base
+            )
             module.lora_in_proj[projection].train(module.training)
         else:
             module.__class__ = LoRALinear
@@ -356,8 +396,9 @@ def adapted_names(model: nn.Module) -> tp.List[str]:
         if isinstance(module, LoRALinear):
             names.append(path)
         else:
-            names.extend(f"{path}.{projection}" for projection in FUSED_PROJECTIONS
-                         if projection in module.lora_in_proj)
+            names.extend(
+                f"{path}.{projection}" for projection in FUSED_PROJECTIONS if projection in module.lora_in_proj
+            )
     return names
 
 
@@ -379,8 +420,10 @@ def freeze_base(model: nn.Module) -> tp.Tuple[int, int]:
         total += param.numel()
         trainable += param.numel() if param.requires_grad else 0
     if trainable == 0:
-        raise ValueError(f"{type(model).__name__} has no LoRA adapters: call inject(model, config) first, or "
-                         "freezing it would leave nothing to train.")
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA adapters: call inject(model, config) first, or "
+            "freezing it would leave nothing to train."
+        )
     return trainable, total
 
 
@@ -420,8 +463,10 @@ def base_model_hash(state_dict_or_model: tp.Union[nn.Module, tp.Mapping[str, tor
     """
     if isinstance(state_dict_or_model, nn.Module):
         if is_merged(state_dict_or_model):
-            raise ValueError("The model's adapters are merged into its base weights, so its base cannot be hashed; "
-                             "call lora.unmerge(model) first.")
+            raise ValueError(
+                "The model's adapters are merged into its base weights, so its base cannot be hashed; "
+                "call lora.unmerge(model) first."
+            )
         state = state_dict_or_model.state_dict()
     else:
         state = state_dict_or_model
@@ -443,31 +488,40 @@ def config_path(path: tp.Union[str, Path]) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def save_adapters(model: nn.Module, path: tp.Union[str, Path], config: LoraConfig,
-                  base_hash: tp.Optional[str] = None) -> Path:
+def save_adapters(
+    model: nn.Module, path: tp.Union[str, Path], config: LoraConfig, base_hash: tp.Optional[str] = None
+) -> Path:
     """Write the adapter tensors to `path` (safetensors) and their config to `<path>.json`; return `path`.
 
     The JSON holds rank, alpha, dropout, targets, layers, the adapted names and `base_hash` (the base model's
     `base_model_hash`, computed from `model` when not given) so that `load_adapters` refuses another base.
     """
     from safetensors.torch import save_file
+
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
     if not tensors:
         raise ValueError(f"{type(model).__name__} has no LoRA adapters to save to {path}; call inject() first.")
     if is_merged(model):
-        raise ValueError(f"The adapters are merged into the base weights; call lora.unmerge(model) before saving "
-                         f"them to {path}.")
+        raise ValueError(
+            f"The adapters are merged into the base weights; call lora.unmerge(model) before saving them to {path}."
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": FORMAT, **config.to_dict(), "enabled": True,
-                "base_hash": base_hash or base_model_hash(model), "adapted": adapted_names(model)}
+    metadata = {
+        "format": FORMAT,
+        **config.to_dict(),
+        "enabled": True,
+        "base_hash": base_hash or base_model_hash(model),
+        "adapted": adapted_names(model),
+    }
     save_file(tensors, str(path), metadata={"format": FORMAT})
     config_path(path).write_text(json.dumps(metadata, indent=2) + "\n")
     return path
 
 
-def load_adapters(model: nn.Module, path: tp.Union[str, Path],
-                  expected_base_hash: tp.Optional[str] = None) -> LoraConfig:
+def load_adapters(
+    model: nn.Module, path: tp.Union[str, Path], expected_base_hash: tp.Optional[str] = None
+) -> LoraConfig:
     """Inject adapters into `model` per `<path>.json` and load their tensors from `path`; return their config.
 
     Refuses (AdapterMismatchError) when the adapters were trained on another base: the saved base hash must
@@ -475,13 +529,16 @@ def load_adapters(model: nn.Module, path: tp.Union[str, Path],
     must have exactly the saved ones; their values are replaced.
     """
     from safetensors.torch import load_file
+
     path = Path(path)
     meta_path = config_path(path)
     try:
         metadata = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
-        raise AdapterFileError(f"{meta_path} is missing or not JSON ({err}); save_adapters writes it beside "
-                                f"{path.name}, and load_adapters needs it to know which projections to adapt.") from err
+        raise AdapterFileError(
+            f"{meta_path} is missing or not JSON ({err}); save_adapters writes it beside "
+            f"{path.name}, and load_adapters needs it to know which projections to adapt."
+        ) from err
     if metadata.get("format") != FORMAT:
         raise AdapterMismatchError(f"{meta_path} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
     saved_hash = metadata["base_hash"]
@@ -489,21 +546,26 @@ def load_adapters(model: nn.Module, path: tp.Union[str, Path],
         if actual is not None and actual != saved_hash:
             raise AdapterMismatchError(
                 f"{path} was trained on base model {saved_hash}, but {label} is {actual}. Load it onto the base "
-                "model it was trained from (the same snapshot), or retrain the adapters on this one.")
+                "model it was trained from (the same snapshot), or retrain the adapters on this one."
+            )
     config = LoraConfig.from_dict({k: metadata[k] for k in ("rank", "alpha", "dropout", "targets", "layers")})
     config.enabled = True
     names = adapted_names(model) or inject(model, config)
     if names != metadata["adapted"]:
-        raise AdapterMismatchError(f"{path} adapts {len(metadata['adapted'])} projections "
-                                   f"({', '.join(metadata['adapted'][:3])}, ...), but the model has adapters on "
-                                   f"{len(names)} ({', '.join(names[:3])}, ...).")
+        raise AdapterMismatchError(
+            f"{path} adapts {len(metadata['adapted'])} projections "
+            f"({', '.join(metadata['adapted'][:3])}, ...), but the model has adapters on "
+            f"{len(names)} ({', '.join(names[:3])}, ...)."
+        )
     tensors = load_file(str(path), device="cpu")
     params = adapter_parameters(model)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     mismatched = [k for k in set(params) & set(tensors) if params[k].shape != tensors[k].shape]
     if missing or unexpected or mismatched:
-        raise AdapterMismatchError(f"{path} does not fit the injected adapters: missing {missing[:3]}, unexpected "
-                                   f"{unexpected[:3]}, shape mismatch {sorted(mismatched)[:3]}.")
+        raise AdapterMismatchError(
+            f"{path} does not fit the injected adapters: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shape mismatch {sorted(mismatched)[:3]}."
+        )
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(tensors[name])

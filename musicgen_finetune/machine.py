@@ -1,11 +1,12 @@
 """What this machine is, for every number the harness records (benchmarks, reports): measurements from different
 machines must never be confused."""
+
 import os
 import platform
 import typing as tp
 from pathlib import Path
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def meminfo_gib(field: str) -> tp.Optional[float]:
@@ -29,10 +30,17 @@ def describe() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(meminfo_gib("MemTotal") or 0, 1),
-            "python": platform.python_version(), "gpu": None, "gpu_memory_gib": None}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(meminfo_gib("MemTotal") or 0, 1),
+        "python": platform.python_version(),
+        "gpu": None,
+        "gpu_memory_gib": None,
+    }
     try:
         import torch
+
         info["torch"] = torch.__version__
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
@@ -45,5 +53,7 @@ def describe() -> dict:
 def one_line(m: dict) -> str:
     """`describe()` as one line of text."""
     gpu = f"{m['gpu']} ({m['gpu_memory_gib']} GiB)" if m.get("gpu") else "none"
-    return (f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, GPU: {gpu}, "
-            f"Python {m['python']}, torch {m.get('torch', '?')}")
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m.get('ram_gib', '?')} GiB RAM, GPU: {gpu}, "
+        f"Python {m['python']}, torch {m.get('torch', '?')}"
+    )

@@ -3,6 +3,7 @@
 `apply()` is idempotent and is called by every entry point that builds AudioCraft objects. Each patch is tested
 in tests/test_patches.py against the upstream behaviour it answers.
 """
+
 import functools
 import json
 import os
@@ -31,7 +32,8 @@ def t5_width(t5_dir: tp.Union[str, Path]) -> int:
     except (OSError, ValueError, KeyError) as err:
         raise FileNotFoundError(
             f"{config} is missing or has no d_model ({err}); a T5 folder is what "
-            "T5EncoderModel.save_pretrained writes (config.json, model weights, spiece.model).") from err
+            "T5EncoderModel.save_pretrained writes (config.json, model weights, spiece.model)."
+        ) from err
 
 
 def accept_local_t5_dirs() -> None:
@@ -39,6 +41,7 @@ def accept_local_t5_dirs() -> None:
     from MODELS_DIMS (:377). A local T5 folder is accepted here: registered under its path, width from config.json.
     """
     from audiocraft.modules.conditioners import T5Conditioner
+
     if getattr(T5Conditioner.__init__, "_musicgen_ft_patched", False):
         return
     upstream_init = T5Conditioner.__init__
@@ -61,26 +64,48 @@ def _checkpoint_globals() -> tp.List[tp.Any]:
     from omegaconf import DictConfig, ListConfig
     from omegaconf.base import ContainerMetadata, Metadata
     from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode, ValueNode
-    return [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, BooleanNode, FloatNode, IntegerNode,
-            StringNode, ValueNode, tp.Any, dict, list, int, float, str, collections.defaultdict]
+
+    return [
+        DictConfig,
+        ListConfig,
+        ContainerMetadata,
+        Metadata,
+        AnyNode,
+        BooleanNode,
+        FloatNode,
+        IntegerNode,
+        StringNode,
+        ValueNode,
+        tp.Any,
+        dict,
+        list,
+        int,
+        float,
+        str,
+        collections.defaultdict,
+    ]
 
 
 def refused(path: tp.Union[str, Path], err: Exception) -> Exception:
     """The error for a file the weights-only unpickler refused, naming the file and what to do."""
     text = str(err)
     if "Weights only load failed" not in text and "Unsupported global" not in text:
-        return UnreadableCheckpointError(f"{path} is not a readable torch file, it may be truncated or corrupt "
-                          f"({text.strip()[:120]}); copy or export it again.")
+        return UnreadableCheckpointError(
+            f"{path} is not a readable torch file, it may be truncated or corrupt "
+            f"({text.strip()[:120]}); copy or export it again."
+        )
     first_line = (text.strip().splitlines() or [type(err).__name__])[0]
     return UnsafeCheckpointError(
         f"{path} needs arbitrary code to unpickle, so it was not loaded ({first_line}). Only AudioCraft files "
         "(tensors and their omegaconf config) load here; re-export the model with this harness (`make export`) "
-        "or re-save its state_dict with torch.save.")
+        "or re-save its state_dict with torch.save."
+    )
 
 
 def safe_load(path: tp.Union[str, Path], map_location: tp.Any = "cpu", mmap: bool = False) -> tp.Any:
     """torch.load with the safe (weights-only) unpickler and our allow-list, naming the file if it refuses it."""
     import torch
+
     torch.serialization.add_safe_globals(_checkpoint_globals())
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -97,6 +122,7 @@ def safe_checkpoint_loading() -> None:
     import torch
     from audiocraft.models import loaders
     from audiocraft.utils import checkpoint
+
     torch.serialization.add_safe_globals(_checkpoint_globals())
     if getattr(checkpoint.load_checkpoint, "_musicgen_ft_patched", False):
         return
@@ -128,6 +154,7 @@ def register_train_module(module: types.ModuleType) -> None:
     whose import fails outside a source checkout (its @hydra_main needs ../config). Our entry stands in for it.
     """
     import audiocraft
+
     sys.modules["audiocraft.train"] = module
     audiocraft.train = module  # type: ignore[attr-defined]
 

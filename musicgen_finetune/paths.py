@@ -1,10 +1,11 @@
 """Where the harness reads and writes: every path is absolute, and each can be moved by an environment variable.
 
-    <repo>/config/          our Hydra overlay (CONFIG_DIR)
-    <repo>/audiocraft/      AudioCraft's source tree, unpacked by `make setup` ($AUDIOCRAFT_SRC)
-    <repo>/manifests/<name> datasets written by `make manifests` ($MUSICGEN_FT_MANIFESTS)
-    <repo>/output/          experiments, exports, samples, reports, caches ($MUSICGEN_FT_OUTPUT, make's OUTPUT=)
+<repo>/config/          our Hydra overlay (CONFIG_DIR)
+<repo>/audiocraft/      AudioCraft's source tree, unpacked by `make setup` ($AUDIOCRAFT_SRC)
+<repo>/manifests/<name> datasets written by `make manifests` ($MUSICGEN_FT_MANIFESTS)
+<repo>/output/          experiments, exports, samples, reports, caches ($MUSICGEN_FT_OUTPUT, make's OUTPUT=)
 """
+
 import os
 from pathlib import Path
 
@@ -44,5 +45,6 @@ def upstream_config_dir() -> Path:
     if not (config / "config.yaml").is_file():
         raise SetupError(
             f"AudioCraft's config tree was not found at {config}. Run `make setup` to unpack the pinned "
-            "AudioCraft 1.3.0 source there, or set AUDIOCRAFT_SRC to your own AudioCraft checkout.")
+            "AudioCraft 1.3.0 source there, or set AUDIOCRAFT_SRC to your own AudioCraft checkout."
+        )
     return config

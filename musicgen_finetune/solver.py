@@ -9,6 +9,7 @@
 - caches of EnCodec tokens (on disk) and frozen-T5 outputs (in memory), `token_cache.*`/`text_cache.*`
   (caches.py), so that epochs after the first do not encode the same audio and captions again.
 """
+
 import contextlib
 import math
 import typing as tp
@@ -42,8 +43,10 @@ def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
     infos = batch[-1]
     size = len(infos)
     if size < parts:
-        raise TrainingRefusedError(f"a batch of {size} cannot be split in optim.grad_accum_steps={parts} "
-                                   "micro-batches; raise dataset.batch_size or lower optim.grad_accum_steps.")
+        raise TrainingRefusedError(
+            f"a batch of {size} cannot be split in optim.grad_accum_steps={parts} "
+            "micro-batches; raise dataset.batch_size or lower optim.grad_accum_steps."
+        )
     bounds = [round(i * size / parts) for i in range(parts + 1)]
     micro_batches = []
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
@@ -112,8 +115,9 @@ class FinetuneSolver(MusicGenSolver):
                 continue
             if self.cfg.dataset[split].get("num_samples", None) is None:
                 self.cfg.dataset[split].num_samples = count_segments(path)
-                self.logger.info("Dataset %s: %d segments per epoch (%s)",
-                                 split, self.cfg.dataset[split].num_samples, path)
+                self.logger.info(
+                    "Dataset %s: %d segments per epoch (%s)", split, self.cfg.dataset[split].num_samples, path
+                )
         super().build_dataloaders()
         valid = get_dataset_from_loader(self.dataloaders["valid"])
         if isinstance(valid, MusicDataset) and self.cfg.dataset.get("min_segment_ratio", 0) >= 1.0:
@@ -125,8 +129,12 @@ class FinetuneSolver(MusicGenSolver):
         cosine = self.cfg.schedule.cosine
         if self.cfg.schedule.lr_scheduler == "cosine" and cosine.warmup and cosine.warmup >= self.total_updates:
             shorter = self.total_updates // 10
-            self.logger.warning("schedule.cosine.warmup=%d is not shorter than this run's %d updates; using %d.",
-                                cosine.warmup, self.total_updates, shorter)
+            self.logger.warning(
+                "schedule.cosine.warmup=%d is not shorter than this run's %d updates; using %d.",
+                cosine.warmup,
+                self.total_updates,
+                shorter,
+            )
             cosine.warmup = shorter
 
     @contextlib.contextmanager
@@ -137,19 +145,28 @@ class FinetuneSolver(MusicGenSolver):
             yield
             return
         if not (self.cfg.continue_from or "").startswith(model_dir.PRETRAINED_PREFIX):
-            raise TrainingRefusedError("lora.enabled=true adapts a pretrained model: set "
-                                       "continue_from=//pretrained/<model folder> (make train MODEL=... does).")
+            raise TrainingRefusedError(
+                "lora.enabled=true adapts a pretrained model: set "
+                "continue_from=//pretrained/<model folder> (make train MODEL=... does)."
+            )
         if self.cfg.fsdp.use:
-            raise TrainingRefusedError("lora.enabled=true does not support fsdp.use=true (FSDP shards what LoRA "
-                                       "does not train): turn it off.")
+            raise TrainingRefusedError(
+                "lora.enabled=true does not support fsdp.use=true (FSDP shards what LoRA does not train): turn it off."
+            )
         upstream_get_lm_model = models.builders.get_lm_model
 
         def get_lm_model(cfg):
             lm = upstream_get_lm_model(cfg)
             adapted = lora.inject(lm, config)
             lora.freeze_base(lm)
-            self.logger.info("LoRA rank %d, alpha %g, dropout %g on %d projections (%s, ...)", config.rank,
-                             config.alpha, config.dropout, len(adapted), ", ".join(adapted[:4]))
+            self.logger.info(
+                "LoRA rank %d, alpha %g, dropout %g on %d projections (%s, ...)",
+                config.rank,
+                config.alpha,
+                config.dropout,
+                len(adapted),
+                ", ".join(adapted[:4]),
+            )
             return lm
 
         with mock.patch.object(models.builders, "get_lm_model", get_lm_model):
@@ -163,8 +180,7 @@ class FinetuneSolver(MusicGenSolver):
         with self.lm_with_adapters():
             super().build_model()
         if self.lora_config.enabled:  # upstream built the optimizer over every parameter: adapters only
-            self.optimizer = builders.get_optimizer(list(lora.adapter_parameters(self.model).values()),
-                                                    self.cfg.optim)
+            self.optimizer = builders.get_optimizer(list(lora.adapter_parameters(self.model).values()), self.cfg.optim)
             self.lr_scheduler = builders.get_lr_scheduler(self.optimizer, self.cfg.schedule, self.total_updates)
             # EMA (if enabled) averages the adapters only, not a second copy of the frozen base
             self.lora_adapters = AdapterView(self.model)
@@ -173,17 +189,31 @@ class FinetuneSolver(MusicGenSolver):
         self.logger.info("Compression model (frozen): %s", self.cfg.compression_model_checkpoint)
         t5 = self.cfg.conditioners.get("description", {}).get("t5", {})
         if t5:
-            self.logger.info("Text encoder: T5 from %s (%s)", t5.name,
-                             "fine-tuned" if t5.finetune else "frozen, not saved in checkpoints")
+            self.logger.info(
+                "Text encoder: T5 from %s (%s)",
+                t5.name,
+                "fine-tuned" if t5.finetune else "frozen, not saved in checkpoints",
+            )
         self.install_caches()
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        self.logger.info("Training %s of %s LM parameters (%.1f%%); batch %d per GPU in %d micro-batch(es), "
-                         "%d updates per epoch, %d epochs", f"{trainable:,}", f"{total:,}",
-                         100 * trainable / max(total, 1), self.cfg.dataset.batch_size, self.grad_accum_steps,
-                         self.train_updates_per_epoch, self.cfg.optim.epochs)
-        self.logger.info("Precision: %s; activation checkpointing: %s; AdamW fused: %s", describe_precision(self.cfg),
-                         self.cfg.transformer_lm.get("checkpointing", "none"), self.cfg.optim.adam.get("fused"))
+        self.logger.info(
+            "Training %s of %s LM parameters (%.1f%%); batch %d per GPU in %d micro-batch(es), "
+            "%d updates per epoch, %d epochs",
+            f"{trainable:,}",
+            f"{total:,}",
+            100 * trainable / max(total, 1),
+            self.cfg.dataset.batch_size,
+            self.grad_accum_steps,
+            self.train_updates_per_epoch,
+            self.cfg.optim.epochs,
+        )
+        self.logger.info(
+            "Precision: %s; activation checkpointing: %s; AdamW fused: %s",
+            describe_precision(self.cfg),
+            self.cfg.transformer_lm.get("checkpointing", "none"),
+            self.cfg.optim.adam.get("fused"),
+        )
 
     def install_caches(self) -> None:
         """The T5 output cache on the LM's frozen text conditioner(s), and the token cache in front of the
@@ -192,9 +222,11 @@ class FinetuneSolver(MusicGenSolver):
         text = self.cfg.get("text_cache") or {}
         if text.get("enabled"):
             self.text_caches = caches.install_text_cache(self.model.condition_provider, text.get("max_mb", 1024))
-            self.logger.info("Text cache: frozen T5 outputs kept in memory for %s (up to %g MB)",
-                             ", ".join(self.text_caches) or "no conditioner (T5 is fine-tuned)",
-                             text.get("max_mb", 1024))
+            self.logger.info(
+                "Text cache: frozen T5 outputs kept in memory for %s (up to %g MB)",
+                ", ".join(self.text_caches) or "no conditioner (T5 is fine-tuned)",
+                text.get("max_mb", 1024),
+            )
         tokens = self.cfg.get("token_cache") or {}
         if not tokens.get("enabled"):
             self.logger.info("Token cache: off (token_cache.enabled=false)")
@@ -207,16 +239,21 @@ class FinetuneSolver(MusicGenSolver):
         self.compression_model = caches.CachedCompressionModel(self.compression_model, cache)
         self.logger.info("%s", cache.describe())
         if self.cfg.dataset.get("min_segment_ratio", 1.0) < 1.0:
-            self.logger.warning("dataset.min_segment_ratio=%g seeks at random into each segment, so the token cache "
-                                "will rarely hit; manifests from `make manifests` set it to 1.",
-                                self.cfg.dataset.min_segment_ratio)
+            self.logger.warning(
+                "dataset.min_segment_ratio=%g seeks at random into each segment, so the token cache "
+                "will rarely hit; manifests from `make manifests` set it to 1.",
+                self.cfg.dataset.min_segment_ratio,
+            )
 
     def _prepare_tokens_and_attributes(self, batch: tp.Any, check_synchronization_points: bool = False):
         """Upstream's, with the token cache serving this batch's segments (train and valid: the data of the
         other stages is cropped or generated)."""
         serving = contextlib.nullcontext()
-        if isinstance(self.compression_model, caches.CachedCompressionModel) and len(batch) == 2 \
-                and self.current_stage in ("train", "valid"):
+        if (
+            isinstance(self.compression_model, caches.CachedCompressionModel)
+            and len(batch) == 2
+            and self.current_stage in ("train", "valid")
+        ):
             serving = self.compression_model.serving(batch[1])
         with serving:
             return super()._prepare_tokens_and_attributes(batch, check_synchronization_points)
@@ -237,8 +274,7 @@ class FinetuneSolver(MusicGenSolver):
         if isinstance(self.compression_model, caches.CachedCompressionModel):
             parts.append(f"tokens of {caches.hit_rate(*self.compression_model.counter.take())} segments")
         for name, cache in self.text_caches.items():
-            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*cache.counter.take())} texts "
-                         f"({cache.describe()})")
+            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*cache.counter.take())} texts ({cache.describe()})")
         if parts:
             self.logger.info("Cache hits, %s epoch %d: %s", stage, self.epoch, "; ".join(parts))
 
@@ -251,11 +287,17 @@ class FinetuneSolver(MusicGenSolver):
         if report.unexpected or report.mismatched:
             raise TrainingRefusedError(
                 f"{source} does not fit the LM this config builds: {report.describe()}. `make train MODEL=` reads "
-                "the architecture from the model's xp.cfg; check the overrides given in ARGS.")
-        self.logger.info("Loaded pretrained LM weights from %s: %d of %d tensors matched%s", source,
-                         report.matched, report.total,
-                         f" ({len(report.missing)} keep their initial values: {', '.join(report.missing[:5])})"
-                         if report.missing else "")
+                "the architecture from the model's xp.cfg; check the overrides given in ARGS."
+            )
+        self.logger.info(
+            "Loaded pretrained LM weights from %s: %d of %d tensors matched%s",
+            source,
+            report.matched,
+            report.total,
+            f" ({len(report.missing)} keep their initial values: {', '.join(report.missing[:5])})"
+            if report.missing
+            else "",
+        )
         return state
 
     def state_dict(self) -> dict:
@@ -267,8 +309,10 @@ class FinetuneSolver(MusicGenSolver):
             state["base_model"] = base
             return state
         state["model"] = {k: v for k, v in state["model"].items() if lora.is_adapter_key(k)}
-        state["best_state"] = {name: {k: v for k, v in values.items() if lora.is_adapter_key(k)}
-                               for name, values in state["best_state"].items()}
+        state["best_state"] = {
+            name: {k: v for k, v in values.items() if lora.is_adapter_key(k)}
+            for name, values in state["best_state"].items()
+        }
         state["lora"] = {**base, "config": self.lora_config.to_dict()}
         return state
 
@@ -285,16 +329,20 @@ class FinetuneSolver(MusicGenSolver):
         folder would otherwise be silently ignored, or mixed with adapters trained on another). Its weights."""
         prefix = model_dir.PRETRAINED_PREFIX
         if not (self.cfg.continue_from or "").startswith(prefix):
-            raise TrainingRefusedError("Resuming needs the model the run started from: "
-                                       f"continue_from=//pretrained/<folder> (it was {saved['path']}).")
-        name = self.cfg.continue_from[len(prefix):]
+            raise TrainingRefusedError(
+                "Resuming needs the model the run started from: "
+                f"continue_from=//pretrained/<folder> (it was {saved['path']})."
+            )
+        name = self.cfg.continue_from[len(prefix) :]
         base = super().load_from_pretrained(name)["best_state"]["model"]
         base_hash = lora.base_model_hash(base)
         if base_hash != saved["hash"]:
-            raise TrainingRefusedError(f"{what} {saved['path']} (base hash {saved['hash'][:16]}), but "
-                             f"{model_dir.lm_file(name)} now has hash {base_hash[:16]}: put that model back, or "
-                             "start this experiment again from the new one with `make train ... FRESH=1` "
-                             "(dora run --clear).")
+            raise TrainingRefusedError(
+                f"{what} {saved['path']} (base hash {saved['hash'][:16]}), but "
+                f"{model_dir.lm_file(name)} now has hash {base_hash[:16]}: put that model back, or "
+                "start this experiment again from the new one with `make train ... FRESH=1` "
+                "(dora run --clear)."
+            )
         self.base_model = {"path": str(model_dir.lm_file(name)), "hash": base_hash}
         self.logger.info("Base model %s (hash %s) matches the checkpoint", self.base_model["path"], base_hash[:16])
         return base
@@ -318,22 +366,33 @@ class FinetuneSolver(MusicGenSolver):
         patience = (self.cfg.get("early_stop") or {}).get("patience")
         best = best_epoch(self.history, (self.cfg.get("early_stop") or {}).get("metric", "ce"))
         if patience and best is not None and len(self.history) - best >= patience:
-            self.logger.info("Early stop: valid %s has not improved for %d epochs since its best, epoch %d "
-                             "(early_stop.patience=%d); the best state is that of epoch %d.",
-                             self.cfg.early_stop.metric, len(self.history) - best, best, patience, best)
+            self.logger.info(
+                "Early stop: valid %s has not improved for %d epochs since its best, epoch %d "
+                "(early_stop.patience=%d); the best state is that of epoch %d.",
+                self.cfg.early_stop.metric,
+                len(self.history) - best,
+                best,
+                patience,
+                best,
+            )
             self.stop_reason = "early_stop"
             return True
         stop_after = self.cfg.get("stop_after_epoch")
         if stop_after and self.epoch > stop_after:
-            self.logger.info("Stopping after epoch %d (stop_after_epoch); run the same command again to resume.",
-                             stop_after)
+            self.logger.info(
+                "Stopping after epoch %d (stop_after_epoch); run the same command again to resume.", stop_after
+            )
             return True
         return False
 
     def run(self):
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)
-        self.logger.info("Checkpoint: %s, samples: %s, metrics: %s", self.checkpoint_path(),
-                         self.folder / self.cfg.generate.path, self.folder / HISTORY_FILE)
+        self.logger.info(
+            "Checkpoint: %s, samples: %s, metrics: %s",
+            self.checkpoint_path(),
+            self.folder / self.cfg.generate.path,
+            self.folder / HISTORY_FILE,
+        )
         self.stop_reason: tp.Optional[str] = None
         super().run()
         if self.stop_reason is None and self.epoch > self.cfg.optim.epochs:

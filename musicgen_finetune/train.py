@@ -5,6 +5,7 @@ upstream's tree, our teams file and dora directory, the hub switched off (the pa
 environment), and our patches applied. It also
 stands in for `audiocraft.train`, which upstream code imports to resolve checkpoints and signatures.
 """
+
 import logging
 import multiprocessing
 import os
@@ -41,12 +42,16 @@ def split_batch_over_gpus(cfg: omegaconf.DictConfig) -> None:
     """`dataset.batch_size` is the total over all GPUs, as upstream; each process gets its share."""
     world_size = flashy.distrib.world_size()
     sections = [("dataset", cfg.dataset)] + [
-        (f"dataset.{split}", cfg.dataset[split]) for split in DATASET_SPLITS
-        if split in cfg.dataset and cfg.dataset[split].get("batch_size") is not None]
+        (f"dataset.{split}", cfg.dataset[split])
+        for split in DATASET_SPLITS
+        if split in cfg.dataset and cfg.dataset[split].get("batch_size") is not None
+    ]
     for name, section in sections:
         if section.batch_size % world_size:
-            raise TrainingRefusedError(f"{name}.batch_size={section.batch_size} does not split over {world_size} GPUs; "
-                             f"use a multiple of {world_size}.")
+            raise TrainingRefusedError(
+                f"{name}.batch_size={section.batch_size} does not split over {world_size} GPUs; "
+                f"use a multiple of {world_size}."
+            )
         section.batch_size //= world_size
 
 
@@ -58,16 +63,20 @@ def check_required(cfg: omegaconf.DictConfig) -> None:
         raise TrainingRefusedError(
             "continue_from is not set, so this would train MusicGen from random weights. Fine-tune a model with "
             "`make train MODEL=<folder>`, or pass continue_from=//pretrained//<abs model folder> (or "
-            "continue_from=<signature> to start from another experiment).")
+            "continue_from=<signature> to start from another experiment)."
+        )
     if not cfg.get("compression_model_checkpoint"):
         raise TrainingRefusedError(
             "compression_model_checkpoint is not set: use `make train MODEL=<folder>`, or pass "
             "compression_model_checkpoint=//pretrained//<abs model folder> and "
-            "continue_from=//pretrained//<abs model folder>.")
+            "continue_from=//pretrained//<abs model folder>."
+        )
     for split in ("train", "valid"):
         if not cfg.datasource.get(split):
-            raise TrainingRefusedError(f"datasource.{split} is not set: use `make train NAME=<dataset>`, or pass "
-                                       f"datasource.{split}=<abs path to manifests/<name>/{split}>.")
+            raise TrainingRefusedError(
+                f"datasource.{split} is not set: use `make train NAME=<dataset>`, or pass "
+                f"datasource.{split}=<abs path to manifests/<name>/{split}>."
+            )
 
 
 def get_solver(cfg: omegaconf.DictConfig):
@@ -81,9 +90,14 @@ def get_solver(cfg: omegaconf.DictConfig):
     return solvers.get_solver(cfg)
 
 
-def get_solver_from_xp(xp: XP, override_cfg: tp.Optional[tp.Union[dict, omegaconf.DictConfig]] = None,
-                       restore: bool = True, load_best: bool = True,
-                       ignore_state_keys: tp.Sequence[str] = (), disable_fsdp: bool = True):
+def get_solver_from_xp(
+    xp: XP,
+    override_cfg: tp.Optional[tp.Union[dict, omegaconf.DictConfig]] = None,
+    restore: bool = True,
+    load_best: bool = True,
+    ignore_state_keys: tp.Sequence[str] = (),
+    disable_fsdp: bool = True,
+):
     """A solver for an existing experiment (upstream `train.get_solver_from_xp`, used by export and eval)."""
     cfg = xp.cfg
     if override_cfg is not None:

@@ -3,6 +3,7 @@
 Every test runs with outputs, manifests and dora experiments redirected to a temp folder (MUSICGEN_FT_OUTPUT,
 MUSICGEN_FT_MANIFESTS, AUDIOCRAFT_DORA_DIR), so the suite never touches the repository's output/ or manifests/.
 """
+
 import atexit
 import os
 import re
@@ -38,12 +39,14 @@ def workdir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(workdir) -> Path:
     from musicgen_finetune.models.tiny import write_tiny_model
+
     return write_tiny_model(workdir / "tiny-musicgen", seed=0)
 
 
 @pytest.fixture(scope="session")
 def beats(workdir) -> Path:
     from musicgen_finetune.data.synthetic import write_dataset
+
     return write_dataset(workdir / "beats", count=8, seconds=3.0, seed=808)
 
 
@@ -51,24 +54,26 @@ def beats(workdir) -> Path:
 def dataset(beats) -> Path:
     """The beats cut into 1 s segments (short segments keep the end-to-end runs fast)."""
     from musicgen_finetune.data.manifests import ManifestOptions, build_manifests
+
     return build_manifests(beats, DATASET, ManifestOptions(segment=1.0, valid=0.25))
 
 
 def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.CompletedProcess:
     """A tool of tools/ in a subprocess, as `make` runs it: no USER, no network (see network_guard/)."""
     env = {k: v for k, v in os.environ.items() if k != "USER"}
-    env.update({
-        "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
-        # the network guard, then this checkout's package (not whichever one the venv was set up from)
-        "PYTHONPATH": os.pathsep.join([str(NETWORK_GUARD), str(REPO)]),
-        "NETWORK_GUARD_LOG": str(workdir / "network_attempts.log"),
-        "MUSICGEN_FT_OUTPUT": str(workdir / "output"),
-        "MUSICGEN_FT_MANIFESTS": str(workdir / "manifests"),
-        "AUDIOCRAFT_DORA_DIR": str(workdir / "output"),
-        **(extra_env or {}),
-    })
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    env.update(
+        {
+            "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
+            # the network guard, then this checkout's package (not whichever one the venv was set up from)
+            "PYTHONPATH": os.pathsep.join([str(NETWORK_GUARD), str(REPO)]),
+            "NETWORK_GUARD_LOG": str(workdir / "network_attempts.log"),
+            "MUSICGEN_FT_OUTPUT": str(workdir / "output"),
+            "MUSICGEN_FT_MANIFESTS": str(workdir / "manifests"),
+            "AUDIOCRAFT_DORA_DIR": str(workdir / "output"),
+            **(extra_env or {}),
+        }
+    )
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 TRAIN = "tools/train.py"
@@ -76,6 +81,13 @@ TRAIN = "tools/train.py"
 
 def train(workdir, model, args="", preset="finetune/cpu_tiny"):
     return run_tool([TRAIN, "--model", str(model), "--name", DATASET, "--preset", preset, "--args", args], workdir)
+
+
+def one_error_line(stderr: str) -> str:
+    """The one `error: ...` line a tool prints for a mistake a user can make (and no traceback)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-3000:]
+    return lines[0]
 
 
 def xp_folder(result) -> Path:
@@ -97,6 +109,7 @@ def first_run(workdir, tiny_model, dataset):
 def lora_model(tiny_model, tmp_path_factory):
     """A copy of the tiny model, so that one test can change its weights under a LoRA experiment."""
     import shutil
+
     model = tmp_path_factory.mktemp("lora") / "tiny-musicgen"
     shutil.copytree(tiny_model, model)
     return model

@@ -1,4 +1,5 @@
 """Augmented variants: the audio changes as the caption says, and only on the training side."""
+
 import json
 
 import numpy as np
@@ -28,9 +29,10 @@ def beat_period(audio, hop=32):
     """The beat period in seconds: the strongest autocorrelation lag of the onset envelope between 0.4 and 0.7 s,
     at a 1.5 ms resolution (librosa's tempo estimate is quantised to a coarse bpm grid)."""
     import librosa
+
     envelope = librosa.onset.onset_strength(y=audio, sr=RATE, hop_length=hop)
     envelope = envelope - envelope.mean()
-    correlation = np.correlate(envelope, envelope, mode="full")[len(envelope) - 1:]
+    correlation = np.correlate(envelope, envelope, mode="full")[len(envelope) - 1 :]
     low, high = int(0.4 * RATE / hop), int(0.7 * RATE / hop)
     return (low + int(np.argmax(correlation[low:high]))) * hop / RATE
 
@@ -39,16 +41,25 @@ def test_time_stretch_to_095_measures_five_percent_slower():
     clicks = np.zeros(RATE * 10, np.float32)
     for beat in range(20):
         start = int(beat * RATE * 0.5)  # 120 bpm
-        clicks[start:start + 200] = np.hanning(200)
+        clicks[start : start + 200] = np.hanning(200)
     stretched = augment.render(clicks[None], RATE, augment.Variant("tempo", 0.95))
     assert stretched.shape[-1] == pytest.approx(clicks.shape[-1] / 0.95, rel=0.01)
     assert beat_period(clicks) == pytest.approx(0.5, rel=0.01)
     assert beat_period(stretched[0]) / beat_period(clicks) == pytest.approx(1 / 0.95, rel=0.01)
 
 
-@pytest.mark.parametrize("key, semitones, expected", [
-    ("F minor", 2, "G minor"), ("B major", 1, "C major"), ("Eb minor", -1, "D minor"), ("c# min", 12, "C# minor"),
-    ("F minor", 0.5, None), ("not a key", 2, None), (None, 2, None)])
+@pytest.mark.parametrize(
+    "key, semitones, expected",
+    [
+        ("F minor", 2, "G minor"),
+        ("B major", 1, "C major"),
+        ("Eb minor", -1, "D minor"),
+        ("c# min", 12, "C# minor"),
+        ("F minor", 0.5, None),
+        ("not a key", 2, None),
+        (None, 2, None),
+    ],
+)
 def test_keys_transpose(key, semitones, expected):
     assert augment.transpose_key(key, semitones) == expected
 
@@ -62,8 +73,15 @@ def test_description_follows_the_variant():
     assert slow["augmented"] == {"kind": "tempo", "amount": 0.95, "name": "tempo0.95"}
 
 
-@pytest.mark.parametrize("spec, message", [("pitch", "expected <kind>=<values>"), ("speed=1.1", "kind one of"),
-                                           ("tempo=3", "between 0.5 and 2"), ("pitch=x", "not a number")])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("pitch", "expected <kind>=<values>"),
+        ("speed=1.1", "kind one of"),
+        ("tempo=3", "between 0.5 and 2"),
+        ("pitch=x", "not a number"),
+    ],
+)
 def test_bad_specs_show_the_expected_form(spec, message):
     with pytest.raises(augment.AugmentSpecError, match=message):
         augment.parse(spec)
@@ -117,9 +135,18 @@ def test_report_counts_originals_and_variants(augmented):
 
 def test_audiocraft_samples_variants_by_their_weight(augmented):
     from audiocraft.data.music_dataset import MusicDataset
+
     out, options = augmented
-    dataset = MusicDataset.from_meta(str(out / "train"), segment_duration=1.0, num_samples=10, sample_rate=32000,
-                                     channels=1, return_info=True, sample_on_weight=True, sample_on_duration=False)
+    dataset = MusicDataset.from_meta(
+        str(out / "train"),
+        segment_duration=1.0,
+        num_samples=10,
+        sample_rate=32000,
+        channels=1,
+        return_info=True,
+        sample_on_weight=True,
+        sample_on_duration=False,
+    )
     probabilities = dataset.sampling_probabilities
     weights = [m.weight for m in dataset.meta]
     original = probabilities[weights.index(1.0)]

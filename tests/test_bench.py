@@ -2,6 +2,7 @@
 
 No timing is asserted: the numbers are measurements of whatever machine runs the tests.
 """
+
 import json
 import math
 import os
@@ -16,10 +17,24 @@ from musicgen_finetune.bench import flops, isolation, matrix, pipeline, results
 from musicgen_finetune.bench.flops import MatrixParams
 from musicgen_finetune.bench.matrix import StepConfig
 
-QUICK_ROWS = {(mode, tokens, batch) for mode in ("full", "lora") for tokens in ("cached", "uncached")
-              for batch in (1, 2)}
-POSITIVE = ("trainable", "total", "step_s", "audio_s_per_s", "tokens_per_s", "tokens_per_step", "peak_gib",
-            "flops_per_step", "tflops_per_s", "frames", "positions", "text_tokens", "frame_rate")
+QUICK_ROWS = {
+    (mode, tokens, batch) for mode in ("full", "lora") for tokens in ("cached", "uncached") for batch in (1, 2)
+}
+POSITIVE = (
+    "trainable",
+    "total",
+    "step_s",
+    "audio_s_per_s",
+    "tokens_per_s",
+    "tokens_per_step",
+    "peak_gib",
+    "flops_per_step",
+    "tflops_per_s",
+    "frames",
+    "positions",
+    "text_tokens",
+    "frame_rate",
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +69,14 @@ def test_quick_bench_derived_fields_follow_from_the_measurements(quick):
         assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / row["step_s"], rel=1e-3)
         assert row["audio_s_per_s"] == pytest.approx(row["batch"] * row["segment_s"] / row["step_s"], rel=1e-3)
         arch = matrix.ARCHITECTURES[row["arch"]]
-        assert row["flops_per_step"] == flops.training_flops(MatrixParams(**row["matrix_params"]), row["batch"],
-                                                             row["positions"], row["text_tokens"], arch.layers,
-                                                             arch.dim)
+        assert row["flops_per_step"] == flops.training_flops(
+            MatrixParams(**row["matrix_params"]),
+            row["batch"],
+            row["positions"],
+            row["text_tokens"],
+            arch.layers,
+            arch.dim,
+        )
         params = row["matrix_params"]
         if row["mode"] == "full":
             assert row["trainable"] == row["total"]
@@ -97,7 +117,7 @@ def test_quick_bench_markdown_names_the_machine_and_has_one_line_per_row(quick):
     header = next(i for i, line in enumerate(lines) if line.startswith("| model | mode | tokens |"))
     assert lines[header + 1].startswith("|---")
     table = []
-    for line in lines[header + 2:]:
+    for line in lines[header + 2 :]:
         if not line.startswith("|"):
             break
         table.append(line)
@@ -108,11 +128,15 @@ def test_quick_bench_markdown_names_the_machine_and_has_one_line_per_row(quick):
 
 def test_training_flops_by_hand():
     # full: 6 x (100 x 2 x 10 + 20 x 2 x 3) = 12,720; attention: 3 x 2 x 1 x (2 x 10^2 x 4 + 4 x 10 x 3 x 4) = 7,680
-    assert flops.training_flops(MatrixParams(100, 100, 20, 20), batch=2, positions=10, text_tokens=3, layers=1,
-                                dim=4) == 20_400
+    assert (
+        flops.training_flops(MatrixParams(100, 100, 20, 20), batch=2, positions=10, text_tokens=3, layers=1, dim=4)
+        == 20_400
+    )
     # LoRA: (4 x 100 + 2 x 10) x 20 + (4 x 20 + 2 x 2) x 6 = 8,904, the same attention
-    assert flops.training_flops(MatrixParams(100, 10, 20, 2), batch=2, positions=10, text_tokens=3, layers=1,
-                                dim=4) == 16_584
+    assert (
+        flops.training_flops(MatrixParams(100, 10, 20, 2), batch=2, positions=10, text_tokens=3, layers=1, dim=4)
+        == 16_584
+    )
 
 
 def test_mfu_and_gpu_peaks():
@@ -131,14 +155,36 @@ def test_mfu_and_gpu_peaks():
 
 
 def gpu_config(**changes) -> StepConfig:
-    return StepConfig(**{"arch": "musicgen-small", "mode": "full", "tokens": "cached", "batch": 4,
-                         "segment_s": 30.0, "device": "cuda", "warmup": 3, "steps": 2, **changes})
+    return StepConfig(
+        **{
+            "arch": "musicgen-small",
+            "mode": "full",
+            "tokens": "cached",
+            "batch": 4,
+            "segment_s": 30.0,
+            "device": "cuda",
+            "warmup": 3,
+            "steps": 2,
+            **changes,
+        }
+    )
 
 
 def measured_on_gpu(flops: float, times) -> dict:
-    return {"trainable": 10, "total": 10, "precision": "bf16 autocast", "frame_rate": 50.0, "frames": 1500,
-            "codebooks": 4, "positions": 1500, "text_tokens": 20, "step_times_s": times, "peak_gib": 12.0,
-            "memory": "GPU max allocated", "flops_per_step": flops}
+    return {
+        "trainable": 10,
+        "total": 10,
+        "precision": "bf16 autocast",
+        "frame_rate": 50.0,
+        "frames": 1500,
+        "codebooks": 4,
+        "positions": 1500,
+        "text_tokens": 20,
+        "step_times_s": times,
+        "peak_gib": 12.0,
+        "memory": "GPU max allocated",
+        "flops_per_step": flops,
+    }
 
 
 def test_row_mfu_on_a_known_and_an_unknown_gpu():
@@ -150,9 +196,12 @@ def test_row_mfu_on_a_known_and_an_unknown_gpu():
 
 
 def test_gpu_goals_from_rows():
-    rows = [results.make_row(gpu_config(mode=mode), {**measured_on_gpu(flops, [1.0]), "peak_gib": peak},
-                           "NVIDIA H100 80GB HBM3", 989.0)
-            for mode, flops, peak in (("full", 400e12, 15.0), ("lora", 300e12, 11.0))]
+    rows = [
+        results.make_row(
+            gpu_config(mode=mode), {**measured_on_gpu(flops, [1.0]), "peak_gib": peak}, "NVIDIA H100 80GB HBM3", 989.0
+        )
+        for mode, flops, peak in (("full", 400e12, 15.0), ("lora", 300e12, 11.0))
+    ]
     goals = {g["goal"].split(" (")[0]: g for g in results.gpu_goals(rows, "cuda")}
     assert goals["full fine-tuning peak < 16 GiB"]["met"] is True
     assert goals["LoRA peak < 10 GiB"]["met"] is False and goals["LoRA peak < 10 GiB"]["value"] == 11.0
@@ -184,10 +233,13 @@ def test_a_killed_or_stuck_child_becomes_an_error_row(monkeypatch):
 
 def test_the_demo_runs_with_every_output_path_in_a_temporary_folder(tmp_path):
     makefile = tmp_path / "Makefile"
-    makefile.write_text("DEMO_MODEL ?= output/models/tiny\nDEMO_NAME ?= demo\nDEMO_NEW_DATA ?= output/data/new\n"
-                        "OUT ?=\n")
+    makefile.write_text(
+        "DEMO_MODEL ?= output/models/tiny\nDEMO_NAME ?= demo\nDEMO_NEW_DATA ?= output/data/new\nOUT ?=\n"
+    )
     assert pipeline.demo_path_overrides(makefile, tmp_path / "out") == [
-        f"DEMO_MODEL={tmp_path / 'out/models/tiny'}", f"DEMO_NEW_DATA={tmp_path / 'out/data/new'}"]
+        f"DEMO_MODEL={tmp_path / 'out/models/tiny'}",
+        f"DEMO_NEW_DATA={tmp_path / 'out/data/new'}",
+    ]
 
 
 def test_failures_are_named():
@@ -195,7 +247,8 @@ def test_failures_are_named():
     assert isolation.describe_exit(1, "Traceback...\nValueError: bad") == "exited with code 1: ValueError: bad"
     assert isolation.describe_failure(MemoryError()) == "out of memory"
     assert isolation.describe_failure(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")).startswith(
-        "out of memory")
+        "out of memory"
+    )
 
 
 def test_a_config_too_big_for_the_ram_is_skipped_with_its_estimate():
@@ -203,14 +256,16 @@ def test_a_config_too_big_for_the_ram_is_skipped_with_its_estimate():
     reason = matrix.memory_skip_reason(config)
     assert reason.startswith("skipped: needs ~") and "GiB" in reason
     assert matrix.memory_skip_reason(StepConfig("tiny", "full", "cached", batch=1, segment_s=1.0)) is None
-    assert matrix.estimated_peak_gib(StepConfig("musicgen-small", "lora", "cached", 4, 30.0)) < \
-        matrix.estimated_peak_gib(StepConfig("musicgen-small", "full", "cached", 4, 30.0))
+    assert matrix.estimated_peak_gib(
+        StepConfig("musicgen-small", "lora", "cached", 4, 30.0)
+    ) < matrix.estimated_peak_gib(StepConfig("musicgen-small", "full", "cached", 4, 30.0))
 
 
 def test_the_matrix():
     quick = matrix.matrix("cpu", quick=True)
-    assert {(c.arch, c.mode, c.tokens, c.batch, c.segment_s) for c in quick} == \
-        {("tiny", m, t, b, 1.0) for m, t, b in QUICK_ROWS}
+    assert {(c.arch, c.mode, c.tokens, c.batch, c.segment_s) for c in quick} == {
+        ("tiny", m, t, b, 1.0) for m, t, b in QUICK_ROWS
+    }
     full_gpu = matrix.matrix("cuda", quick=False)
     assert len(full_gpu) == 2 * 3 * 2 * 2 * 2 + 4 and all((c.warmup, c.steps) == (3, 10) for c in full_gpu)
     checkpointed = [c for c in full_gpu if c.checkpointing]

@@ -4,6 +4,7 @@ Tolerances: tokens must be exactly equal with and without the cache; T5 hidden s
 cross-entropy within 1e-5 (absolute, fp32 CPU; in practice they are equal); the per-epoch train/valid ce of two
 tiny `dora run`s, with and without the caches, within a relative 1e-5.
 """
+
 import json
 import os
 import re
@@ -26,6 +27,7 @@ CAPTIONS = ["hip hop 808 beat with trap drums, hard kick with long decay, crisp 
 def musicgen(tiny_model):
     """AudioCraft's MusicGen for the tiny model, on CPU. Tests that install a cache on it put the original back."""
     from musicgen_finetune.generate import load
+
     return load(tiny_model, device="cpu")
 
 
@@ -33,14 +35,23 @@ def segment_infos(dataset: Path, count: int):
     """The first `count` training segments as the dataset gives them: audio [B, C, T] and SegmentInfos."""
     from audiocraft.data.audio import audio_read
     from audiocraft.data.audio_dataset import AudioMeta, SegmentInfo
+
     lines = (dataset / "train" / "data.jsonl").read_text().splitlines()[:count]
     audio, infos = [], []
     for line in lines:
         meta = AudioMeta.from_dict(json.loads(line))
         wav, rate = audio_read(meta.path)
         audio.append(wav)
-        infos.append(SegmentInfo(meta, seek_time=0.0, n_frames=wav.shape[-1], total_frames=wav.shape[-1],
-                                 sample_rate=rate, channels=wav.shape[0]))
+        infos.append(
+            SegmentInfo(
+                meta,
+                seek_time=0.0,
+                n_frames=wav.shape[-1],
+                total_frames=wav.shape[-1],
+                sample_rate=rate,
+                channels=wav.shape[0],
+            )
+        )
     return torch.stack(audio), infos
 
 
@@ -48,6 +59,7 @@ def cross_entropy(musicgen, tokens: torch.Tensor, captions) -> torch.Tensor:
     """Upstream's training loss for `tokens` under `captions`, as the solver computes it."""
     from audiocraft.modules.conditioners import ConditioningAttributes
     from audiocraft.solvers.musicgen import MusicGenSolver
+
     lm = musicgen.lm
     attributes = [ConditioningAttributes(text={"description": caption}) for caption in captions]
     with torch.no_grad():
@@ -144,6 +156,7 @@ def test_token_cache_key_changes_with_weights_and_segment_duration(musicgen, tmp
     from audiocraft.models import loaders
 
     from musicgen_finetune.models.tiny import write_compression_model
+
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     write_compression_model(other_dir, seed=1, codebook_size=64, num_codebooks=4)
@@ -161,6 +174,7 @@ def test_token_cache_key_changes_with_weights_and_segment_duration(musicgen, tmp
 def test_changed_segment_file_misses(musicgen, dataset, tmp_path):
     """An entry names the file's path, size and mtime: a rewritten file is encoded again, never served stale."""
     from safetensors.torch import load_file
+
     audio, infos = segment_infos(dataset, 1)
     wav = tmp_path / "segment.wav"
     shutil.copy(infos[0].meta.path, wav)
@@ -186,6 +200,7 @@ def test_changed_segment_file_misses(musicgen, dataset, tmp_path):
 def test_cache_settings_are_configured_but_not_in_the_signature():
     from musicgen_finetune.config import compose
     from musicgen_finetune.train import main
+
     cfg = compose(["solver=finetune/cpu_tiny"])
     assert cfg.token_cache.enabled and cfg.token_cache.path is None and cfg.text_cache.enabled
     assert cfg.cache.path is None  # upstream's batch cache is left alone (off)
@@ -198,9 +213,21 @@ def test_training_with_and_without_caches_gives_the_same_losses(first_run, workd
     """`first_run` is the default tiny run, caches on. The same run with both off, in its own output folder
     (the cache settings are not in the signature, so it would otherwise resume first_run's experiment)."""
     output = workdir / "uncached"
-    uncached = run_tool([TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny",
-                         "--args", "token_cache.enabled=false text_cache.enabled=false"], workdir,
-                        extra_env={"MUSICGEN_FT_OUTPUT": str(output), "AUDIOCRAFT_DORA_DIR": str(output)})
+    uncached = run_tool(
+        [
+            TRAIN,
+            "--model",
+            str(tiny_model),
+            "--name",
+            DATASET,
+            "--preset",
+            "finetune/cpu_tiny",
+            "--args",
+            "token_cache.enabled=false text_cache.enabled=false",
+        ],
+        workdir,
+        extra_env={"MUSICGEN_FT_OUTPUT": str(output), "AUDIOCRAFT_DORA_DIR": str(output)},
+    )
     assert uncached.returncode == 0, uncached.stderr[-3000:]
     assert xp_folder(uncached).name == xp_folder(first_run).name  # same experiment, other folder
     assert "Token cache: off" in uncached.stderr and "Cache hits" not in uncached.stderr
@@ -210,9 +237,13 @@ def test_training_with_and_without_caches_gives_the_same_losses(first_run, workd
         for stage in ("train", "valid"):
             assert cached_epoch[stage]["ce"] == pytest.approx(plain_epoch[stage]["ce"], rel=TOLERANCE), stage
     log = first_run.stderr + first_run.stdout
-    assert re.search(r"Token cache at \S+/cache/tokens/\w{16} \(compression model sha1 \w+, 32000 Hz, .*\), "
-                     r"\d+ entries found", log)
+    assert re.search(
+        r"Token cache at \S+/cache/tokens/\w{16} \(compression model sha1 \w+, 32000 Hz, .*\), "
+        r"\d+ entries found",
+        log,
+    )
     # every validation segment was encoded in epoch 1 at the latest: later epochs read them all
-    assert re.search(r"Cache hits, valid epoch 3: tokens of (\d+)/\1 \(100%\) segments; T5 outputs \(description\)",
-                     log)
+    assert re.search(
+        r"Cache hits, valid epoch 3: tokens of (\d+)/\1 \(100%\) segments; T5 outputs \(description\)", log
+    )
     assert re.search(r"Cache hits, train epoch 3: tokens of [1-9]\d*/", log)

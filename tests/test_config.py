@@ -1,4 +1,5 @@
 """Our Hydra overlay on AudioCraft's config tree: composition, presets, signatures, no USER."""
+
 import os
 
 import pytest
@@ -54,6 +55,7 @@ def test_cpu_preset_runs_without_cuda():
 def test_config_resolves_without_user(monkeypatch):
     """Upstream's config.yaml and teams files interpolate ${oc.env:USER} (InterpolationResolutionError)."""
     from audiocraft.environment import AudioCraftEnvironment
+
     monkeypatch.delenv("USER", raising=False)
     cfg = compose(["solver=finetune/cpu_tiny"])
     assert cfg.dora.dir == os.environ["AUDIOCRAFT_DORA_DIR"]
@@ -67,6 +69,7 @@ def test_config_resolves_without_user(monkeypatch):
 def test_signature_ignores_overrides_equal_to_defaults():
     """make train passes only the architecture keys that differ; equal ones would not change the name anyway."""
     from musicgen_finetune.train import main
+
     base = ["solver=finetune/musicgen_small", "datasource.train=/d/train", "datasource.valid=/d/valid"]
     plain = main.get_xp(base)
     assert main.get_xp([*base, "transformer_lm.dim=1024"]).sig == plain.sig
@@ -76,6 +79,7 @@ def test_signature_ignores_overrides_equal_to_defaults():
 
 def test_signature_reflects_lora_settings():
     from musicgen_finetune.train import main
+
     base = ["datasource.train=/d/train", "datasource.valid=/d/valid"]
     full = main.get_xp(["solver=finetune/musicgen_small", *base]).sig
     lora = main.get_xp(["solver=finetune/musicgen_small_lora", *base]).sig
@@ -95,8 +99,15 @@ def test_lora_preset_defaults():
 def test_runs_without_a_base_model_are_refused():
     """ac#277: a run without continue_from would silently train from scratch."""
     from musicgen_finetune.train import check_required
-    cfg = compose(["solver=finetune/cpu_tiny", "datasource.train=/d/train", "datasource.valid=/d/valid",
-                   "compression_model_checkpoint=//pretrained//m"])
+
+    cfg = compose(
+        [
+            "solver=finetune/cpu_tiny",
+            "datasource.train=/d/train",
+            "datasource.valid=/d/valid",
+            "compression_model_checkpoint=//pretrained//m",
+        ]
+    )
     with pytest.raises(ValueError, match="random weights"):
         check_required(cfg)
     cfg.continue_from = "//pretrained//m"
@@ -105,6 +116,7 @@ def test_runs_without_a_base_model_are_refused():
 
 def test_launch_checks_preset_and_batch_before_training():
     from musicgen_finetune import launch
+
     with pytest.raises(launch.LaunchError, match="no config/solver/finetune/nope_lora.yaml"):
         launch.check_preset("finetune/nope_lora")
     launch.check_preset("finetune/musicgen_small_lora")
@@ -114,10 +126,12 @@ def test_launch_checks_preset_and_batch_before_training():
     launch.check_batch(compose(["solver=finetune/musicgen_small"]), multi_gpu=False)
 
 
-@pytest.mark.parametrize("cuda, bf16, expected", [(True, True, "bfloat16"), (True, False, "float16"),
-                                                  (False, False, "bfloat16")])
+@pytest.mark.parametrize(
+    "cuda, bf16, expected", [(True, True, "bfloat16"), (True, False, "float16"), (False, False, "bfloat16")]
+)
 def test_auto_precision_is_bf16_where_supported_else_fp16(monkeypatch, cuda, bf16, expected):
     from musicgen_finetune.solver import describe_precision, resolve_precision
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     cfg = compose(["solver=finetune/musicgen_small", f"device={'cuda' if cuda else 'cpu'}"])

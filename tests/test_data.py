@@ -1,4 +1,5 @@
 """`make manifests`: every caption form, every audio format, every bad input, against what AudioCraft reads."""
+
 import json
 import shutil
 import subprocess
@@ -48,22 +49,27 @@ def mixed_folder(tmp_path_factory):
     sf.write(folder / "train/pcm16 stereo.wav", tone(3), RATE, subtype="PCM_16")
     sf.write(folder / "train/pcm24.wav", tone(3, 330, 48000, 1), 48000, subtype="PCM_24")
     sf.write(folder / "train/float32.wav", tone(3, 440, 22050), 22050, subtype="FLOAT")
-    sf.write(folder / "train/long.flac", tone(7.5, 261.6), RATE)        # cut into 2 s segments
+    sf.write(folder / "train/long.flac", tone(7.5, 261.6), RATE)  # cut into 2 s segments
     sf.write(folder / "more/ünïcødé name.wav", tone(3, 392), RATE)
     for ext in ("mp3", "ogg", "m4a"):
         encode(folder / "train/pcm16 stereo.wav", folder / f"more/encoded.{ext}")
     # captions: metadata.json for train/, a .txt and a .json sidecar in more/, a csv for the encoded ones
-    (folder / "metadata.json").write_text(json.dumps([
-        {"audio": "train/pcm16 stereo.wav", "text": "stereo beat", "bpm": 90, "genre": "boom bap"},
-        {"audio": "train/pcm24.wav", "text": "mono 48k tone", "key": "E minor"},
-        {"audio": "train/float32.wav", "text": "float tone"},
-        {"audio": "train/long.flac", "text": "a long track"},
-        {"audio": "train/missing.wav", "text": "caption without a file"},
-        {"audio": "../outside.wav", "text": "escapes the folder"},
-    ]))
+    (folder / "metadata.json").write_text(
+        json.dumps(
+            [
+                {"audio": "train/pcm16 stereo.wav", "text": "stereo beat", "bpm": 90, "genre": "boom bap"},
+                {"audio": "train/pcm24.wav", "text": "mono 48k tone", "key": "E minor"},
+                {"audio": "train/float32.wav", "text": "float tone"},
+                {"audio": "train/long.flac", "text": "a long track"},
+                {"audio": "train/missing.wav", "text": "caption without a file"},
+                {"audio": "../outside.wav", "text": "escapes the folder"},
+            ]
+        )
+    )
     (folder / "more/ünïcødé name.txt").write_text("unicode caption from a txt\n")
     (folder / "more/metadata.csv").write_text(
-        'file_name,text,bpm\nencoded.mp3,"mp3 beat, heavy",100\nencoded.ogg,ogg beat,\nencoded.m4a,m4a beat,\n')
+        'file_name,text,bpm\nencoded.mp3,"mp3 beat, heavy",100\nencoded.ogg,ogg beat,\nencoded.m4a,m4a beat,\n'
+    )
     # bad files, each with a caption so that only the audio is at fault
     bad = {"corrupt.wav": b"RIFF\x00\x00garbage" * 10, "notaudio.mp3": b"this is a text file, not an mp3\n"}
     for name, payload in bad.items():
@@ -93,20 +99,28 @@ def test_every_format_is_converted_to_the_model_format(mixed):
     out, options = mixed
     entries = manifest(out, "train") + manifest(out, "valid")
     sources = {sidecar(e)["source_file"] for e in entries}
-    assert sources == {"train/pcm16 stereo.wav", "train/pcm24.wav", "train/float32.wav", "train/long.flac",
-                       "more/ünïcødé name.wav", "more/encoded.mp3", "more/encoded.ogg", "more/encoded.m4a"}
+    assert sources == {
+        "train/pcm16 stereo.wav",
+        "train/pcm24.wav",
+        "train/float32.wav",
+        "train/long.flac",
+        "more/ünïcødé name.wav",
+        "more/encoded.mp3",
+        "more/encoded.ogg",
+        "more/encoded.m4a",
+    }
     for entry in entries:
         info = sf.info(entry["path"])
-        assert (info.samplerate, info.channels) == (options.sample_rate, options.channels) == \
-               (entry["sample_rate"], 1)
+        assert (info.samplerate, info.channels) == (options.sample_rate, options.channels) == (entry["sample_rate"], 1)
         assert entry["duration"] == pytest.approx(info.frames / info.samplerate, abs=1e-6)  # the true duration
         assert out in __import__("pathlib").Path(entry["path"]).parents  # never the user's file
 
 
 def test_long_tracks_are_cut_and_short_remainders_dropped(mixed):
     out, _ = mixed
-    long = [e for e in manifest(out, "train") + manifest(out, "valid")
-            if sidecar(e)["source_file"] == "train/long.flac"]
+    long = [
+        e for e in manifest(out, "train") + manifest(out, "valid") if sidecar(e)["source_file"] == "train/long.flac"
+    ]
     assert sorted(e["duration"] for e in long) == pytest.approx([2.0, 2.0, 2.0])  # 7.5 s: the 1.5 s rest < 0.8x2
     assert sorted(sidecar(e)["start"] for e in long) == [0.0, 2.0, 4.0]
     assert len({e["path"].rsplit("/", 1)[0] for e in long}) == 1  # one source, one folder, one split
@@ -119,10 +133,16 @@ def test_every_bad_input_is_skipped_with_its_reason(mixed):
     out, _ = mixed
     reasons = {s["file"]: s["reason"] for s in load_report(out)["skipped"]}
     expected = {
-        "more/corrupt.wav": "not decodable", "more/notaudio.mp3": "not decodable", "more/empty.wav": "empty",
-        "more/silent.wav": "silent", "more/short.wav": "too short", "more/nan.wav": "NaN",
-        "train/pcm24_copy.wav": "duplicate of train/pcm24.wav", "more/uncaptioned.wav": "no caption",
-        "train/missing.wav": "does not exist", "../outside.wav": "leaves the data folder",
+        "more/corrupt.wav": "not decodable",
+        "more/notaudio.mp3": "not decodable",
+        "more/empty.wav": "empty",
+        "more/silent.wav": "silent",
+        "more/short.wav": "too short",
+        "more/nan.wav": "NaN",
+        "train/pcm24_copy.wav": "duplicate of train/pcm24.wav",
+        "more/uncaptioned.wav": "no caption",
+        "train/missing.wav": "does not exist",
+        "../outside.wav": "leaves the data folder",
     }
     assert set(reasons) == set(expected)
     for file, words in expected.items():
@@ -156,9 +176,17 @@ def test_sidecars_have_every_field_and_the_right_caption(mixed):
 
 def test_music_dataset_yields_the_descriptions(mixed):
     from audiocraft.data.music_dataset import MusicDataset
+
     out, options = mixed
-    dataset = MusicDataset.from_meta(str(out / "train"), segment_duration=2.0, num_samples=6, shuffle=False,
-                                     sample_rate=options.sample_rate, channels=1, return_info=True)
+    dataset = MusicDataset.from_meta(
+        str(out / "train"),
+        segment_duration=2.0,
+        num_samples=6,
+        shuffle=False,
+        sample_rate=options.sample_rate,
+        channels=1,
+        return_info=True,
+    )
     descriptions = {sidecar({"path": e["path"]})["description"] for e in manifest(out, "train")}
     for index in range(6):
         wav, info = dataset[index]
@@ -199,8 +227,9 @@ def test_existing_train_valid_layout_is_respected(tmp_path):
         (tmp_path / "in" / split).mkdir(parents=True)
         for i in range(count):
             sf.write(tmp_path / "in" / split / f"{split}{i}.wav", tone(2, 200 + 50 * i + (split == "valid")), RATE)
-    out = build_manifests(tmp_path / "in", "layout", ManifestOptions(segment=2.0, text="a beat"),
-                          out_root=tmp_path / "out")
+    out = build_manifests(
+        tmp_path / "in", "layout", ManifestOptions(segment=2.0, text="a beat"), out_root=tmp_path / "out"
+    )
     assert {sidecar(e)["source_file"].split("/")[0] for e in manifest(out, "valid")} == {"valid"}
     assert len(manifest(out, "valid")) == 2 and len(manifest(out, "train")) == 3
     assert all(sidecar(e)["caption_source"] == "TEXT" for e in manifest(out, "train"))
@@ -212,12 +241,15 @@ def test_strict_stops_at_the_first_bad_file(mixed_folder, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("metadata.json", '[{"audio": "a.wav", "text": "x"},\n {"audio": }]', "metadata.json: invalid JSON at line 2"),
-    ("metadata.jsonl", '{"file_name": "a.wav", "text": "x"}\nnot json\n', "metadata.jsonl: invalid JSON on line 2"),
-    ("metadata.csv", "file_name,text\na.wav,one,two\n", "metadata.csv: line 2 has 3 fields"),
-    ("metadata.csv", "name;caption\na.wav;x\n", "line 1 must be a header"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("metadata.json", '[{"audio": "a.wav", "text": "x"},\n {"audio": }]', "metadata.json: invalid JSON at line 2"),
+        ("metadata.jsonl", '{"file_name": "a.wav", "text": "x"}\nnot json\n', "metadata.jsonl: invalid JSON on line 2"),
+        ("metadata.csv", "file_name,text\na.wav,one,two\n", "metadata.csv: line 2 has 3 fields"),
+        ("metadata.csv", "name;caption\na.wav;x\n", "line 1 must be a header"),
+    ],
+)
 def test_malformed_caption_files_name_the_line(tmp_path, name, content, message):
     sf.write(tmp_path / "a.wav", tone(2), RATE)
     (tmp_path / name).write_text(content)
@@ -249,7 +281,7 @@ def test_rerun_reuses_converted_audio_and_failure_keeps_the_previous_dataset(bea
 def test_no_audio_and_bad_names_are_explained(tmp_path):
     with pytest.raises(DatasetError, match="is not a folder"):
         build_manifests(tmp_path / "nope", "x", out_root=tmp_path)
-    with pytest.raises(DatasetError, match="no usable audio file"):
+    with pytest.raises(DatasetError, match="no audio file found"):
         build_manifests(tmp_path, "x", out_root=tmp_path / "out")
     with pytest.raises(DatasetError, match="NAME="):
         build_manifests(tmp_path, "../escape", out_root=tmp_path / "out")
@@ -260,7 +292,7 @@ def test_tempo_and_key_estimates():
     clicks = np.zeros(rate * 8, np.float32)
     for beat in range(int(8 * 120 / 60)):
         start = int(beat * rate * 60 / 120)
-        clicks[start:start + 200] = np.hanning(200)
+        clicks[start : start + 200] = np.hanning(200)
     tempo = estimate_tempo(clicks[None], rate)
     assert tempo == pytest.approx(120, rel=0.04)
     t = np.arange(rate * 4) / rate
@@ -271,6 +303,7 @@ def test_tempo_and_key_estimates():
 
 def test_make_manifests_command_prints_the_summary_and_strict_fails(beats, workdir, tmp_path):
     from conftest import run_tool
+
     folder = tmp_path / "beats"
     shutil.copytree(beats, folder)
     (folder / "train" / "beat_002.wav").write_bytes(b"broken")

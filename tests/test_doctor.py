@@ -1,4 +1,5 @@
 """`make doctor` says what is fine and what to fix."""
+
 from musicgen_finetune import doctor, environment
 
 environment.prepare()
@@ -25,10 +26,11 @@ def test_doctor_finds_no_ffmpeg(monkeypatch):
 def test_disk_check_is_sized_to_the_model(tmp_path):
     """The room asked for follows the model's size: a tiny model passes where a model too big for the disk fails."""
     import shutil
+
     free = shutil.disk_usage(tmp_path).free
     bytes_per_parameter = 2 * doctor.CHECKPOINT_BYTES_PER_PARAMETER + doctor.EXPORT_BYTES_PER_PARAMETER
     assert doctor.check_disk(tmp_path, parameters=free // bytes_per_parameter // 2, model="small").ok
     too_big = doctor.check_disk(tmp_path / "not" / "yet", parameters=free // bytes_per_parameter * 2, model="big")
     assert not too_big.ok and f"at {tmp_path}" in too_big.detail and "OUTPUT=<folder>" in too_big.detail
     # musicgen-small: a checkpoint of ~8.8 GB (measured upstream), twice, and an fp32 export
-    assert 2 * 8.8e9 < doctor.disk_needed(doctor.MUSICGEN_SMALL_PARAMETERS) * 2 ** 30 < 2 * 8.8e9 + 2.0e9
+    assert 2 * 8.8e9 < doctor.disk_needed(doctor.MUSICGEN_SMALL_PARAMETERS) * 2**30 < 2 * 8.8e9 + 2.0e9

@@ -1,5 +1,6 @@
 """`make eval` end to end, as the demo runs it at small scale: a "general" base (the tiny model trained on another
 style), fine-tuned on the 808 set through real `dora run`, then compared; the report is opened in Chromium."""
+
 import json
 import math
 from pathlib import Path
@@ -18,11 +19,24 @@ def general_model(workdir, beats, dataset):
     from musicgen_finetune.data.manifests import ManifestOptions, build_manifests
     from musicgen_finetune.data.synthetic import write_dataset
     from musicgen_finetune.models.tiny import write_tiny_model
+
     data = write_dataset(workdir / "chiptune", count=8, seconds=3.0, seed=7, style="chiptune")
     build_manifests(data, GENERAL, ManifestOptions(segment=1.0, valid=0.25))
     styled = write_tiny_model(workdir / "tiny-styled", seed=0, codec_data=[beats, data])  # as `make demo`
-    result = run_tool(["tools/train.py", "--model", str(styled), "--name", GENERAL, "--preset",
-                       "finetune/cpu_tiny", "--args", "optim.epochs=4"], workdir)
+    result = run_tool(
+        [
+            "tools/train.py",
+            "--model",
+            str(styled),
+            "--name",
+            GENERAL,
+            "--preset",
+            "finetune/cpu_tiny",
+            "--args",
+            "optim.epochs=4",
+        ],
+        workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = workdir / "models" / "general"
     assert run_tool(["tools/export.py", "--xp", xp_folder(result).name, "--out", str(out)], workdir).returncode == 0
@@ -43,9 +57,28 @@ def evaluated(workdir, general_model, tuned_model, tmp_path_factory):
     prompts = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     prompts.write_text("hip hop 808 beat with trap drums, 140 bpm\ndark trap beat with heavy 808 bass, 150 bpm\n")
     out = workdir / "reports" / "eval-test"
-    result = run_tool(["tools/eval.py", "--base", str(general_model), "--tuned", str(tuned_model[0]),
-                       "--name", DATASET, "--general", GENERAL, "--prompts", str(prompts), "--duration", "1",
-                       "--top-k", "50", "--out", str(out)], workdir)
+    result = run_tool(
+        [
+            "tools/eval.py",
+            "--base",
+            str(general_model),
+            "--tuned",
+            str(tuned_model[0]),
+            "--name",
+            DATASET,
+            "--general",
+            GENERAL,
+            "--prompts",
+            str(prompts),
+            "--duration",
+            "1",
+            "--top-k",
+            "50",
+            "--out",
+            str(out),
+        ],
+        workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out, json.loads((out / "report.json").read_text())
 
@@ -63,6 +96,7 @@ def test_the_briefly_trained_codec_keeps_the_styles_apart(general_model, workdir
     from musicgen_finetune.evaluation.metrics import low_freq_ratio
     from musicgen_finetune.models.folder import COMPRESSION_FILE
     from musicgen_finetune.models.tiny import read_clips
+
     codec = load_compression_model(str(general_model / COMPRESSION_FILE), device="cpu")
     ratios = {}
     for style, folder in (("808", beats), ("chiptune", workdir / "chiptune")):
@@ -101,12 +135,15 @@ def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model
     from musicgen_finetune.data.dataset import PreparedDataset
     from musicgen_finetune.evaluation.evaluate import cross_entropy
     from musicgen_finetune.generate import load
+
     _, report = evaluated
     export = json.loads((tuned_model[0] / "export.json").read_text())
     model = load(tuned_model[0], device="cpu")
     dataset = PreparedDataset(DATASET).segments_once("valid", model.sample_rate, model.audio_channels)
-    batches = [cross_entropy(model, [dataset[i] for i in range(start, min(start + 4, len(dataset)))])
-               for start in range(0, len(dataset), 4)]
+    batches = [
+        cross_entropy(model, [dataset[i] for i in range(start, min(start + 4, len(dataset)))])
+        for start in range(0, len(dataset), 4)
+    ]
     assert math.isclose(sum(b["ce"] for b in batches) / len(batches), export["valid_ce"], abs_tol=1e-4)
     per_token = sum(b["ce"] * b["tokens"] for b in batches) / sum(b["tokens"] for b in batches)
     assert math.isclose(report["cross_entropy"]["valid"]["full"]["ce"], per_token, abs_tol=1e-4)
@@ -121,6 +158,7 @@ def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_m
         with pytest.raises(UserError) as error:
             evaluate(EvalOptions(str(general_model), DATASET, **kwargs))
         return str(error.value)
+
     missing = refusal(tuned=str(tuned_model[0]), general="no-such-set")
     assert "GENERAL=no-such-set" in missing and "make manifests" in missing
     experiment = refusal(tuned=str(tuned_model[1]))
@@ -154,9 +192,16 @@ def test_report_names_the_run_its_best_epoch_and_what_was_skipped(evaluated, tun
     folder = tuned_model[1]
     done = json.loads((folder / "done.json").read_text())
     exported = json.loads((tuned_model[0] / "export.json").read_text())
-    assert report["runs"] == [{"model": "full", "label": "fine-tuned", "xp": folder.name,
-                               "best_epoch": done["best_epoch"], "epochs": done["epochs"],
-                               "exported_epoch": exported["epoch"]}]
+    assert report["runs"] == [
+        {
+            "model": "full",
+            "label": "fine-tuned",
+            "xp": folder.name,
+            "best_epoch": done["best_epoch"],
+            "epochs": done["epochs"],
+            "exported_epoch": exported["epoch"],
+        }
+    ]
     assert (out / report["plots"]["loss"]).is_file()
     assert any("CLAP" in note for note in report["notes"]) and any("VGGish" in note for note in report["notes"])
 
@@ -165,10 +210,13 @@ def test_report_page_loads_in_chromium(evaluated, watched):  # noqa: F811
     out, report = evaluated
     page = watched.page
     page.goto((out / "index.html").as_uri())
-    page.wait_for_function("() => Array.from(document.querySelectorAll('audio'))"
-                           ".every((a) => a.readyState >= 1 || a.error)", timeout=15000)
-    audio = page.evaluate("() => Array.from(document.querySelectorAll('audio')).map((a) => [a.currentSrc, "
-                          "a.readyState, a.error && a.error.code])")
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('audio')).every((a) => a.readyState >= 1 || a.error)", timeout=15000
+    )
+    audio = page.evaluate(
+        "() => Array.from(document.querySelectorAll('audio')).map((a) => [a.currentSrc, "
+        "a.readyState, a.error && a.error.code])"
+    )
     sources = {Path(src.split("://", 1)[1]).relative_to(out).as_posix() for src, _, _ in audio}
     assert {s["audio"] for s in report["samples"]} <= sources
     assert [a for a in audio if a[2] or a[1] < 1] == []
@@ -179,6 +227,7 @@ def test_report_page_loads_in_chromium(evaluated, watched):  # noqa: F811
 
 def test_a_new_report_keeps_the_previous_blind_choices_aside(tmp_path):
     from musicgen_finetune.evaluation.evaluate import keep_previous_choices
+
     previous, new = tmp_path / "report", tmp_path / "report.partial"
     previous.mkdir()
     new.mkdir()

@@ -1,4 +1,5 @@
 """`make export` and `make generate` on the tiny runs: model folders AudioCraft loads, reproducible audio."""
+
 import json
 
 import pytest
@@ -29,8 +30,9 @@ def test_full_export_has_the_snapshot_layout_and_the_best_state(full_export, fir
     assert set(package) == {"best_state", "xp.cfg", "version", "exported"} and isinstance(package["xp.cfg"], str)
     for key, value in checkpoint["best_state"]["model"].items():
         assert torch.equal(package["best_state"][key], value), key
-    assert (full_export / "compression_state_dict.bin").read_bytes() == \
-           (tiny_model / "compression_state_dict.bin").read_bytes()
+    assert (full_export / "compression_state_dict.bin").read_bytes() == (
+        tiny_model / "compression_state_dict.bin"
+    ).read_bytes()
     info = json.loads((full_export / "export.json").read_text())
     history = checkpoint["history"]
     assert info["valid_ce"] == min(e["valid"]["ce"] for e in history) and info["epochs_trained"] == len(history)
@@ -50,6 +52,7 @@ def test_export_loads_with_audiocraft_own_loaders(full_export):
     from audiocraft.models import loaders
 
     from musicgen_finetune import patches
+
     patches.apply()
     lm = loaders.load_lm_model(str(full_export))
     compression = loaders.load_compression_model(str(full_export))
@@ -58,10 +61,22 @@ def test_export_loads_with_audiocraft_own_loaders(full_export):
 
 def test_generation_is_reproducible_and_longer_than_training_segments(full_export, tmp_path):
     """The tiny runs trained on 1 s segments; generation asks for 3 s, twice with the same seed."""
-    first = generate.generate(full_export, PROMPT, tmp_path / "a", duration=3.0, seeds=[7], top_k=50,
-                              progress=False)
-    again = generate.generate(full_export, PROMPT, tmp_path / "b", duration=3.0, seeds=[7, 8], top_k=50,
-                              progress=False)
+    first = generate.generate(
+        full_export,
+        PROMPT,
+        tmp_path / "a",
+        sampling=generate.Sampling(duration=3.0, top_k=50),
+        seeds=[7],
+        progress=False,
+    )
+    again = generate.generate(
+        full_export,
+        PROMPT,
+        tmp_path / "b",
+        sampling=generate.Sampling(duration=3.0, top_k=50),
+        seeds=[7, 8],
+        progress=False,
+    )
     items = json.loads((again / "generated.json").read_text())["items"]
     assert [(i["seed"], i["prompt"], i["seconds"]) for i in items] == [(7, PROMPT, 3.0), (8, PROMPT, 3.0)]
     wav_a, rate = sf.read(first / items[0]["file"])
@@ -74,14 +89,34 @@ def test_generation_is_reproducible_and_longer_than_training_segments(full_expor
 def test_lora_export_merged_equals_base_plus_adapters(lora_export, lora_model, tmp_path):
     assert (lora_export / "adapters.safetensors").is_file()
     saved = json.loads(lora.config_path(lora_export / "adapters.safetensors").read_text())
-    assert saved["base_hash"] == lora.base_model_hash(torch.load(lora_model / "state_dict.bin",
-                                                                 weights_only=True)["best_state"])
-    merged = generate.generate(lora_export, PROMPT, tmp_path / "merged", duration=1.0, seeds=[3], top_k=50,
-                               progress=False)
-    adapted = generate.generate(lora_model, PROMPT, tmp_path / "adapter", duration=1.0, seeds=[3], top_k=50,
-                                adapter=str(lora_export / "adapters.safetensors"), progress=False)
-    base = generate.generate(lora_model, PROMPT, tmp_path / "base", duration=1.0, seeds=[3], top_k=50,
-                             progress=False)
+    assert saved["base_hash"] == lora.base_model_hash(
+        torch.load(lora_model / "state_dict.bin", weights_only=True)["best_state"]
+    )
+    merged = generate.generate(
+        lora_export,
+        PROMPT,
+        tmp_path / "merged",
+        sampling=generate.Sampling(duration=1.0, top_k=50),
+        seeds=[3],
+        progress=False,
+    )
+    adapted = generate.generate(
+        lora_model,
+        PROMPT,
+        tmp_path / "adapter",
+        sampling=generate.Sampling(duration=1.0, top_k=50),
+        seeds=[3],
+        adapter=str(lora_export / "adapters.safetensors"),
+        progress=False,
+    )
+    base = generate.generate(
+        lora_model,
+        PROMPT,
+        tmp_path / "base",
+        sampling=generate.Sampling(duration=1.0, top_k=50),
+        seeds=[3],
+        progress=False,
+    )
     name = json.loads((merged / "generated.json").read_text())["items"][0]["file"]
     assert (sf.read(merged / name)[0] == sf.read(adapted / name)[0]).all()
     assert not (sf.read(merged / name)[0] == sf.read(base / name)[0]).all()  # the adapters do something
@@ -98,9 +133,9 @@ def test_bad_generation_input_fails_before_loading(tmp_path, full_export):
     with pytest.raises(generate.GenerationError, match="has no prompt"):
         generate.generate(full_export, str(empty), tmp_path / "out")
     with pytest.raises(generate.GenerationError, match="DURATION=0"):
-        generate.generate(full_export, PROMPT, tmp_path / "out", duration=0)
+        generate.generate(full_export, PROMPT, tmp_path / "out", sampling=generate.Sampling(duration=0))
     with pytest.raises(generate.GenerationError, match="TOP_K=250 is more than the 64 codes"):
-        generate.generate(full_export, PROMPT, tmp_path / "out", duration=1.0)
+        generate.generate(full_export, PROMPT, tmp_path / "out", sampling=generate.Sampling(duration=1.0))
     with pytest.raises(model_dir.ModelDirError, match="is not a folder"):
         generate.load(tmp_path / "no-model")
     with pytest.raises(generate.GenerationError, match="does not exist"):
@@ -117,8 +152,24 @@ def test_export_errors_name_the_experiment(tmp_path, first_run):
 def test_generate_command_writes_one_wav_per_prompt_and_seed(full_export, workdir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("808 beat one\n# skipped\n808 beat two\n")
-    result = run_tool(["tools/generate.py", "--model", str(full_export), "--prompts", str(prompts), "--duration",
-                       "1", "--seeds", "0,1", "--top-k", "50", "--out", str(tmp_path / "wavs")], workdir)
+    result = run_tool(
+        [
+            "tools/generate.py",
+            "--model",
+            str(full_export),
+            "--prompts",
+            str(prompts),
+            "--duration",
+            "1",
+            "--seeds",
+            "0,1",
+            "--top-k",
+            "50",
+            "--out",
+            str(tmp_path / "wavs"),
+        ],
+        workdir,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((tmp_path / "wavs" / "generated.json").read_text())
     assert len(manifest["items"]) == 4 and manifest["settings"]["top_k"] == 50

@@ -1,4 +1,5 @@
 """`make grid`: a dora grid run on one machine through real `dora run`, then dora's table."""
+
 import re
 
 import torch
@@ -14,8 +15,9 @@ def table_rows(stdout: str) -> dict:
     """signature -> (status, valid ce) from dora's table (colour codes stripped)."""
     plain = re.sub(r"\x1b\[[0-9;]*m", "", stdout)
     rows = {}
-    for match in re.finditer(r"^\d+\s+\S+\s+N/A\s+(\w{8})\s.*\|\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+\|\s+(\w+)\s+\d+\s*$",
-                             plain, re.MULTILINE):
+    for match in re.finditer(
+        r"^\d+\s+\S+\s+N/A\s+(\w{8})\s.*\|\s+([\d.]+)\s+[\d.]+\s+[\d.]+\s+\|\s+(\w+)\s+\d+\s*$", plain, re.MULTILINE
+    ):
         rows[match.group(1)] = (match.group(3), float(match.group(2)))
     return rows
 
@@ -42,6 +44,7 @@ def test_grid_names_what_is_missing(monkeypatch):
 
     from musicgen_finetune import grid
     from musicgen_finetune.launch import LaunchError
+
     monkeypatch.setenv("MODEL", "")
     monkeypatch.setenv("NAME", "")
     with pytest.raises(LaunchError, match="set both"):
@@ -57,6 +60,7 @@ def test_grid_lists_on_a_machine_without_gpu_but_runs_only_where_it_can(workdir,
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     from musicgen_finetune.grid import list_experiments, load_explorer
+
     sheeps = list_experiments("full_vs_lora", load_explorer("full_vs_lora"))
     assert [sheep.xp.cfg.device for sheep in sheeps] == ["cuda", "cuda"]
     assert [sheep.xp.cfg.lora.enabled for sheep in sheeps] == [False, True]

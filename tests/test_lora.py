@@ -3,6 +3,7 @@
 Tolerances (float32 on CPU): merged vs adapter logits within 1e-5 (the same sums in another order); unmerge gives
 the base back within 1e-6 (one add and one subtract of a small delta); everything else is compared exactly.
 """
+
 import copy
 import json
 import pickle
@@ -33,6 +34,7 @@ def snapshot(tiny_model):
 
 def build_lm(snapshot, pretrained=True, seed=0):
     from audiocraft.models import builders
+
     cfg, best_state = snapshot
     torch.manual_seed(seed)
     lm = builders.get_lm_model(cfg)
@@ -45,11 +47,14 @@ def build_lm(snapshot, pretrained=True, seed=0):
 def inputs(snapshot):
     """Codes [B, K, S] and precomputed condition tensors, shared by every LM built from the snapshot."""
     from audiocraft.modules.conditioners import ConditioningAttributes
+
     lm = build_lm(snapshot)
     torch.manual_seed(1)
     codes = torch.randint(0, lm.card, (2, lm.num_codebooks, 12))
-    attributes = [ConditioningAttributes(text={"description": caption})
-                  for caption in ("hip hop 808 beat with trap drums", "lofi chill instrumental, soft keys")]
+    attributes = [
+        ConditioningAttributes(text={"description": caption})
+        for caption in ("hip hop 808 beat with trap drums", "lofi chill instrumental, soft keys")
+    ]
     with torch.no_grad():
         conditions = lm.condition_provider(lm.condition_provider.tokenize(attributes))
     return codes, conditions
@@ -76,8 +81,9 @@ def attention_modules(lm, layer=0):
 
 def small_transformer(**kwargs):
     from audiocraft.modules.transformer import StreamingTransformer
+
     torch.manual_seed(3)
-    kwargs = {"d_model": 16, "num_heads": 4, "num_layers": 2, "dropout": 0., "causal": True, "custom": True, **kwargs}
+    kwargs = {"d_model": 16, "num_heads": 4, "num_layers": 2, "dropout": 0.0, "causal": True, "custom": True, **kwargs}
     return StreamingTransformer(**kwargs).eval()
 
 
@@ -91,9 +97,13 @@ def test_injection_keeps_logits_bit_identical(snapshot, inputs):
     num_layers, num_heads = len(lm.transformer.layers), len(lm.linears)
     # per layer: q, k, v and out_proj of both attentions, plus linear1 and linear2; then every output head
     assert len(names) == len(set(names)) == num_layers * 10 + num_heads
-    assert {"transformer.layers.0.self_attn.q", "transformer.layers.1.cross_attention.v",
-            "transformer.layers.0.cross_attention.out_proj", "transformer.layers.1.linear2",
-            f"linears.{num_heads - 1}"} <= set(names)
+    assert {
+        "transformer.layers.0.self_attn.q",
+        "transformer.layers.1.cross_attention.v",
+        "transformer.layers.0.cross_attention.out_proj",
+        "transformer.layers.1.linear2",
+        f"linears.{num_heads - 1}",
+    } <= set(names)
     assert names == lora.adapted_names(lm)
     assert type(lm.transformer.layers[0].self_attn).__name__ == "LoRAStreamingMultiheadAttention"
 
@@ -192,6 +202,7 @@ def test_trainable_fraction_on_musicgen_small_shapes(snapshot):
     A lookup-table conditioner of T5-base's width (768) stands in for T5, which the meta device cannot hold.
     """
     from audiocraft.models import builders
+
     cfg = copy.deepcopy(snapshot[0])
     cfg.transformer_lm.update(dim=1024, num_heads=16, num_layers=24, card=2048)
     cfg.conditioners.description = {"model": "lut", "lut": {"n_bins": 2, "dim": 768, "tokenizer": "noop"}}
@@ -283,10 +294,15 @@ def test_save_and_load_round_trip_and_refuse_another_base(snapshot, inputs, tmp_
     saved = json.loads(lora.config_path(path).read_text())
     assert lora.config_path(path).name == "adapters.safetensors.json"
     assert {k: saved[k] for k in ("rank", "alpha", "dropout", "layers")} == {
-        "rank": 3, "alpha": 5.0, "dropout": 0.2, "layers": [1]}
+        "rank": 3,
+        "alpha": 5.0,
+        "dropout": 0.2,
+        "layers": [1],
+    }
     assert saved["targets"] == list(config.targets) and saved["adapted"] == names
     assert saved["base_hash"] == lora.base_model_hash(lm)
     from safetensors.torch import load_file
+
     assert set(load_file(str(path))) == set(lora.adapter_state_dict(lm))
     with torch.no_grad():
         expected = logits(lm, inputs)
@@ -310,17 +326,20 @@ def test_save_and_load_round_trip_and_refuse_another_base(snapshot, inputs, tmp_
         lora.load_adapters(build_lm(snapshot), path, expected_base_hash=other_hash)
 
 
-@pytest.mark.parametrize("values, named", [
-    ({"targets": ["self_attn.q", "self_attn.query"]}, ["'self_attn.query'", "self_attn.q", "linears"]),
-    ({"targets": "everything"}, ["'everything'", "attention_ff"]),
-    ({"rank": 0}, ["rank=0"]),
-    ({"rank": 2.5}, ["rank=2.5"]),
-    ({"alpha": 0}, ["alpha=0"]),
-    ({"dropout": 1.0}, ["dropout=1.0", "[0, 1)"]),
-    ({"dropout": -0.1}, ["dropout=-0.1"]),
-    ({"layers": [0, -1]}, ["-1"]),
-    ({"rnak": 8}, ["'rnak'", "rank"]),
-])
+@pytest.mark.parametrize(
+    "values, named",
+    [
+        ({"targets": ["self_attn.q", "self_attn.query"]}, ["'self_attn.query'", "self_attn.q", "linears"]),
+        ({"targets": "everything"}, ["'everything'", "attention_ff"]),
+        ({"rank": 0}, ["rank=0"]),
+        ({"rank": 2.5}, ["rank=2.5"]),
+        ({"alpha": 0}, ["alpha=0"]),
+        ({"dropout": 1.0}, ["dropout=1.0", "[0, 1)"]),
+        ({"dropout": -0.1}, ["dropout=-0.1"]),
+        ({"layers": [0, -1]}, ["-1"]),
+        ({"rnak": 8}, ["'rnak'", "rank"]),
+    ],
+)
 def test_config_errors_name_the_bad_value(values, named):
     with pytest.raises(ValueError) as error:
         lora.LoraConfig.from_dict(values)
@@ -329,8 +348,9 @@ def test_config_errors_name_the_bad_value(values, named):
 
 
 def test_config_from_omegaconf_and_presets():
-    config = lora.LoraConfig.from_dict(OmegaConf.create({"enabled": True, "rank": 8, "targets": "attention_ff",
-                                                         "layers": [3, 1, 3]}))
+    config = lora.LoraConfig.from_dict(
+        OmegaConf.create({"enabled": True, "rank": 8, "targets": "attention_ff", "layers": [3, 1, 3]})
+    )
     assert config.targets == lora.PRESETS["attention_ff"] and config.layers == [1, 3] and config.scale == 3.0
     assert lora.LoraConfig.from_dict(config.to_dict()) == config
     assert lora.LoraConfig().targets == lora.PRESETS["attention"] and not lora.LoraConfig().enabled
@@ -370,8 +390,11 @@ def test_fused_delta_is_computed_once_per_forward(snapshot, inputs, monkeypatch)
     names = lora.inject(lm, lora.LoraConfig(enabled=True))
     calls = []
     delta_weight = lora.FusedProjectionAdapter.delta_weight
-    monkeypatch.setattr(lora.FusedProjectionAdapter, "delta_weight",
-                        lambda self, *args, **kwargs: calls.append(self) or delta_weight(self, *args, **kwargs))
+    monkeypatch.setattr(
+        lora.FusedProjectionAdapter,
+        "delta_weight",
+        lambda self, *args, **kwargs: calls.append(self) or delta_weight(self, *args, **kwargs),
+    )
     lm.train()
     logits(lm, inputs)
     fused = [name for name in names if name.endswith((".q", ".k", ".v"))]
@@ -427,7 +450,7 @@ def test_streaming_matches_the_full_sequence_with_cross_attention():
         steps = []
         with transformer.streaming():
             for k in range(x.shape[1]):
-                steps.append(transformer(x[:, k:k + 1], cross_attention_src=cross_src))
+                steps.append(transformer(x[:, k : k + 1], cross_attention_src=cross_src))
             state = {k: v.clone() for k, v in transformer.get_streaming_state().items()}
             again = transformer(x[:, :1], cross_attention_src=cross_src)
             transformer.set_streaming_state(state)

@@ -1,4 +1,5 @@
 """The checks of a local model folder, and the overrides that make training use it offline."""
+
 import shutil
 
 import pytest
@@ -90,6 +91,7 @@ def test_bad_explicit_t5_is_named(tiny_model, tmp_path):
 
 def test_pretrained_overrides_point_at_the_folder(tiny_model):
     from musicgen_finetune.launch import pretrained_overrides
+
     overrides = pretrained_overrides(model_dir.check(tiny_model))
     assert f"continue_from=//pretrained/{tiny_model}" in overrides  # //pretrained/ + /abs/path
     assert f"compression_model_checkpoint=//pretrained/{tiny_model}" in overrides
@@ -111,9 +113,19 @@ def test_architecture_overrides_are_empty_for_a_matching_model():
     assert xp_cfg.architecture_overrides(run_cfg, run_cfg) == []
 
 
-@pytest.mark.parametrize("value, text", [(None, "null"), (True, "true"), (3, "3"), (0.5, "0.5"),
-                                         ([0, 1, 2], "[0,1,2]"), ("delay", "delay"),
-                                         ("a b", "'a b'"), ("it's", "'it\\'s'")])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (None, "null"),
+        (True, "true"),
+        (3, "3"),
+        (0.5, "0.5"),
+        ([0, 1, 2], "[0,1,2]"),
+        ("delay", "delay"),
+        ("a b", "'a b'"),
+        ("it's", "'it\\'s'"),
+    ],
+)
 def test_hydra_values(value, text):
     assert hydra_value(value) == text
 
@@ -131,8 +143,7 @@ def test_unresolvable_keys_outside_the_architecture_are_ignored(tiny_model):
     snapshot = OmegaConf.create(OmegaConf.to_yaml(files.xp_cfg))
     snapshot.dora.dir = "/checkpoint/${oc.env:NO_SUCH_VARIABLE_HERE}/outputs"
     run_cfg = compose(["solver=finetune/cpu_tiny"])
-    assert xp_cfg.architecture_overrides(snapshot, run_cfg) == xp_cfg.architecture_overrides(
-        files.xp_cfg, run_cfg)
+    assert xp_cfg.architecture_overrides(snapshot, run_cfg) == xp_cfg.architecture_overrides(files.xp_cfg, run_cfg)
 
 
 def test_unreadable_model_file_is_named(tiny_model, tmp_path):

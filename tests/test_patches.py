@@ -1,4 +1,5 @@
 """Each run-time patch of AudioCraft, against the upstream behaviour it answers."""
+
 import sys
 
 import pytest
@@ -13,6 +14,7 @@ patches.apply()
 
 def test_t5_conditioner_accepts_a_local_folder(tiny_model):
     from audiocraft.modules.conditioners import T5Conditioner
+
     t5_dir = str(tiny_model / "t5")
     conditioner = T5Conditioner(t5_dir, output_dim=16, finetune=False, device="cpu")
     assert conditioner.dim == patches.t5_width(t5_dir) == 32
@@ -26,6 +28,7 @@ def test_t5_conditioner_accepts_a_local_folder(tiny_model):
 def test_upstream_t5_conditioner_still_rejects_local_folders(tiny_model):
     """The behaviour the patch answers (modules/conditioners.py:393); when upstream fixes it, drop the patch."""
     from audiocraft.modules.conditioners import T5Conditioner
+
     upstream_init = T5Conditioner.__init__.__wrapped__
     conditioner = T5Conditioner.__new__(T5Conditioner)
     with pytest.raises(AssertionError, match="Unrecognized t5 model name"):
@@ -35,6 +38,7 @@ def test_upstream_t5_conditioner_still_rejects_local_folders(tiny_model):
 def test_patches_apply_once():
     from audiocraft.modules.conditioners import T5Conditioner
     from audiocraft.utils import checkpoint
+
     init, load = T5Conditioner.__init__, checkpoint.load_checkpoint
     patches.apply()
     assert T5Conditioner.__init__ is init and checkpoint.load_checkpoint is load
@@ -43,6 +47,7 @@ def test_patches_apply_once():
 def test_training_checkpoint_with_its_config_loads_with_the_safe_loader(tmp_path):
     """torch >= 2.6 refuses the pickled DictConfig of every checkpoint.th (utils/checkpoint.py:93)."""
     from audiocraft.utils import checkpoint
+
     cfg = OmegaConf.create({"optim": {"lr": 1e-4, "betas": [0.9, 0.95]}, "label": None})
     path = tmp_path / "checkpoint.th"
     torch.save({"xp.cfg": cfg, "model": {"w": torch.ones(2)}, "epoch": 3}, path)
@@ -52,6 +57,7 @@ def test_training_checkpoint_with_its_config_loads_with_the_safe_loader(tmp_path
 
 class Payload:
     """Unpickling this would run code: it writes a marker file."""
+
     def __init__(self, marker):
         self.marker = marker
 
@@ -63,6 +69,7 @@ class Payload:
 def test_file_needing_arbitrary_code_is_refused_by_name(tmp_path, loader):
     from audiocraft.models import loaders
     from audiocraft.utils import checkpoint
+
     marker = tmp_path / "code-ran"
     folder = tmp_path / "model"
     folder.mkdir()
@@ -80,6 +87,7 @@ def test_upstream_code_importing_audiocraft_train_gets_our_entry():
     """utils/checkpoint.py:68 imports audiocraft.train, which fails outside a source checkout."""
     import musicgen_finetune.train as ours
     from audiocraft import train
+
     assert train is ours and sys.modules["audiocraft.train"] is ours
     assert hasattr(train, "main") and hasattr(train, "get_solver_from_sig")
 
@@ -89,8 +97,11 @@ def test_hub_is_switched_off_even_if_imported_first():
     import os
     import subprocess
     import sys
+
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    code = ("import huggingface_hub.constants as c; before = c.HF_HUB_OFFLINE; "
-            "from musicgen_finetune import environment; environment.offline_hub(); print(before, c.HF_HUB_OFFLINE)")
+    code = (
+        "import huggingface_hub.constants as c; before = c.HF_HUB_OFFLINE; "
+        "from musicgen_finetune import environment; environment.offline_hub(); print(before, c.HF_HUB_OFFLINE)"
+    )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.stdout.split() == ["False", "True"], result.stderr

@@ -4,6 +4,7 @@ reach choices.json), its server, and the plots it shows.
 Chromium: $CHROMIUM, else chromium / chromium-browser / google-chrome on PATH; Playwright never downloads one.
 Without it the browser tests are skipped, unless REQUIRE_CHROMIUM=1 (CI), which makes them fail.
 """
+
 import json
 import os
 import shutil
@@ -21,23 +22,50 @@ from musicgen_finetune.evaluation import page as report_page
 from musicgen_finetune.evaluation import plots, server
 
 RATE = 32000
-MODELS = [{"id": "base", "label": "base model", "path": "/models/base", "adapter": None, "xp": None},
-          {"id": "full", "label": "full fine-tune", "path": "/exports/full", "adapter": None, "xp": "a1b2c3d4"},
-          {"id": "lora", "label": "LoRA", "path": "/exports/lora", "adapter": "/exports/lora/adapters.safetensors",
-           "xp": "e5f6a7b8"}]
+MODELS = [
+    {"id": "base", "label": "base model", "path": "/models/base", "adapter": None, "xp": None},
+    {"id": "full", "label": "full fine-tune", "path": "/exports/full", "adapter": None, "xp": "a1b2c3d4"},
+    {
+        "id": "lora",
+        "label": "LoRA",
+        "path": "/exports/lora",
+        "adapter": "/exports/lora/adapters.safetensors",
+        "xp": "e5f6a7b8",
+    },
+]
 KICK_HZ = {"base": 45.0, "full": 55.0, "lora": 65.0}
 # Prompt text with markup in it: the page must show it as text.
-PROMPTS = [{"text": 'hip-hop 808 beat <b>140</b> bpm & "hard"', "seed": 0, "bpm": 140.0},
-           {"text": "trap beat, rolling hi-hats", "seed": 1, "bpm": None}]
+PROMPTS = [
+    {"text": 'hip-hop 808 beat <b>140</b> bpm & "hard"', "seed": 0, "bpm": 140.0},
+    {"text": "trap beat, rolling hi-hats", "seed": 1, "bpm": None},
+]
 TABLE_ROWS = [  # (row, the columns that must be highlighted)
-    ({"metric": "valid CE (808 set)", "better": "lower", "values": {"base": 4.1, "full": 3.2, "lora": 3.5},
-      "note": "same loss as training"}, {"full"}),
-    ({"metric": "CLAP score", "better": "higher", "values": {"base": 0.35, "full": 0.25, "lora": 0.31}, "note": ""},
-     {"base"}),
-    ({"metric": "tempo (BPM)", "better": "closer:140", "values": {"base": 120.0, "full": 151.0, "lora": 138.5},
-      "note": "prompts ask for 140"}, {"lora"}),
-    ({"metric": "pitch error", "better": "lower", "values": {"base": None, "full": 2.0, "lora": 2.0}, "note": "tie"},
-     {"full", "lora"}),
+    (
+        {
+            "metric": "valid CE (808 set)",
+            "better": "lower",
+            "values": {"base": 4.1, "full": 3.2, "lora": 3.5},
+            "note": "same loss as training",
+        },
+        {"full"},
+    ),
+    (
+        {"metric": "CLAP score", "better": "higher", "values": {"base": 0.35, "full": 0.25, "lora": 0.31}, "note": ""},
+        {"base"},
+    ),
+    (
+        {
+            "metric": "tempo (BPM)",
+            "better": "closer:140",
+            "values": {"base": 120.0, "full": 151.0, "lora": 138.5},
+            "note": "prompts ask for 140",
+        },
+        {"lora"},
+    ),
+    (
+        {"metric": "pitch error", "better": "lower", "values": {"base": None, "full": 2.0, "lora": 2.0}, "note": "tie"},
+        {"full", "lora"},
+    ),
     ({"metric": "onsets / s", "better": None, "values": {"base": 4.0, "full": 5.0, "lora": 6.0}, "note": ""}, set()),
     ({"metric": "FAD (VGGish)", "better": "lower", "values": {}, "note": "skipped: no VGGish model"}, set()),
 ]
@@ -55,8 +83,9 @@ def beat(kick_hz: float, seconds: float = 1.0, channels: int = 1) -> np.ndarray:
 
 
 def history(start: float, epochs: int) -> list:
-    return [{"train": {"ce": start - 0.3 * e, "ppl": 20.0}, "valid": {"ce": start + 0.2 - 0.25 * e}}
-            for e in range(epochs)]
+    return [
+        {"train": {"ce": start - 0.3 * e, "ppl": 20.0}, "valid": {"ce": start + 0.2 - 0.25 * e}} for e in range(epochs)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -69,25 +98,52 @@ def report_dir(tmp_path_factory) -> Path:
             (folder / audio).parent.mkdir(parents=True, exist_ok=True)
             sf.write(folder / audio, beat(KICK_HZ[model], channels=2 if model == "lora" else 1), RATE)
             plots.spectrogram(folder / audio, folder / spectrogram)
-            samples.append({"prompt": prompt, "model": model, "audio": audio, "spectrogram": spectrogram,
-                            "descriptors": {"tempo_bpm": 139.7, "low_freq_ratio": 0.41, "onset_density": 4.2,
-                                            "loudness_lufs": -14.1}})
+            samples.append(
+                {
+                    "prompt": prompt,
+                    "model": model,
+                    "audio": audio,
+                    "spectrogram": spectrogram,
+                    "descriptors": {
+                        "tempo_bpm": 139.7,
+                        "low_freq_ratio": 0.41,
+                        "onset_density": 4.2,
+                        "loudness_lufs": -14.1,
+                    },
+                }
+            )
     (folder / "reference").mkdir()
     sf.write(folder / "reference/000.wav", beat(50.0), RATE)
     plots.spectrogram(folder / "reference/000.wav", folder / "plots/reference_000.png")
-    plots.loss_curves([{"label": "full fine-tune", "history": history(4.0, 4), "best_epoch": 4},
-                       {"label": "LoRA", "history": history(4.1, 3), "best_epoch": 3}], folder / "plots/loss.png")
+    plots.loss_curves(
+        [
+            {"label": "full fine-tune", "history": history(4.0, 4), "best_epoch": 4},
+            {"label": "LoRA", "history": history(4.1, 3), "best_epoch": 3},
+        ],
+        folder / "plots/loss.png",
+    )
     report = {
-        "name": "demo808", "created": "2026-11-25T15:00:00Z",
+        "name": "demo808",
+        "created": "2026-11-25T15:00:00Z",
         "machine": {"cpu": "test cpu", "cores": 2, "gpu": None, "torch": "2.9.1"},
         "settings": {"duration": 1.0, "seed": 0, "top_k": 250},
-        "models": MODELS, "prompts": PROMPTS, "samples": samples,
-        "references": [{"audio": "reference/000.wav", "caption": "a real 808 loop",
-                        "spectrogram": "plots/reference_000.png", "descriptors": {"tempo_bpm": 140.0}}],
+        "models": MODELS,
+        "prompts": PROMPTS,
+        "samples": samples,
+        "references": [
+            {
+                "audio": "reference/000.wav",
+                "caption": "a real 808 loop",
+                "spectrogram": "plots/reference_000.png",
+                "descriptors": {"tempo_bpm": 140.0},
+            }
+        ],
         "table": {"columns": ["base", "full", "lora"], "rows": [row for row, _ in TABLE_ROWS]},
         "notes": ["VGGish FAD skipped: no VGGish model <offline>"],
-        "runs": [{"model": "full", "xp": "a1b2c3d4", "best_epoch": 4, "epochs": 4},
-                 {"model": "lora", "xp": "e5f6a7b8", "best_epoch": 3, "epochs": 3}],
+        "runs": [
+            {"model": "full", "xp": "a1b2c3d4", "best_epoch": 4, "epochs": 4},
+            {"model": "lora", "xp": "e5f6a7b8", "best_epoch": 3, "epochs": 3},
+        ],
         "plots": {"loss": "plots/loss.png"},
     }
     (folder / "report.json").write_text(json.dumps(report))
@@ -112,12 +168,15 @@ def served(report_dir):
 
 def chromium() -> str:
     """The browser to drive, or skip (fail under REQUIRE_CHROMIUM=1) saying why there is none."""
-    candidates = [os.environ.get("CHROMIUM")] + [shutil.which(name) for name in
-                                                 ("chromium", "chromium-browser", "google-chrome",
-                                                  "google-chrome-stable")]
+    candidates = [os.environ.get("CHROMIUM")] + [
+        shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    ]
     found = next((path for path in candidates if path and os.path.isfile(path)), None)
-    reason = None if found else ("no Chromium: set CHROMIUM=/path/to/chromium or install chromium "
-                                 "(apt-get install chromium)")
+    reason = (
+        None
+        if found
+        else ("no Chromium: set CHROMIUM=/path/to/chromium or install chromium (apt-get install chromium)")
+    )
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
@@ -133,6 +192,7 @@ def chromium() -> str:
 def browser():
     executable = chromium()
     from playwright.sync_api import sync_playwright
+
     with sync_playwright() as playwright:
         # Playwright passes --no-sandbox by default (chromium_sandbox=False), which Chromium needs as root.
         launched = playwright.chromium.launch(executable_path=executable)
@@ -148,8 +208,10 @@ class Watched:
         page.on("console", lambda message: message.type == "error" and self.problems.append(f"console: {message.text}"))
         page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
         page.on("requestfailed", self._failed)
-        page.on("response", lambda response: response.status >= 400 and
-                self.problems.append(f"HTTP {response.status}: {response.url}"))
+        page.on(
+            "response",
+            lambda response: response.status >= 400 and self.problems.append(f"HTTP {response.status}: {response.url}"),
+        )
 
     def _failed(self, request) -> None:
         if request.resource_type == "media" and request.failure == "net::ERR_ABORTED":
@@ -166,11 +228,14 @@ def watched(browser):
 
 
 def expect_media_loaded(page, audio_count: int) -> None:
-    page.wait_for_function("() => Array.from(document.querySelectorAll('audio'))"
-                           ".every((a) => a.readyState >= 1 || a.error)", timeout=15000)
+    page.wait_for_function(
+        "() => Array.from(document.querySelectorAll('audio')).every((a) => a.readyState >= 1 || a.error)", timeout=15000
+    )
     page.wait_for_function("() => Array.from(document.images).every((image) => image.complete)", timeout=15000)
-    audio = page.evaluate("() => Array.from(document.querySelectorAll('audio'))"
-                          ".map((a) => ({src: a.currentSrc, ready: a.readyState, error: a.error && a.error.code}))")
+    audio = page.evaluate(
+        "() => Array.from(document.querySelectorAll('audio'))"
+        ".map((a) => ({src: a.currentSrc, ready: a.readyState, error: a.error && a.error.code}))"
+    )
     assert len(audio) == audio_count
     assert [a for a in audio if a["error"] or a["ready"] < 1] == []
     images = page.evaluate("() => Array.from(document.images).map((image) => [image.src, image.naturalWidth])")
@@ -189,8 +254,10 @@ def test_served_page_loads_highlights_and_records_blind_choices(watched, served,
     page.goto(served)
     expect_media_loaded(page, audio_count=3 * len(PROMPTS) + 2 * len(pairs) + 1)
 
-    highlighted = page.evaluate("() => Array.from(document.querySelectorAll('#metrics tbody tr')).map((row) => "
-                                "Array.from(row.querySelectorAll('td.best')).map((cell) => cell.dataset.column))")
+    highlighted = page.evaluate(
+        "() => Array.from(document.querySelectorAll('#metrics tbody tr')).map((row) => "
+        "Array.from(row.querySelectorAll('td.best')).map((cell) => cell.dataset.column))"
+    )
     assert [set(columns) for columns in highlighted] == [best for _, best in TABLE_ROWS]
     assert page.locator(".prompt").first.inner_text() == f"“{PROMPTS[0]['text']}” · seed 0 · 140 BPM"
     assert page.locator(".prompt b").count() == 0
@@ -234,8 +301,9 @@ def test_file_page_keeps_choices_in_the_browser_and_downloads_them(watched, repo
         page.get_by_role("button", name="Download choices.json").click()
     download.value.save_as(tmp_path / "choices.json")
     saved = json.loads((tmp_path / "choices.json").read_text())
-    assert [(r["pair"], r["choice"], r["preferred_model"]) for r in saved] == \
-           [(report_page.blind_pairs(report)[1]["order"], "same", None)]
+    assert [(r["pair"], r["choice"], r["preferred_model"]) for r in saved] == [
+        (report_page.blind_pairs(report)[1]["order"], "same", None)
+    ]
     page.reload()
     page.wait_for_selector("body[data-choices-loaded]")
     assert pair_card(page, 1).get_by_role("radio", name="same / no preference").is_checked()
@@ -245,8 +313,12 @@ def test_file_page_keeps_choices_in_the_browser_and_downloads_them(watched, repo
 
 
 def test_server_rejects_bad_choices_and_serves_byte_ranges(served, report_dir):
-    request = urllib.request.Request(served + "choices", data=json.dumps({"pair": ["base"], "choice": "A"}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        served + "choices",
+        data=json.dumps({"pair": ["base"], "choice": "A"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with pytest.raises(urllib.error.HTTPError) as rejected:
         urllib.request.urlopen(request, timeout=10)
     assert rejected.value.code == 400 and "pair=" in rejected.value.read().decode()
@@ -279,8 +351,10 @@ def test_loss_curves_draw_nothing_without_history(tmp_path):
 def test_loss_curves_write_a_png(tmp_path):
     partial = history(4.0, 3)
     del partial[1]["valid"]  # epochs without validation are drawn from the train loss alone
-    out = plots.loss_curves([{"label": "full", "history": partial, "best_epoch": 3},
-                             {"label": "empty", "history": [], "best_epoch": None}], tmp_path / "loss.png")
+    out = plots.loss_curves(
+        [{"label": "full", "history": partial, "best_epoch": 3}, {"label": "empty", "history": [], "best_epoch": None}],
+        tmp_path / "loss.png",
+    )
     assert out == tmp_path / "loss.png" and Image.open(out).format == "PNG"
 
 

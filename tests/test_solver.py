@@ -1,4 +1,5 @@
 """Pieces of our solver that need no training run (the runs are in test_train_e2e.py)."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """Tempo and key reach captions only when they can be trusted (issue 13): slow beats at their own octave, no key for
 drums or noise, whole bpm everywhere. Every clip is synthesised here, and every expected value is how it was made."""
+
 import json
 import subprocess
 
@@ -28,7 +29,7 @@ def clicks(bpm, seconds=8.0):
     track = np.zeros(int(seconds * RATE), np.float32)
     for index in range(int(seconds * bpm / 60)):
         start = int(index * RATE * 60 / bpm)
-        track[start:start + 200] += np.hanning(200).astype(np.float32)
+        track[start : start + 200] += np.hanning(200).astype(np.float32)
     return track[None]
 
 
@@ -40,7 +41,7 @@ def arpeggios(chords, seconds_per_note=0.25, repeats=2):
     track = np.zeros(len(notes) * length)
     for index, note in enumerate(notes):
         frequency = 440.0 * 2 ** ((note - 69) / 12)
-        track[index * length:(index + 1) * length] += 0.3 * np.sin(2 * np.pi * frequency * t) * np.exp(-t / 0.3)
+        track[index * length : (index + 1) * length] += 0.3 * np.sin(2 * np.pi * frequency * t) * np.exp(-t / 0.3)
     return track.astype(np.float32)[None]
 
 
@@ -109,28 +110,37 @@ def test_silence_and_noise_have_no_tempo():
 @pytest.mark.parametrize("name", ["drums only", "white noise", "808 beat: one bass note", "one sine"])
 def test_clips_without_a_key_get_none(name):
     t = np.arange(4 * RATE) / RATE
-    audio = {"drums only": drums_only, "white noise": white_noise, "808 beat: one bass note": lambda: beat(140),
-             "one sine": lambda: (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]}[name]()
+    audio = {
+        "drums only": drums_only,
+        "white noise": white_noise,
+        "808 beat: one bass note": lambda: beat(140),
+        "one sine": lambda: (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None],
+    }[name]()
     estimate = aa.measure_key(audio, RATE)
     assert estimate.trusted is None and estimate.confidence < aa.CONFIDENT, estimate
     assert aa.estimate_key(audio, RATE) is None
 
 
-@pytest.mark.parametrize("name, audio, key", [
-    ("A minor i-iv-V-i", lambda: arpeggios(A_MINOR), "A minor"),
-    ("C major I-IV-V-I", lambda: arpeggios(C_MAJOR), "C major"),
-    ("C major I-vi-IV-V", lambda: arpeggios(C_MAJOR_WITH_ITS_RELATIVE), "C major"),
-    ("A minor triad, held", lambda: arpeggios([[A3, C4, E4]], seconds_per_note=4.0, repeats=1), "A minor"),
-    ("square-wave arpeggio", lambda: synth808.render_chiptune(110, "F minor", 8.0, np.random.default_rng(2))[0].T,
-     "F minor"),
-])
+@pytest.mark.parametrize(
+    "name, audio, key",
+    [
+        ("A minor i-iv-V-i", lambda: arpeggios(A_MINOR), "A minor"),
+        ("C major I-IV-V-I", lambda: arpeggios(C_MAJOR), "C major"),
+        ("C major I-vi-IV-V", lambda: arpeggios(C_MAJOR_WITH_ITS_RELATIVE), "C major"),
+        ("A minor triad, held", lambda: arpeggios([[A3, C4, E4]], seconds_per_note=4.0, repeats=1), "A minor"),
+        (
+            "square-wave arpeggio",
+            lambda: synth808.render_chiptune(110, "F minor", 8.0, np.random.default_rng(2))[0].T,
+            "F minor",
+        ),
+    ],
+)
 def test_tonal_clips_keep_their_key(name, audio, key):
     estimate = aa.measure_key(audio(), RATE)
     assert estimate.trusted == key and estimate.confidence >= aa.CONFIDENT, estimate
 
 
-@pytest.mark.parametrize("bpm, factor, written", [(150, 0.95, 143), (90, 1.05, 95), (141, 0.95, 134),
-                                                  (128, 1.05, 134)])
+@pytest.mark.parametrize("bpm, factor, written", [(150, 0.95, 143), (90, 1.05, 95), (141, 0.95, 134), (128, 1.05, 134)])
 def test_augmented_tempos_are_whole_bpm(bpm, factor, written):
     info = {"bpm": bpm, "key": "F minor", "description": f"trap beat, {bpm} bpm, F minor"}
     out = augment.transformed_info(info, augment.Variant("tempo", factor))
@@ -142,13 +152,24 @@ def test_augmented_tempos_are_whole_bpm(bpm, factor, written):
 def folder(tmp_path_factory):
     """Captions without tempo or key, so every one is measured."""
     folder = tmp_path_factory.mktemp("tempo_key")
-    clips = {"slow.wav": beat(85, 8.0, seed=4), "noise.wav": white_noise(6.0),
-             "arps.wav": arpeggios(A_MINOR), "clicks.wav": clicks(120, 6.0)}
+    clips = {
+        "slow.wav": beat(85, 8.0, seed=4),
+        "noise.wav": white_noise(6.0),
+        "arps.wav": arpeggios(A_MINOR),
+        "clicks.wav": clicks(120, 6.0),
+    }
     for name, audio in clips.items():
         sf.write(folder / name, audio.T, RATE, subtype="PCM_16")
-    (folder / "metadata.json").write_text(json.dumps([
-        {"audio": "slow.wav", "text": "slow hip hop beat"}, {"audio": "noise.wav", "text": "white noise"},
-        {"audio": "arps.wav", "text": "piano arpeggios"}, {"audio": "clicks.wav", "text": "a click track"}]))
+    (folder / "metadata.json").write_text(
+        json.dumps(
+            [
+                {"audio": "slow.wav", "text": "slow hip hop beat"},
+                {"audio": "noise.wav", "text": "white noise"},
+                {"audio": "arps.wav", "text": "piano arpeggios"},
+                {"audio": "clicks.wav", "text": "a click track"},
+            ]
+        )
+    )
     return folder
 
 
@@ -163,6 +184,7 @@ def sidecars(out):
 
 def test_manifests_record_confidence_and_leave_uncertain_values_out(folder, tmp_path):
     from musicgen_finetune.data.manifests import summary
+
     out = build_manifests(folder, "tk", ManifestOptions(segment=10.0, valid=0.25), out_root=tmp_path)
     infos = sidecars(out)
     slow, noise, arps, click = (infos[f"{name}.wav"] for name in ("slow", "noise", "arps", "clicks"))
@@ -177,8 +199,9 @@ def test_manifests_record_confidence_and_leave_uncertain_values_out(folder, tmp_
     assert report["uncertain"] == {"bpm": 3, "key": 3}  # tempo: noise, arps, clicks; key: slow, noise, clicks
     assert "uncertain tempo of 3 files and key of 3 files" in summary(report)
     # TEMPO_RANGE is applied to the cached measurement: the audio is reused, the click track now has its tempo
-    ranged = build_manifests(folder, "tk", ManifestOptions(segment=10.0, valid=0.25, tempo_range="100-180"),
-                             out_root=tmp_path)
+    ranged = build_manifests(
+        folder, "tk", ManifestOptions(segment=10.0, valid=0.25, tempo_range="100-180"), out_root=tmp_path
+    )
     report = json.loads((ranged / "report.json").read_text())
     assert report["files_reused"] == report["files_used"] == 4
     assert sidecars(ranged)["clicks.wav"]["description"] == "a click track, 120 bpm"
@@ -206,16 +229,41 @@ def test_bad_tempo_range_is_refused_before_anything_is_written(folder, tmp_path)
 
 def test_make_passes_tempo_range_to_the_tool():
     from conftest import REPO
-    dry = subprocess.run(["make", "-n", "manifests", "DATA=d", "NAME=n", "TEMPO_RANGE=70-140"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+
+    dry = subprocess.run(
+        ["make", "-n", "manifests", "DATA=d", "NAME=n", "TEMPO_RANGE=70-140"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert '--tempo-range "70-140"' in dry
-    assert "--tempo-range" not in subprocess.run(["make", "-n", "manifests", "DATA=d", "NAME=n"], cwd=REPO,
-                                                 capture_output=True, text=True, check=True).stdout
+    assert (
+        "--tempo-range"
+        not in subprocess.run(
+            ["make", "-n", "manifests", "DATA=d", "NAME=n"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout
+    )
 
 
 def test_tool_folds_into_tempo_range(folder, workdir):
     from conftest import run_tool
-    result = run_tool(["tools/manifests.py", "--data", str(folder), "--name", "tk-cli", "--segment", "10",
-                       "--valid", "0.25", "--tempo-range", "100-160"], workdir)
+
+    result = run_tool(
+        [
+            "tools/manifests.py",
+            "--data",
+            str(folder),
+            "--name",
+            "tk-cli",
+            "--segment",
+            "10",
+            "--valid",
+            "0.25",
+            "--tempo-range",
+            "100-160",
+        ],
+        workdir,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert sidecars(workdir / "manifests" / "tk-cli")["clicks.wav"]["bpm"] == 120

@@ -1,4 +1,5 @@
 """The embedded default model: deterministic, in the musicgen-small layout, loadable by AudioCraft's loaders."""
+
 import torch
 from omegaconf import OmegaConf
 
@@ -9,6 +10,7 @@ environment.prepare()
 
 def test_tiny_model_is_deterministic(tiny_model, tmp_path):
     from musicgen_finetune.models.tiny import write_tiny_model
+
     again = write_tiny_model(tmp_path / "again", seed=0)
     for name in ("state_dict.bin", "compression_state_dict.bin", "t5/model.safetensors", "t5/spiece.model"):
         assert (again / name).read_bytes() == (tiny_model / name).read_bytes(), name
@@ -27,6 +29,7 @@ def test_tiny_model_has_the_snapshot_layout(tiny_model):
 
 def test_compression_model_loads_with_audiocraft_and_codes_audio(tiny_model):
     from audiocraft.models.loaders import load_compression_model
+
     model = load_compression_model(str(tiny_model))
     assert (model.sample_rate, model.frame_rate, model.num_codebooks, model.cardinality) == (32000, 50, 4, 64)
     codes, scale = model.encode(torch.randn(1, 1, 32000) * 0.1)

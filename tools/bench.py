@@ -1,5 +1,6 @@
 """make bench [QUICK=1] [BENCH_ARGS=...]: speed and memory to output/bench/ (bench.json, bench.md); --help lists
 the options."""
+
 from musicgen_finetune import cli
 from musicgen_finetune.bench import run
 

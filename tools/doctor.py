@@ -1,4 +1,5 @@
 """make doctor [MODEL=<musicgen folder>] [T5=<folder>]: is this machine ready, and if not, what to do."""
+
 import argparse
 
 from musicgen_finetune import cli, doctor

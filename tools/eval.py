@@ -1,5 +1,6 @@
 """make eval BASE=<model> NAME=<dataset> [TUNED=<model>] [ADAPTER=<adapters.safetensors>] [GENERAL=<dataset>]
 [PROMPTS=] [DURATION=] [SEED=] [CLAP=<folder>] [OUT=]: the comparison report, output/reports/<NAME>/index.html."""
+
 import argparse
 import sys
 
@@ -15,8 +16,9 @@ def main(argv=None) -> None:
     parser.add_argument("--name", required=True, help="dataset (manifests/<name>): its valid split is the reference")
     parser.add_argument("--tuned", default=None, help="a fine-tuned model folder (make export)")
     parser.add_argument("--adapter", default=None, help="LoRA adapters.safetensors, applied on --base")
-    parser.add_argument("--general", default=None, help="a second dataset: cross-entropy on it shows what was "
-                                                        "forgotten")
+    parser.add_argument(
+        "--general", default=None, help="a second dataset: cross-entropy on it shows what was forgotten"
+    )
     parser.add_argument("--prompts", default=None, help="file or text; default: captions of the valid split")
     parser.add_argument("--duration", type=float, default=defaults.duration)
     parser.add_argument("--seed", type=int, default=0)
@@ -26,10 +28,26 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="default: output/reports/<name>")
     opts = parser.parse_args(argv)
     sampling = Sampling(duration=opts.duration, top_k=opts.top_k, batch_size=defaults.batch_size)
-    out = evaluate(EvalOptions(opts.base, opts.name, opts.tuned, opts.adapter, opts.general, opts.prompts, opts.seed,
-                               sampling, opts.clap, opts.t5, opts.out, progress=sys.stderr.isatty()))
-    print(f"Report: {out / 'index.html'} (numbers in {out / 'report.json'})\n"
-          f"Blind A/B test with choices saved to {out / 'choices.json'}: make listen REPORT={out}")
+    out = evaluate(
+        EvalOptions(
+            opts.base,
+            opts.name,
+            opts.tuned,
+            opts.adapter,
+            opts.general,
+            opts.prompts,
+            opts.seed,
+            sampling,
+            opts.clap,
+            opts.t5,
+            opts.out,
+            progress=sys.stderr.isatty(),
+        )
+    )
+    print(
+        f"Report: {out / 'index.html'} (numbers in {out / 'report.json'})\n"
+        f"Blind A/B test with choices saved to {out / 'choices.json'}: make listen REPORT={out}"
+    )
 
 
 if __name__ == "__main__":

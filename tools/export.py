@@ -1,4 +1,5 @@
 """make export XP=<signature or folder> [OUT=<folder>] [WHICH=best|last]"""
+
 import argparse
 
 from musicgen_finetune import cli, export

@@ -1,5 +1,6 @@
 """make generate MODEL=<folder> PROMPTS=<file or "text"> [ADAPTER=] [DURATION=] [SEED=0] [OUT=] [TOP_K TOP_P
 TEMPERATURE CFG BATCH]; unset values take the defaults of musicgen_finetune.generate.Sampling."""
+
 import argparse
 import sys
 
@@ -35,8 +36,9 @@ def main(argv=None) -> None:
         name += "+" + opts.adapter.rstrip("/").split("/")[-2 if opts.adapter.endswith(".safetensors") else -1]
     out = opts.out or output_dir() / "samples" / slug(name)
     sampling = Sampling(opts.duration, opts.top_k, opts.top_p, opts.temperature, opts.cfg, opts.batch)
-    folder = generate(opts.model, opts.prompts, out, opts.adapter, sampling, seeds, progress=sys.stderr.isatty(),
-                      t5=opts.t5)
+    folder = generate(
+        opts.model, opts.prompts, out, opts.adapter, sampling, seeds, progress=sys.stderr.isatty(), t5=opts.t5
+    )
     print(f"Generated into {folder} (generated.json lists prompts, seeds and settings)")
 
 

@@ -1,6 +1,7 @@
 """make grid GRID=<name> MODEL=... NAME=... [PRESET=...] [GPUS=all]: a dora grid, one experiment after another.
 
 The grid reads MODEL, NAME, T5 and PRESET from the environment (as `dora grid` on a cluster does)."""
+
 import argparse
 
 from musicgen_finetune import cli, grid

@@ -1,4 +1,5 @@
 """make import-hf HF=<transformers MusicGen folder> [OUT=<folder>] [PAD_MODE=constant|reflect]"""
+
 import argparse
 from pathlib import Path
 
@@ -10,11 +11,15 @@ from musicgen_finetune.models.hf.convert import import_hf
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--hf", required=True, help="a folder written by MusicgenForConditionalGeneration."
-                        "save_pretrained + AutoProcessor.save_pretrained")
+    parser.add_argument(
+        "--hf",
+        required=True,
+        help="a folder written by MusicgenForConditionalGeneration.save_pretrained + AutoProcessor.save_pretrained",
+    )
     parser.add_argument("--out", default=None, help="default: <output>/models/<name of --hf>")
-    parser.add_argument("--pad-mode", default=None, choices=PAD_MODES,
-                        help="EnCodec padding mode (default: the transformers config's)")
+    parser.add_argument(
+        "--pad-mode", default=None, choices=PAD_MODES, help="EnCodec padding mode (default: the transformers config's)"
+    )
     opts = parser.parse_args(argv)
     out = Path(opts.out) if opts.out else output_dir() / "models" / Path(opts.hf).resolve().name
     out = import_hf(opts.hf, out, pad_mode=opts.pad_mode)

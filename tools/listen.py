@@ -1,5 +1,6 @@
 """make listen REPORT=output/reports/<name> [PORT=8000]: serve a report; its blind A/B choices go to
 choices.json in the report folder."""
+
 import argparse
 from pathlib import Path
 

@@ -1,4 +1,5 @@
 """make manifests DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [TEXT=] [STRICT=1] [AUGMENT=]"""
+
 import argparse
 import json
 import sys
@@ -12,6 +13,7 @@ def model_format(model):
     """(sample_rate, channels) of the model, or of the default training config."""
     if model:
         from musicgen_finetune.models.open import open_model  # torch and transformers: only when MODEL= is given
+
         cfg = open_model(model).xp_cfg
     else:
         cfg = compose([])
@@ -29,20 +31,38 @@ def main(argv=None) -> None:
     parser.add_argument("--text", default=None, help="caption for files that have none")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad file")
     parser.add_argument("--no-describe", action="store_true", help="do not add tempo and key to descriptions")
-    parser.add_argument("--tempo-range", default=None, help="lo-hi bpm, e.g. 70-140: measured tempos are halved or "
-                        "doubled into it (default: none; a tempo whose octave the audio cannot settle is left out)")
+    parser.add_argument(
+        "--tempo-range",
+        default=None,
+        help="lo-hi bpm, e.g. 70-140: measured tempos are halved or "
+        "doubled into it (default: none; a tempo whose octave the audio cannot settle is left out)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--augment", default=None, help="variants of training files, e.g. default or "
-                        "'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'")
+    parser.add_argument(
+        "--augment",
+        default=None,
+        help="variants of training files, e.g. default or 'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'",
+    )
     parser.add_argument("--augment-weight", default="0.5", help="sampling weight of each variant segment")
     opts = parser.parse_args(argv)
-    numbers = {"segment": cli.number(opts.segment, "SEGMENT"), "valid": cli.number(opts.valid, "VALID"),
-               "seed": cli.number(opts.seed, "SPLIT_SEED", int),
-               "augment_weight": cli.number(opts.augment_weight, "AUGMENT_WEIGHT")}
+    numbers = {
+        "segment": cli.number(opts.segment, "SEGMENT"),
+        "valid": cli.number(opts.valid, "VALID"),
+        "seed": cli.number(opts.seed, "SPLIT_SEED", int),
+        "augment_weight": cli.number(opts.augment_weight, "AUGMENT_WEIGHT"),
+    }
     sample_rate, channels = model_format(opts.model)
-    options = ManifestOptions(sample_rate=sample_rate, channels=channels, text=opts.text, strict=opts.strict,
-                              describe=not opts.no_describe, tempo_range=opts.tempo_range, workers=opts.workers,
-                              augment=opts.augment, **numbers)
+    options = ManifestOptions(
+        sample_rate=sample_rate,
+        channels=channels,
+        text=opts.text,
+        strict=opts.strict,
+        describe=not opts.no_describe,
+        tempo_range=opts.tempo_range,
+        workers=opts.workers,
+        augment=opts.augment,
+        **numbers,
+    )
     out = build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
     print(summary(json.loads((out / "report.json").read_text())))
     print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")

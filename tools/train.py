@@ -1,4 +1,5 @@
 """make train MODEL=<folder> NAME=<dataset> [T5=<folder>] [PRESET=finetune/musicgen_small] [ARGS='k=v ...']"""
+
 import argparse
 import shlex
 from pathlib import Path
@@ -15,11 +16,11 @@ def main(argv=None) -> None:
     parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
     parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
     parser.add_argument("--xp-file", default=None, help="write the experiment folder's path to this file")
-    parser.add_argument("--fresh", action="store_true", help="start the experiment again instead of resuming it "
-                                                             "(dora run --clear)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="start the experiment again instead of resuming it (dora run --clear)"
+    )
     opts = parser.parse_args(argv)
-    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu,
-                        opts.fresh)
+    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu, opts.fresh)
     if opts.xp_file:
         Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.xp_file).write_text(f"{folder}\n")

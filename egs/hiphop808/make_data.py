@@ -1,6 +1,7 @@
 """Synthesise the hip-hop 808 demo dataset: python egs/hiphop808/make_data.py --out output/data/hiphop808
 
 --style chiptune writes the demo's other style, which its "general" base model is first trained on."""
+
 import argparse
 
 from musicgen_finetune import cli

@@ -1,5 +1,6 @@
 """`python -m musicgen_finetune.bench step ...` (one configuration, a JSON line) and `... bench serve` (the fork
 server): the measuring processes of bench/isolation.py."""
+
 import sys
 
 from .isolation import serve

@@ -1,4 +1,5 @@
 """Model FLOPs of a training step, and the model FLOP utilisation (MFU) against the GPU's dense bf16 peak."""
+
 import dataclasses
 import typing as tp
 
@@ -9,14 +10,14 @@ import typing as tp
 GPU_PEAK_TFLOPS: tp.Tuple[tp.Tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
-    ("H100", 989.0),       # SXM: "NVIDIA H100 80GB HBM3"
-    ("H200", 989.0),       # also GH200
+    ("H100", 989.0),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("H200", 989.0),  # also GH200
     ("A100", 312.0),
     ("A10G", 70.0),
     ("A10", 125.0),
     ("L40S", 362.0),
     ("L4", 121.0),
-    ("RTX 4090", 165.0),   # with fp32 accumulation, as autocast does (330 with fp16 accumulation)
+    ("RTX 4090", 165.0),  # with fp32 accumulation, as autocast does (330 with fp16 accumulation)
 )
 
 FLOPS_FORMULA = (
@@ -32,7 +33,8 @@ FLOPS_FORMULA = (
     "not counted). Attention: 3 × B × layers × (2·S²·d for causal self-attention, QKᵀ and AV over the lower "
     "triangle, + 4·S·L·d for cross-attention), 3 for forward and backward. Activation recomputation "
     "(checkpointing), EnCodec and T5 are not model FLOPs. MFU = FLOPs per step / step time / the GPU's dense "
-    "bf16 peak.")
+    "bf16 peak."
+)
 
 
 def gpu_peak_tflops(name: tp.Optional[str]) -> tp.Optional[float]:
@@ -48,18 +50,20 @@ def gpu_peak_tflops(name: tp.Optional[str]) -> tp.Optional[float]:
 @dataclasses.dataclass
 class MatrixParams:
     """Weight-matrix parameters applied per position, split by side and by whether their gradient is computed."""
+
     sequence: int = 0
     sequence_wgrad: int = 0
     text: int = 0
     text_wgrad: int = 0
 
 
-def training_flops(params: MatrixParams, batch: int, positions: int, text_tokens: int, layers: int,
-                   dim: int) -> float:
+def training_flops(params: MatrixParams, batch: int, positions: int, text_tokens: int, layers: int, dim: int) -> float:
     """Model FLOPs of one training step (forward + backward), as FLOPS_FORMULA states."""
-    matmuls = batch * (positions * (4 * params.sequence + 2 * params.sequence_wgrad)
-                       + text_tokens * (4 * params.text + 2 * params.text_wgrad))
-    attention = 3 * batch * layers * (2 * positions ** 2 * dim + 4 * positions * text_tokens * dim)
+    matmuls = batch * (
+        positions * (4 * params.sequence + 2 * params.sequence_wgrad)
+        + text_tokens * (4 * params.text + 2 * params.text_wgrad)
+    )
+    attention = 3 * batch * layers * (2 * positions**2 * dim + 4 * positions * text_tokens * dim)
     return float(matmuls + attention)
 
 
@@ -73,8 +77,9 @@ def mfu(flops_per_step: float, step_s: float, peak_tflops: tp.Optional[float]) -
 def matrix_params(lm) -> MatrixParams:
     """MatrixParams of a (possibly LoRA-injected) MusicGen LM, from its parameter names."""
     named = dict(lm.named_parameters())
-    fused_adapted = {name.split(".lora_in_proj.")[0] for name, p in named.items()
-                     if ".lora_in_proj." in name and p.requires_grad}
+    fused_adapted = {
+        name.split(".lora_in_proj.")[0] for name, p in named.items() if ".lora_in_proj." in name and p.requires_grad
+    }
     counts = MatrixParams()
     for name, param in named.items():
         if param.ndim < 2 or name.startswith("emb.") or ".lora_in_proj." in name:
@@ -93,4 +98,3 @@ def matrix_params(lm) -> MatrixParams:
             counts.text_wgrad += text
             counts.sequence_wgrad += param.numel() - text
     return counts
-

@@ -1,6 +1,7 @@
 """Each configuration in a process of its own, so that its peak memory is its own and a crash, an out-of-memory
 kill or a timeout is one row's error: a fresh interpreter (`python -m musicgen_finetune.bench step`), or a child
 forked from a server (`... bench serve`) that imported the training stack once."""
+
 import dataclasses
 import json
 import os
@@ -15,9 +16,10 @@ from .step import step_measurement
 # Measuring processes run with glibc's mmap threshold fixed at 1 MiB: by default it grows after large frees, so
 # freed activation-sized tensors stay in the heap and peak RSS counts them again (LoRA's per-forward q/k/v weights
 # then read as ~1.8 GiB more than is ever allocated at once). With it fixed, RSS follows what is allocated.
-MEASUREMENT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
+MEASUREMENT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
 # -- each configuration in a process of its own ------------------------------------------------------------------
+
 
 def describe_failure(err: BaseException) -> str:
     """One line for a row's `error`: out of memory named as such, else the exception's type and first line."""
@@ -31,6 +33,7 @@ def describe_exit(code: int, stderr: str = "") -> str:
     """Why a measuring process ended without a result: a signal (SIGKILL is usually the OOM killer) or a code."""
     if code < 0:
         import signal
+
         try:
             name = signal.Signals(-code).name
         except ValueError:
@@ -46,9 +49,14 @@ def describe_exit(code: int, stderr: str = "") -> str:
 def measure_in_subprocess(config: StepConfig) -> dict:
     """A fresh interpreter for one configuration (`bench step`): its imports, its memory, its CUDA context."""
     try:
-        result = subprocess.run([sys.executable, "-m", "musicgen_finetune.bench", "step", *config.step_args()],
-                                capture_output=True, text=True, timeout=config.timeout_s, cwd=REPO_ROOT,
-                                env={**os.environ, **MEASUREMENT_ENV})
+        result = subprocess.run(
+            [sys.executable, "-m", "musicgen_finetune.bench", "step", *config.step_args()],
+            capture_output=True,
+            text=True,
+            timeout=config.timeout_s,
+            cwd=REPO_ROOT,
+            env={**os.environ, **MEASUREMENT_ENV},
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {config.timeout_s:g} s"}
     last = (result.stdout.strip().splitlines() or [""])[-1]
@@ -74,6 +82,7 @@ def measure_into(config: StepConfig, sender) -> None:
 def measure_forked(config: StepConfig) -> dict:
     """One configuration in a child forked from this (already importing) process, killed at its timeout."""
     import multiprocessing
+
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     child = context.Process(target=measure_into, args=(config, sender), daemon=True)
@@ -106,6 +115,7 @@ def serve() -> None:
     from transformers import T5EncoderModel  # noqa: F401
 
     from .. import lora, patches  # noqa: F401
+
     for line in sys.stdin:
         if line.strip():
             answers.write(json.dumps(measure_forked(StepConfig(**json.loads(line)))) + "\n")
@@ -117,9 +127,15 @@ class ForkServer:
 
     def __init__(self):
         self.stderr = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen([sys.executable, "-m", "musicgen_finetune.bench", "serve"], cwd=REPO_ROOT,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-                                        text=True, env={**os.environ, **MEASUREMENT_ENV})
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "musicgen_finetune.bench", "serve"],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env={**os.environ, **MEASUREMENT_ENV},
+        )
 
     def measure(self, config: StepConfig) -> dict:
         try:
@@ -142,4 +158,3 @@ class ForkServer:
             self.process.kill()
             self.process.wait()
         self.stderr.close()
-

@@ -1,5 +1,6 @@
 """The pipeline around training, timed: `make manifests` on generated 808 beats (against AudioCraft's own
 indexer), and `make demo` end to end with every output in a temporary folder."""
+
 import contextlib
 import json
 import os
@@ -17,6 +18,7 @@ from ..paths import REPO_ROOT
 from .isolation import describe_exit
 
 # -- make manifests ----------------------------------------------------------------------------------------------
+
 
 def write_folder(folder: Path, files: int, seconds: float) -> None:
     """`files` captioned 808 beats (44.1 kHz stereo wav, as users bring them), rendered once and copied."""
@@ -47,29 +49,55 @@ def bench_manifests(files: int, seconds: float = 4.0) -> dict:
             build_manifests(folder, "bench", ManifestOptions(segment=30.0), out_root=Path(tmp) / "manifests")
             timings[run_name] = time.perf_counter() - start
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "audiocraft.data.audio_dataset", str(folder), str(Path(tmp) / "ac.jsonl"),
-                        "--workers", str(os.cpu_count() or 1)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "audiocraft.data.audio_dataset",
+                str(folder),
+                str(Path(tmp) / "ac.jsonl"),
+                "--workers",
+                str(os.cpu_count() or 1),
+            ],
+            check=True,
+            capture_output=True,
+        )
         timings["audiocraft indexer"] = time.perf_counter() - start
-    return {"files": files, "seconds_per_file": seconds,
-            "rows": [{"what": name, "wall_s": round(wall, 2), "files_per_s": round(files / wall, 1)}
-                     for name, wall in timings.items()]}
+    return {
+        "files": files,
+        "seconds_per_file": seconds,
+        "rows": [
+            {"what": name, "wall_s": round(wall, 2), "files_per_s": round(files / wall, 1)}
+            for name, wall in timings.items()
+        ],
+    }
 
 
 def manifests_markdown(manifests: dict) -> tp.List[str]:
-    lines = [f"## make manifests: {manifests['files']} files of {manifests['seconds_per_file']:g} s "
-             "(44.1 kHz stereo wav)", "", "| run | wall (s) | files/s |", "|---|---|---|"]
+    lines = [
+        f"## make manifests: {manifests['files']} files of {manifests['seconds_per_file']:g} s (44.1 kHz stereo wav)",
+        "",
+        "| run | wall (s) | files/s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['what']} | {r['wall_s']} | {r['files_per_s']} |" for r in manifests["rows"]]
-    return lines + ["", "AudioCraft's indexer (`python -m audiocraft.data.audio_dataset`, its start-up included) "
-                    "only lists files and reads their headers; ours also decodes, converts, normalises loudness, "
-                    "measures tempo and key and writes segments.", ""]
+    return lines + [
+        "",
+        "AudioCraft's indexer (`python -m audiocraft.data.audio_dataset`, its start-up included) "
+        "only lists files and reads their headers; ours also decodes, converts, normalises loudness, "
+        "measures tempo and key and writes segments.",
+        "",
+    ]
 
 
 # -- make demo ---------------------------------------------------------------------------------------------------
+
 
 def demo_path_overrides(makefile: Path, out: Path) -> tp.List[str]:
     """`VAR=<out>/...` for every `DEMO_* ?= output/...` of the Makefile, so that no demo path stays in the
     repository's output/ (the variables are read, not listed here: the demo gains steps and paths)."""
     import re
+
     pattern = re.compile(r"^(DEMO_\w+)\s*\?=\s*output/(\S+)\s*$", re.MULTILINE)
     return [f"{name}={out / rest}" for name, rest in pattern.findall(makefile.read_text())]
 
@@ -92,12 +120,14 @@ def bench_demo(timeout_s: float = 1800) -> dict:
         out = Path(tmp) / "output"
         command = ["make", "demo", f"OUTPUT={out}", *demo_path_overrides(REPO_ROOT / "Makefile", out)]
         env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-        env.update(MUSICGEN_FT_OUTPUT=str(out), MUSICGEN_FT_MANIFESTS=str(Path(tmp) / "manifests"),
-                   AUDIOCRAFT_DORA_DIR=str(out))
+        env.update(
+            MUSICGEN_FT_OUTPUT=str(out),
+            MUSICGEN_FT_MANIFESTS=str(Path(tmp) / "manifests"),
+            AUDIOCRAFT_DORA_DIR=str(out),
+        )
         start = time.perf_counter()
         try:
-            result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                                    timeout=timeout_s)
+            result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
             error = None if result.returncode == 0 else describe_exit(result.returncode, result.stderr)
         except subprocess.TimeoutExpired:
             error = f"timed out after {timeout_s:g} s"
@@ -106,8 +136,17 @@ def bench_demo(timeout_s: float = 1800) -> dict:
         wall = time.perf_counter() - start
     after = folder_state(watched)
     changed = sorted(path for path, mtime in after.items() if before.get(path) != mtime)
-    warning = (f"the repository's {', '.join(changed[:5])} changed while the demo ran (a demo path the bench "
-               "does not redirect, or another process)") if changed else None
-    return {"command": "make demo " + " ".join(command[2:]).replace(str(out), "<tmp>"),
-            "wall_s": None if error else round(wall, 1), "error": error, "warning": warning}
-
+    warning = (
+        (
+            f"the repository's {', '.join(changed[:5])} changed while the demo ran (a demo path the bench "
+            "does not redirect, or another process)"
+        )
+        if changed
+        else None
+    )
+    return {
+        "command": "make demo " + " ".join(command[2:]).replace(str(out), "<tmp>"),
+        "wall_s": None if error else round(wall, 1),
+        "error": error,
+        "warning": warning,
+    }

@@ -1,4 +1,5 @@
 """`make bench` (tools/bench.py): every section in turn, results written as they come to output/bench/."""
+
 import argparse
 import dataclasses
 import json
@@ -45,30 +46,48 @@ def bench_training(configs: tp.List[StepConfig], isolation: str, on_row: tp.Call
         finally:
             if server:
                 server.close()
-    return {"device": configs[0].device if configs else None, "isolation": isolation,
-            "flops_formula": FLOPS_FORMULA, "rows": rows}
+    return {
+        "device": configs[0].device if configs else None,
+        "isolation": isolation,
+        "flops_formula": FLOPS_FORMULA,
+        "rows": rows,
+    }
 
 
 # -- make bench --------------------------------------------------------------------------------------------------
 
+
 def parse_options(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="make bench", description="Speed measurements to output/bench/ "
-                                     "(bench.json, bench.md), each with the machine it ran on.")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model only, batch 1 and 2 x 1 s, 20 files for manifests, no demo (seconds)")
+    parser = argparse.ArgumentParser(
+        prog="make bench",
+        description="Speed measurements to output/bench/ (bench.json, bench.md), each with the machine it ran on.",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model only, batch 1 and 2 x 1 s, 20 files for manifests, no demo (seconds)",
+    )
     parser.add_argument("--out", type=Path, help="folder for bench.json and bench.md (default: <output>/bench)")
     parser.add_argument("--no-demo", action="store_true", help="do not time `make demo`")
     parser.add_argument("--no-manifests", action="store_true", help="skip the manifests section")
-    parser.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                        help="add activation-checkpointing rows (musicgen-small, batch 4 x 30 s); default: on a GPU")
+    parser.add_argument(
+        "--checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add activation-checkpointing rows (musicgen-small, batch 4 x 30 s); default: on a GPU",
+    )
     parser.add_argument("--arch", action="append", choices=list(ARCHITECTURES), help="only this model (repeatable)")
     parser.add_argument("--batches", help="comma-separated batch sizes (default 1,2,4; quick: 1,2)")
     parser.add_argument("--segments", help="comma-separated segment lengths in s (default 10,30; quick: 1)")
-    parser.add_argument("--timeout", type=float, help="seconds per configuration (default: GPU 600, CPU 1800, "
-                        "quick 120)")
-    parser.add_argument("--isolation", choices=["fork", "process"],
-                        help="fork: children of one process that imported once (default on the CPU); process: a "
-                             "new interpreter per configuration (default on a GPU)")
+    parser.add_argument(
+        "--timeout", type=float, help="seconds per configuration (default: GPU 600, CPU 1800, quick 120)"
+    )
+    parser.add_argument(
+        "--isolation",
+        choices=["fork", "process"],
+        help="fork: children of one process that imported once (default on the CPU); process: a "
+        "new interpreter per configuration (default on a GPU)",
+    )
     return parser.parse_args(argv)
 
 
@@ -86,22 +105,31 @@ def write_results(results: dict, out: Path) -> None:
 
 
 def progress(row: dict) -> None:
-    config = f"{row['arch']} {row['mode']} {row['tokens']} batch {row['batch']} x {row['segment_s']:g} s" + \
-             (" checkpointing" if row["checkpointing"] else "")
+    config = f"{row['arch']} {row['mode']} {row['tokens']} batch {row['batch']} x {row['segment_s']:g} s" + (
+        " checkpointing" if row["checkpointing"] else ""
+    )
     result = row["error"] or f"{row['step_s']:.4g} s/step, {row['peak_gib']:.3g} GiB peak"
     print(f"  {config}: {result}", flush=True)
 
 
 def run(options: argparse.Namespace) -> Path:
     import torch
+
     out = options.out or output_dir() / "bench"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: tp.Dict[str, tp.Any] = {"machine": machine(), "time": time.time(), "quick": options.quick}
     if not options.no_manifests:
         print("make manifests ...", flush=True)
         results["manifests"] = bench_manifests(files=20 if options.quick else 1000)
-    configs = matrix(device, options.quick, options.arch or (), numbers(options.batches, int),
-                     numbers(options.segments, float), options.checkpointing, options.timeout)
+    configs = matrix(
+        device,
+        options.quick,
+        options.arch or (),
+        numbers(options.batches, int),
+        numbers(options.segments, float),
+        options.checkpointing,
+        options.timeout,
+    )
     isolation = options.isolation or ("fork" if device == "cpu" else "process")
     print(f"Training steps: {len(configs)} configurations on {device} ({isolation}) ...", flush=True)
     partial = {**results, "training": {"device": device, "isolation": isolation, "rows": []}}
@@ -110,6 +138,7 @@ def run(options: argparse.Namespace) -> Path:
         progress(row)
         partial["training"]["rows"].append(row)
         write_results(partial, out)
+
     results["training"] = bench_training(configs, isolation, on_row)
     rows = results["training"]["rows"]
     results["ratios"] = {"cache_speedup": cache_speedups(rows), "lora_memory": lora_memory_ratios(rows)}
@@ -140,12 +169,21 @@ def step_main(argv: tp.Sequence[str]) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--t5", default="", help="a T5 folder (default: one written for the step)")
     opts = parser.parse_args(argv)
-    config = StepConfig(opts.arch, opts.mode, opts.tokens, opts.batch, opts.segment, opts.checkpointing,
-                        opts.device, opts.warmup, opts.steps, opts.t5)
+    config = StepConfig(
+        opts.arch,
+        opts.mode,
+        opts.tokens,
+        opts.batch,
+        opts.segment,
+        opts.checkpointing,
+        opts.device,
+        opts.warmup,
+        opts.steps,
+        opts.t5,
+    )
     try:
         print(json.dumps(step_measurement(config)), flush=True)
         return 0
     except Exception as err:  # noqa: BLE001 - the caller makes it the row's error
         print(json.dumps({"error": describe_failure(err)}), flush=True)
         return 1
-

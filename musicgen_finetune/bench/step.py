@@ -1,5 +1,6 @@
 """One configuration measured in this process: the LM training step (the batch's inputs, forward, backward,
 clipping, AdamW), its wall time, peak memory and model FLOPs."""
+
 import contextlib
 import dataclasses
 import math
@@ -17,14 +18,15 @@ from .matrix import ARCHITECTURES, CAPTION, MODES, T5_BASE_SHAPES, TOKENS, StepC
 
 # -- one configuration, measured in this process -----------------------------------------------------------------
 
+
 def write_text_encoder(kind: str, out: Path) -> Path:
     """A T5 encoder folder: the tiny model's, or t5-base's shapes with random weights (no download)."""
     import torch
     from transformers import T5Config, T5EncoderModel
+
     write_t5(out, seed=0)  # the tokenizer (ids < 200, within either vocabulary) and the tiny encoder
     if kind == "t5-base":
-        config = T5Config(**T5_BASE_SHAPES, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
-                          eos_token_id=1)
+        config = T5Config(**T5_BASE_SHAPES, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
         torch.manual_seed(0)
         T5EncoderModel(config).save_pretrained(out, safe_serialization=True)
     return out
@@ -33,23 +35,35 @@ def write_text_encoder(kind: str, out: Path) -> Path:
 def compose_lm_config(config: StepConfig, t5: Path):
     arch = ARCHITECTURES[config.arch]
     preset = "finetune/musicgen_small_lora" if config.mode == "lora" else "finetune/musicgen_small"
-    overrides = [f"solver={preset}", f"device={config.device}", f"conditioners.description.t5.name={t5}",
-                 "conditioners.description.t5.word_dropout=0",  # the same caption length every step
-                 *arch.lm_overrides, *(arch.lora_overrides if config.mode == "lora" else ())]
+    overrides = [
+        f"solver={preset}",
+        f"device={config.device}",
+        f"conditioners.description.t5.name={t5}",
+        "conditioners.description.t5.word_dropout=0",  # the same caption length every step
+        *arch.lm_overrides,
+        *(arch.lora_overrides if config.mode == "lora" else ()),
+    ]
     if config.checkpointing:
         overrides.append("transformer_lm.checkpointing=torch")
     return compose(overrides)
 
 
 def compose_codec_config(config: StepConfig):
-    return compose(["solver=compression/encodec_musicgen_32khz", f"device={config.device}", "rvq.kmeans_init=false",
-                    *ARCHITECTURES[config.arch].codec_overrides])
+    return compose(
+        [
+            "solver=compression/encodec_musicgen_32khz",
+            f"device={config.device}",
+            "rvq.kmeans_init=false",
+            *ARCHITECTURES[config.arch].codec_overrides,
+        ]
+    )
 
 
 def build_lm(config: StepConfig, t5: Path):
     """The LM (LoRA-injected and base frozen in lora mode), its trainable parameters and their counts."""
     import torch
     from audiocraft.models import builders
+
     cfg = compose_lm_config(config, t5)
     torch.manual_seed(0)
     lm = builders.get_lm_model(cfg).to(config.device)
@@ -69,6 +83,7 @@ class Precision:
 
     def __init__(self, device: str):
         import torch
+
         self.dtype = None
         self.scaler = None
         self.label = "fp32"
@@ -81,11 +96,13 @@ class Precision:
 
     def autocast(self):
         import torch
+
         return torch.autocast("cuda", dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def backward_and_step(self, loss, optimizer, params, max_norm: float = 1.0) -> None:
         """As the solver does: backward, gradient clipping, optimizer step."""
         import torch
+
         if self.scaler is None:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -112,6 +129,7 @@ def cached_inputs(lm, codes, captions: tp.List[str], precision: Precision) -> tp
     """Tokens and T5 outputs precomputed (as the token and text-encoder caches give them): a step only projects
     the T5 outputs into the LM, with the LM's own (trainable in full mode) projection."""
     import torch
+
     conditioner = description_conditioner(lm)
     inputs = conditioner.tokenize(captions)
     with torch.no_grad():
@@ -123,6 +141,7 @@ def cached_inputs(lm, codes, captions: tp.List[str], precision: Precision) -> tp
         with precision.autocast():
             embeds = conditioner.output_proj(hidden.to(conditioner.output_proj.weight)) * mask.unsqueeze(-1)
         return codes, {"description": (embeds, mask)}
+
     return batch
 
 
@@ -130,6 +149,7 @@ def uncached_inputs(lm, codec, wav, captions: tp.List[str], precision: Precision
     """Audio re-encoded every step, as the solver does without a cache: EnCodec (no grad, fp32) on the batch's
     waveforms, then the caption tokenised and through T5 and its projection (under autocast)."""
     import torch
+
     conditioner = description_conditioner(lm)
 
     def batch():
@@ -138,6 +158,7 @@ def uncached_inputs(lm, codec, wav, captions: tp.List[str], precision: Precision
         with precision.autocast():
             embeds, mask = conditioner(conditioner.tokenize(captions))
         return codes, {"description": (embeds, mask)}
+
     return batch
 
 
@@ -152,6 +173,7 @@ class PeakMemory:
         import gc
 
         import torch
+
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
@@ -165,6 +187,7 @@ class PeakMemory:
     def peak_gib(self) -> tp.Tuple[float, tp.Optional[float]]:
         """(peak, GPU peak reserved or None)."""
         import torch
+
         if self.device == "cuda":
             return torch.cuda.max_memory_allocated() / GIB, torch.cuda.max_memory_reserved() / GIB
         try:
@@ -174,6 +197,7 @@ class PeakMemory:
         except OSError:
             pass
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, None
 
 
@@ -181,13 +205,17 @@ def check_step_config(config: StepConfig) -> None:
     if config.arch not in ARCHITECTURES:
         raise ValueError(f"arch={config.arch!r}: choose one of {', '.join(ARCHITECTURES)}.")
     if config.mode not in MODES or config.tokens not in TOKENS:
-        raise ValueError(f"mode={config.mode!r}, tokens={config.tokens!r}: choose a mode of {MODES} and tokens of "
-                         f"{TOKENS}.")
+        raise ValueError(
+            f"mode={config.mode!r}, tokens={config.tokens!r}: choose a mode of {MODES} and tokens of {TOKENS}."
+        )
     if config.batch < 1 or config.segment_s <= 0 or config.steps < 1 or config.warmup < 0:
-        raise ValueError(f"batch={config.batch}, segment={config.segment_s} s, steps={config.steps}, warmup="
-                         f"{config.warmup}: batch and steps must be >= 1, the segment > 0 s and warmup >= 0.")
+        raise ValueError(
+            f"batch={config.batch}, segment={config.segment_s} s, steps={config.steps}, warmup="
+            f"{config.warmup}: batch and steps must be >= 1, the segment > 0 s and warmup >= 0."
+        )
     if config.device == "cuda":
         import torch
+
         if not torch.cuda.is_available():
             raise RuntimeError("device=cuda but torch sees no CUDA GPU: run on a GPU machine or use device=cpu.")
 
@@ -200,6 +228,7 @@ def record_shapes(lm) -> dict:
         shapes["positions"] = args[0].shape[1]
         source = kwargs.get("cross_attention_src")
         shapes["text_tokens"] = source.shape[1] if source is not None else 0
+
     lm.transformer.register_forward_pre_hook(hook, with_kwargs=True)
     return shapes
 
@@ -207,6 +236,7 @@ def record_shapes(lm) -> dict:
 @dataclasses.dataclass
 class TrainingSetup:
     """What a measured step needs, built before the clock starts."""
+
     lm: tp.Any
     params: list
     optimizer: tp.Any
@@ -221,6 +251,7 @@ def training_setup(config: StepConfig) -> TrainingSetup:
     """The LM, its optimizer and the batch's inputs (cached or uncached), on the configuration's device."""
     import torch
     from audiocraft.models import builders
+
     patches.apply()
     device = config.device
     lm, params, trainable, total = build_lm(config, Path(config.t5))
@@ -237,8 +268,9 @@ def training_setup(config: StepConfig) -> TrainingSetup:
     else:
         torch.manual_seed(0)
         codec = builders.get_compression_model(codec_cfg).to(device).eval()
-        wav = 0.1 * torch.randn(config.batch, codec.channels, round(config.segment_s * codec.sample_rate),
-                                generator=generator)
+        wav = 0.1 * torch.randn(
+            config.batch, codec.channels, round(config.segment_s * codec.sample_rate), generator=generator
+        )
         inputs = uncached_inputs(lm, codec, wav.to(device), captions, precision)
     return TrainingSetup(lm, params, optimizer, precision, inputs, frame_rate, trainable, total)
 
@@ -248,6 +280,7 @@ def timed_steps(setup: TrainingSetup, count: int, device: str) -> tp.Tuple[tp.Li
     step's codes."""
     import torch
     import torch.nn.functional as F
+
     times = []
     for _ in range(count):
         start = time.perf_counter()
@@ -278,11 +311,20 @@ def step_measurement(config: StepConfig) -> dict:
     peak, reserved = memory.peak_gib()
     counts = matrix_params(setup.lm)
     flops = training_flops(counts, config.batch, shapes["positions"], shapes["text_tokens"], arch.layers, arch.dim)
-    return {"trainable": setup.trainable, "total": setup.total, "precision": setup.precision.label,
-            "optimizer": "AdamW (fused)" if config.device == "cuda" else "AdamW",
-            "frame_rate": setup.frame_rate, "frames": codes.shape[-1], "codebooks": setup.lm.num_codebooks,
-            "positions": shapes["positions"], "text_tokens": shapes["text_tokens"],
-            "step_times_s": [round(t, 6) for t in times[config.warmup:]],
-            "peak_gib": round(peak, 3), "peak_reserved_gib": round(reserved, 3) if reserved is not None else None,
-            "memory": memory.kind, "matrix_params": dataclasses.asdict(counts), "flops_per_step": flops}
-
+    return {
+        "trainable": setup.trainable,
+        "total": setup.total,
+        "precision": setup.precision.label,
+        "optimizer": "AdamW (fused)" if config.device == "cuda" else "AdamW",
+        "frame_rate": setup.frame_rate,
+        "frames": codes.shape[-1],
+        "codebooks": setup.lm.num_codebooks,
+        "positions": shapes["positions"],
+        "text_tokens": shapes["text_tokens"],
+        "step_times_s": [round(t, 6) for t in times[config.warmup :]],
+        "peak_gib": round(peak, 3),
+        "peak_reserved_gib": round(reserved, 3) if reserved is not None else None,
+        "memory": memory.kind,
+        "matrix_params": dataclasses.asdict(counts),
+        "flops_per_step": flops,
+    }

@@ -5,6 +5,7 @@ Resampling: soxr at its highest quality. Loudness: ITU-R BS.1770 (pyloudnorm). T
 features, no downloaded model; `measure_tempo` and `measure_key` also say how far each reading can be trusted, so
 that captions only carry the ones that can (issue 13: doubled tempos of slow beats, keys of drum loops).
 """
+
 import dataclasses
 import io
 import math
@@ -18,11 +19,25 @@ import soundfile as sf
 
 from ..errors import UserError
 
-AUDIO_EXTENSIONS = {".wav", ".wave", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".mp4", ".aif",
-                    ".aiff", ".wma", ".webm"}
-TARGET_LUFS = -14.0      # streaming-music loudness; segments are then peak-limited to PEAK_CEILING
+AUDIO_EXTENSIONS = {
+    ".wav",
+    ".wave",
+    ".flac",
+    ".mp3",
+    ".ogg",
+    ".oga",
+    ".opus",
+    ".m4a",
+    ".aac",
+    ".mp4",
+    ".aif",
+    ".aiff",
+    ".wma",
+    ".webm",
+}
+TARGET_LUFS = -14.0  # streaming-music loudness; segments are then peak-limited to PEAK_CEILING
 PEAK_CEILING = 0.99
-SILENCE_DBFS = -60.0     # below this RMS a file is considered silent
+SILENCE_DBFS = -60.0  # below this RMS a file is considered silent
 LOUDNESS_MIN_SECONDS = 0.4  # BS.1770 needs one 400 ms block
 NOTES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
 # Krumhansl-Kessler key profiles (major, minor), tonic first.
@@ -33,21 +48,21 @@ MINOR_PROFILE = np.array([6.33, 2.68, 3.52, 5.38, 2.60, 3.53, 2.54, 4.75, 3.98, 
 # weakest criterion, each scaled linearly so that 0 -> 0, its threshold -> CONFIDENT and twice it (a perfect key
 # correlation, 1) -> 1: 0.5 means "just passes every threshold".
 CONFIDENT = 0.5
-TEMPO_FRAME_RATE = 125.0    # onset frames per second: 8 ms, read to a fraction of a frame (parabolic peak)
+TEMPO_FRAME_RATE = 125.0  # onset frames per second: 8 ms, read to a fraction of a frame (parabolic peak)
 TEMPO_BPM_LIMITS = (50.0, 220.0)  # beats searched for; TEMPO_RANGE folds a reading into the user's range
 # Snare wires and claps are noise bursts: in 2-8 kHz, 808 kicks (their saturated harmonics) are ~15 dB weaker and
 # a bar of closed hi-hats (mostly above 8 kHz) ~5 dB weaker than the backbeat (synth808, measured).
 BACKBEAT_BAND_HZ = (2000.0, 8000.0)
-PEAK_FRACTION = 0.8         # the snare band's period is its first autocorrelation peak within 80% of the highest:
-                            # its multiples repeat it and score as high, so the first is the one that is no multiple
-COMB_TIE = 0.02             # periods that repeat this close to the best are ties, and the shortest is taken
-MAX_LAG_FRACTION = 0.5      # a period is only read over at least half the clip, or the autocorrelation is noise
+PEAK_FRACTION = 0.8  # the snare band's period is its first autocorrelation peak within 80% of the highest:
+# its multiples repeat it and score as high, so the first is the one that is no multiple
+COMB_TIE = 0.02  # periods that repeat this close to the best are ties, and the shortest is taken
+MAX_LAG_FRACTION = 0.5  # a period is only read over at least half the clip, or the autocorrelation is noise
 # Thresholds, between what synthetic clips measured (102 synth808 beats at 70-170 bpm, 4 and 8 s, 44.1 kHz; tonal
 # clips at 32 and 44.1 kHz): each sits about halfway, so neither side is near it.
-PULSE_MIN = 0.25            # onset autocorrelation at the beat: 808 beats 0.33-0.85, white noise 0.02-0.06
-BACKBEAT_MIN = 0.4          # snare-band alternation A(2 beats) - A(1 beat): 808 beats 0.64-0.99, click track 0.1
-KEY_MIN_CORRELATION = 0.7   # Krumhansl-Kessler: triads, progressions 0.79-0.92; one sine 0.62, drums, noise <= 0.42
-KEY_MIN_MARGIN = 0.12       # over the best key but its relative: triads 0.19-0.37; one note 0.01, drums, noise <= 0.09
+PULSE_MIN = 0.25  # onset autocorrelation at the beat: 808 beats 0.33-0.85, white noise 0.02-0.06
+BACKBEAT_MIN = 0.4  # snare-band alternation A(2 beats) - A(1 beat): 808 beats 0.64-0.99, click track 0.1
+KEY_MIN_CORRELATION = 0.7  # Krumhansl-Kessler: triads, progressions 0.79-0.92; one sine 0.62, drums, noise <= 0.42
+KEY_MIN_MARGIN = 0.12  # over the best key but its relative: triads 0.19-0.37; one note 0.01, drums, noise <= 0.09
 
 
 class BadAudio(UserError, ValueError):
@@ -67,8 +82,10 @@ def _decode_with_ffmpeg(path: Path) -> tp.Tuple[np.ndarray, int]:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise BadAudio("not readable by libsndfile, and no ffmpeg on PATH to try (run `make setup`)")
-    result = subprocess.run([ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "wav",
-                             "-acodec", "pcm_f32le", "-"], capture_output=True)
+    result = subprocess.run(
+        [ffmpeg, "-nostdin", "-v", "error", "-i", str(path), "-vn", "-f", "wav", "-acodec", "pcm_f32le", "-"],
+        capture_output=True,
+    )
     if result.returncode != 0 or not result.stdout:
         reason = result.stderr.decode(errors="replace").strip().splitlines()
         raise BadAudio(f"not decodable audio ({reason[-1] if reason else 'ffmpeg found no audio stream'})")
@@ -101,6 +118,7 @@ def convert(audio: np.ndarray, rate: int, target_rate: int, target_channels: int
             raise BadAudio(f"has {audio.shape[0]} channels; cannot make {target_channels} from them")
     if rate != target_rate:
         import soxr
+
         audio = soxr.resample(audio.T, rate, target_rate, quality="VHQ").T
     return np.ascontiguousarray(audio, dtype=np.float32)
 
@@ -109,6 +127,7 @@ def normalize_loudness(audio: np.ndarray, rate: int, target_lufs: float = TARGET
     """Bring integrated loudness to `target_lufs`, never letting a peak exceed PEAK_CEILING."""
     if audio.shape[-1] / rate >= LOUDNESS_MIN_SECONDS:
         import pyloudnorm
+
         loudness = pyloudnorm.Meter(rate).integrated_loudness(audio.T)
         if np.isfinite(loudness):
             audio = audio * np.float32(10 ** ((target_lufs - loudness) / 20))
@@ -126,6 +145,7 @@ def estimate_tempo(audio: np.ndarray, rate: int, hop_length: int = 512) -> tp.Op
     default 512 samples reads a 140 bpm click track as 143.6 bpm at 22.05 kHz; metrics.py asks for finer frames.
     """
     import librosa
+
     mono = audio.mean(axis=0)
     onset = librosa.onset.onset_strength(y=mono, sr=rate, hop_length=hop_length)
     if not np.any(onset > 0):
@@ -152,9 +172,10 @@ def strength(value: float, threshold: float, full: tp.Optional[float] = None) ->
 @dataclasses.dataclass
 class TempoEstimate:
     """What the audio says about its tempo, kept in the conversion cache; TEMPO_RANGE is applied later."""
+
     bpm: tp.Optional[float]  # unrounded; None when no beat was found
-    pulse: float             # onset autocorrelation at the beat (without a backbeat: mean over its multiples)
-    backbeat: float          # snare-band alternation that settles the octave; 0: none, the octave is a guess
+    pulse: float  # onset autocorrelation at the beat (without a backbeat: mean over its multiples)
+    backbeat: float  # snare-band alternation that settles the octave; 0: none, the octave is a guess
 
     @property
     def confidence(self) -> float:
@@ -163,8 +184,9 @@ class TempoEstimate:
         return min(strength(self.pulse, PULSE_MIN), strength(self.backbeat, BACKBEAT_MIN))
 
 
-def resolve_tempo(estimate: TempoEstimate, tempo_range: tp.Optional[tp.Tuple[float, float]] = None
-                  ) -> tp.Tuple[tp.Optional[int], float]:
+def resolve_tempo(
+    estimate: TempoEstimate, tempo_range: tp.Optional[tp.Tuple[float, float]] = None
+) -> tp.Tuple[tp.Optional[int], float]:
     """(whole bpm or None, confidence): the tempo to write, or None where it cannot be trusted.
 
     A range (TEMPO_RANGE) settles the octave when exactly one octave of the reading lies in it, and overrides the
@@ -177,7 +199,7 @@ def resolve_tempo(estimate: TempoEstimate, tempo_range: tp.Optional[tp.Tuple[flo
         confidence = estimate.confidence
         return (whole_bpm(estimate.bpm) if confidence >= CONFIDENT else None), confidence
     low, high = tempo_range
-    octaves = [estimate.bpm * 2.0 ** k for k in range(-4, 5) if low <= whole_bpm(estimate.bpm * 2.0 ** k) <= high]
+    octaves = [estimate.bpm * 2.0**k for k in range(-4, 5) if low <= whole_bpm(estimate.bpm * 2.0**k) <= high]
     if estimate.bpm in octaves and estimate.confidence >= CONFIDENT:
         return whole_bpm(estimate.bpm), estimate.confidence
     if len(octaves) != 1:
@@ -209,8 +231,9 @@ def measure_tempo(audio: np.ndarray, rate: int) -> TempoEstimate:
     return TempoEstimate(60 * fps / refined_peak(all_onsets, beat)[0], pulse, 0.0)
 
 
-def backbeat_reading(all_onsets: np.ndarray, band: np.ndarray, shortest: float, longest: float,
-                     fps: float) -> tp.Optional[TempoEstimate]:
+def backbeat_reading(
+    all_onsets: np.ndarray, band: np.ndarray, shortest: float, longest: float, fps: float
+) -> tp.Optional[TempoEstimate]:
     """The tempo from a backbeat, or None without one: the snare band's period is 2 beats when that band does not
     repeat after half of it (alternation) while all onsets do (pulse; a click track repeats in every band)."""
     if not np.any(band > 0):
@@ -232,6 +255,7 @@ def onset_envelopes(mono: np.ndarray, rate: int) -> tp.Tuple[np.ndarray, np.ndar
     count as much as loud ones. The backbeat band: the rise of its linear power, so that its loudest hits, snares
     and claps, dominate the hi-hats that leak into it."""
     import librosa
+
     hop = max(1, int(round(rate / TEMPO_FRAME_RATE)))
     mel = librosa.feature.melspectrogram(y=mono, sr=rate, n_fft=2048, hop_length=hop, n_mels=128)
     everything = librosa.onset.onset_strength(S=librosa.power_to_db(mel, ref=np.max), sr=rate, hop_length=hop)
@@ -245,6 +269,7 @@ def autocorrelation(envelope: np.ndarray, max_lag: int) -> np.ndarray:
     """Autocorrelation of the centred envelope up to `max_lag` frames, each lag averaged over its overlap (so a
     long lag is not penalised for overlapping less) and divided by lag 0: 1 means the envelope repeats exactly."""
     import librosa
+
     centred = envelope.astype(np.float64) - envelope.mean()
     raw = librosa.autocorrelate(centred, max_size=max_lag + 1)
     raw = raw / (len(centred) - np.arange(len(raw)))
@@ -259,8 +284,11 @@ def steadiest_period(curve: np.ndarray, low: float, high: float) -> tp.Tuple[tp.
     start, stop = max(1, math.ceil(low)), min(len(curve) - 2, math.floor(high))
     scores = {}
     for lag in range(start, stop + 1):
-        heights = [curve[max(1, k * lag - k // 2):k * lag + k // 2 + 1].max()
-                   for k in range(1, (len(curve) - 1) // lag + 1) if k * lag + k // 2 < len(curve)]
+        heights = [
+            curve[max(1, k * lag - k // 2) : k * lag + k // 2 + 1].max()
+            for k in range(1, (len(curve) - 1) // lag + 1)
+            if k * lag + k // 2 < len(curve)
+        ]
         scores[lag] = float(np.mean(heights))
     if not scores:
         return None, 0.0
@@ -274,7 +302,7 @@ def first_strong_peak(curve: np.ndarray, low: float, high: float) -> tp.Optional
     start, stop = max(1, math.ceil(low)), min(len(curve) - 2, math.floor(high))
     if stop <= start:
         return None
-    top = float(curve[start:stop + 1].max())
+    top = float(curve[start : stop + 1].max())
     if top <= 0:
         return None
     for lag in range(start, stop + 1):
@@ -290,7 +318,7 @@ def refined_peak(curve: np.ndarray, lag: float, width: int = 2) -> tp.Tuple[floa
     start, stop = max(1, centre - width), min(len(curve) - 2, centre + width)
     if stop < start:
         return float(lag), 0.0
-    best = start + int(np.argmax(curve[start:stop + 1]))
+    best = start + int(np.argmax(curve[start : stop + 1]))
     before, at, after = curve[best - 1], curve[best], curve[best + 1]
     curvature = before - 2 * at + after
     offset = 0.5 * (before - after) / curvature if curvature < 0 else 0.0
@@ -300,9 +328,10 @@ def refined_peak(curve: np.ndarray, lag: float, width: int = 2) -> tp.Tuple[floa
 @dataclasses.dataclass
 class KeyEstimate:
     """The best Krumhansl-Kessler key and how clearly it wins, kept in the conversion cache."""
+
     key: tp.Optional[str]  # 'F minor'; None without pitched content
-    correlation: float     # of the mean chroma with the key's profile
-    margin: float          # over the best key that is not its relative major/minor (they share their notes)
+    correlation: float  # of the mean chroma with the key's profile
+    margin: float  # over the best key that is not its relative major/minor (they share their notes)
 
     @property
     def confidence(self) -> float:
@@ -320,6 +349,7 @@ def measure_key(audio: np.ndarray, rate: int) -> KeyEstimate:
     """Correlate the mean chroma with the 24 Krumhansl-Kessler profiles; the winner's margin is over the best key
     other than its relative, which shares its notes and so always scores close (A minor and C major)."""
     import librosa
+
     mono = audio.mean(axis=0)
     chroma = librosa.feature.chroma_stft(y=mono, sr=rate, n_fft=4096, tuning=0.0).mean(axis=1)
     if not np.any(chroma > 0) or np.allclose(chroma, chroma[0]):

@@ -5,6 +5,7 @@ variants of every training file (4 pitch shifts in semitones, 2 time stretches, 
 Pitch shift and time stretch are librosa's (phase vocoder, soxr resampling). A variant's key is transposed by its
 semitones and its bpm scaled by its tempo factor (to whole bpm), and its description is rewritten from them.
 """
+
 import dataclasses
 import re
 import typing as tp
@@ -26,8 +27,8 @@ class AugmentSpecError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    kind: str       # pitch, tempo or gain_db
-    amount: float   # semitones, time factor (0.95: 5% slower), or decibels
+    kind: str  # pitch, tempo or gain_db
+    amount: float  # semitones, time factor (0.95: 5% slower), or decibels
 
     @property
     def name(self) -> str:
@@ -47,8 +48,10 @@ def parse(spec: tp.Optional[str]) -> tp.List[Variant]:
         kind, _, values = part.partition("=")
         kind = kind.strip()
         if kind not in KINDS or not values.strip():
-            raise AugmentSpecError(f"AUGMENT part {part!r}: expected <kind>=<values> with kind one of "
-                                   f"{', '.join(KINDS)}, e.g. {PRESETS['default']!r} (or AUGMENT=default).")
+            raise AugmentSpecError(
+                f"AUGMENT part {part!r}: expected <kind>=<values> with kind one of "
+                f"{', '.join(KINDS)}, e.g. {PRESETS['default']!r} (or AUGMENT=default)."
+            )
         for value in values.split(","):
             try:
                 amount = float(value)
@@ -57,8 +60,10 @@ def parse(spec: tp.Optional[str]) -> tp.List[Variant]:
             if kind == "tempo" and not 0.5 <= amount <= 2.0:
                 raise AugmentSpecError(f"AUGMENT tempo={value}: use factors between 0.5 and 2 (0.95 = 5% slower).")
             if kind == "pitch" and (abs(amount) > 12 or amount == 0 or amount != int(amount)):
-                raise AugmentSpecError(f"AUGMENT pitch={value}: use whole, non-zero semitones within an octave "
-                                       "(a key can only be transposed by whole semitones).")
+                raise AugmentSpecError(
+                    f"AUGMENT pitch={value}: use whole, non-zero semitones within an octave "
+                    "(a key can only be transposed by whole semitones)."
+                )
             if (kind, amount) in (("tempo", 1.0), ("gain_db", 0.0)):
                 raise AugmentSpecError(f"AUGMENT {kind}={value} would copy the file unchanged.")
             variants.append(Variant(kind, amount))
@@ -68,6 +73,7 @@ def parse(spec: tp.Optional[str]) -> tp.List[Variant]:
 def render(audio: np.ndarray, rate: int, variant: Variant) -> np.ndarray:
     """The variant of `audio` [channels, samples], peak-limited like the originals."""
     import librosa
+
     if variant.kind == "pitch":
         out = librosa.effects.pitch_shift(audio, sr=rate, n_steps=variant.amount, res_type="soxr_hq")
     elif variant.kind == "tempo":

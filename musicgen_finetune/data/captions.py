@@ -12,6 +12,7 @@ In order of precedence, for `<folder>/<sub>/a.wav`:
 And the caption grammar: what in a caption is a tempo (`BPM_PATTERN`) or a key (`KEY_PATTERN`), and
 `with_tempo_and_key`, which adds what a caption lacks.
 """
+
 import csv
 import dataclasses
 import json
@@ -61,13 +62,14 @@ class CaptionFileError(UserError, ValueError):
 @dataclasses.dataclass
 class Caption:
     text: tp.Optional[str]
-    fields: dict        # MusicInfo fields given with the caption (bpm, key, genre, ...)
-    source: str         # where it came from, for the report
+    fields: dict  # MusicInfo fields given with the caption (bpm, key, genre, ...)
+    source: str  # where it came from, for the report
 
 
 @dataclasses.dataclass
 class CaptionIndex:
     """Captions of metadata files by audio path relative to the data folder, and entries that point nowhere."""
+
     by_path: tp.Dict[str, Caption]
     problems: tp.List[tp.Tuple[str, str]]  # (path as written, reason)
 
@@ -88,11 +90,12 @@ def _read_entries(path: Path) -> tp.List[tp.Tuple[dict, str]]:
             entries = json.loads(text)
         except json.JSONDecodeError as err:
             raise CaptionFileError(
-                f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}.") from err
+                f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}."
+            ) from err
         if isinstance(entries, dict):  # {"a.wav": "caption", ...} is a common hand-written form
             entries = [{"audio": k, **(v if isinstance(v, dict) else {"text": v})} for k, v in entries.items()]
         if not isinstance(entries, list):
-            raise CaptionFileError(f"{path}: expected a list of {{\"audio\": ..., \"text\": ...}} objects.")
+            raise CaptionFileError(f'{path}: expected a list of {{"audio": ..., "text": ...}} objects.')
         return [(e, f"{path.name}, entry {i}") for i, e in enumerate(entries)]
     if path.suffix == ".jsonl":
         entries = []
@@ -109,15 +112,19 @@ def _read_entries(path: Path) -> tp.List[tp.Tuple[dict, str]]:
         return []
     header = [h.strip() for h in rows[0]]
     if not any(k in header for k in PATH_KEYS):
-        raise CaptionFileError(f"{path}: line 1 must be a header naming the file column "
-                               f"({' or '.join(PATH_KEYS)}) and the caption column (text); found {header}.")
+        raise CaptionFileError(
+            f"{path}: line 1 must be a header naming the file column "
+            f"({' or '.join(PATH_KEYS)}) and the caption column (text); found {header}."
+        )
     entries = []
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
-            raise CaptionFileError(f"{path}: line {number} has {len(row)} fields, the header has {len(header)} "
-                                   "(quote captions that contain commas).")
+            raise CaptionFileError(
+                f"{path}: line {number} has {len(row)} fields, the header has {len(header)} "
+                "(quote captions that contain commas)."
+            )
         entries.append((dict(zip(header, row, strict=True)), f"{path.name}, line {number}"))
     return entries
 
@@ -136,16 +143,19 @@ def relative_inside(folder: Path, written: str, base: Path) -> tp.Optional[str]:
 def read_metadata_files(folder: Path) -> CaptionIndex:
     index = CaptionIndex(by_path={}, problems=[])
     # the root's files first, and metadata.json before .jsonl before .csv: the first caption of a file wins
-    metadata_files = sorted((p for name in METADATA_NAMES for p in folder.rglob(name) if p.is_file()),
-                            key=lambda p: (len(p.relative_to(folder).parts), METADATA_NAMES.index(p.name), p))
+    metadata_files = sorted(
+        (p for name in METADATA_NAMES for p in folder.rglob(name) if p.is_file()),
+        key=lambda p: (len(p.relative_to(folder).parts), METADATA_NAMES.index(p.name), p),
+    )
     for path in metadata_files:
         for entry, where in _read_entries(path):
             if not isinstance(entry, dict):
                 raise CaptionFileError(f"{path}: {where.split(', ')[1]} is not an object.")
             written = next((entry[k] for k in PATH_KEYS if entry.get(k)), None)
             if not isinstance(written, str):
-                raise CaptionFileError(f"{path}: {where.split(', ')[1]} has no file path "
-                                       f"(one of {', '.join(PATH_KEYS)}).")
+                raise CaptionFileError(
+                    f"{path}: {where.split(', ')[1]} has no file path (one of {', '.join(PATH_KEYS)})."
+                )
             relative = relative_inside(folder, written, path.parent)
             if relative is None:
                 index.problems.append((written, f"{where}: path leaves the data folder; paths must be inside it"))

@@ -6,6 +6,7 @@
 
 Segments are pre-cut, so validation reads each exactly once, from its start (`SegmentOnceMusicDataset`).
 """
+
 import json
 import typing as tp
 from pathlib import Path
@@ -36,8 +37,10 @@ class PreparedDataset:
         self.name, self.root = name, manifests_root() / name
         for path in (self.manifest("train"), self.manifest("valid"), self.root / DSET_FILE):
             if not path.is_file():
-                raise DatasetNotFoundError(f"{variable}={name}: {path} does not exist. Run "
-                                           f"`make manifests DATA=<your folder> NAME={name}` first.")
+                raise DatasetNotFoundError(
+                    f"{variable}={name}: {path} does not exist. Run "
+                    f"`make manifests DATA=<your folder> NAME={name}` first."
+                )
         self.dset = OmegaConf.to_container(OmegaConf.load(self.root / DSET_FILE), resolve=True)
 
     def manifest(self, split: str) -> Path:
@@ -68,9 +71,17 @@ class PreparedDataset:
         """`split` as training reads it (AudioCraft's MusicDataset, the sidecars for the captions), each segment
         once, in order, as our solver's validation does."""
         meta = load_audio_meta(self.manifest(split))
-        dataset = MusicDataset(meta, segment_duration=self.segment_duration, shuffle=False, return_info=True,
-                               sample_rate=sample_rate, channels=channels, min_segment_ratio=1.0, pad=True,
-                               num_samples=len(meta))
+        dataset = MusicDataset(
+            meta,
+            segment_duration=self.segment_duration,
+            shuffle=False,
+            return_info=True,
+            sample_rate=sample_rate,
+            channels=channels,
+            min_segment_ratio=1.0,
+            pad=True,
+            num_samples=len(meta),
+        )
         return read_each_segment_once(dataset)
 
 

@@ -9,6 +9,7 @@ a snare or a clap on beats 2 and 4, and a hi-hat pattern (8ths, 16ths or trap ro
 `style="chiptune"` writes another style in the same layout, for a "general" base model in the demo: square-wave
 arpeggios over a short clicky kick and hats, 100-125 bpm, with almost nothing below 120 Hz.
 """
+
 import json
 import typing as tp
 from pathlib import Path
@@ -29,7 +30,7 @@ def root_frequency(note: str, octave: int = 1) -> float:
 
 def kick_808(freq: float, decay_s: float, rng: np.random.Generator) -> np.ndarray:
     t = np.arange(int(SAMPLE_RATE * decay_s * 3)) / SAMPLE_RATE
-    glide = freq * (1 + 2.5 * np.exp(-t / 0.03))          # pitch falls to the root within ~50 ms
+    glide = freq * (1 + 2.5 * np.exp(-t / 0.03))  # pitch falls to the root within ~50 ms
     phase = 2 * np.pi * np.cumsum(glide) / SAMPLE_RATE
     body = np.sin(phase) * np.exp(-t / decay_s)
     click = rng.standard_normal(len(t)) * np.exp(-t / 0.002) * 0.3
@@ -59,7 +60,7 @@ def hat(rng: np.random.Generator, open_hat: bool = False) -> np.ndarray:
 def place(track: np.ndarray, sound: np.ndarray, start: int, gain: float = 1.0) -> None:
     end = min(len(track), start + len(sound))
     if start < end:
-        track[start:end] += gain * sound[:end - start]
+        track[start:end] += gain * sound[: end - start]
 
 
 def render_beat(bpm: float, key: str, seconds: float, rng: np.random.Generator) -> tp.Tuple[np.ndarray, dict]:
@@ -87,8 +88,15 @@ def render_beat(bpm: float, key: str, seconds: float, rng: np.random.Generator) 
 
 
 def caption(info: dict, rng: np.random.Generator) -> str:
-    opener = str(rng.choice(["hip hop 808 beat with trap drums", "dark trap beat with heavy 808 bass",
-                             "hard hip hop instrumental with booming 808s"]))
+    opener = str(
+        rng.choice(
+            [
+                "hip hop 808 beat with trap drums",
+                "dark trap beat with heavy 808 bass",
+                "hard hip hop instrumental with booming 808s",
+            ]
+        )
+    )
     return f"{opener}, {info['hats']} hi hats and a {info['backbeat']}, {info['bpm']} bpm, {info['key']}"
 
 
@@ -99,8 +107,9 @@ def render_chiptune(bpm: float, key: str, seconds: float, rng: np.random.Generat
     root = root_frequency(key.split()[0], octave=4)
     chord = [0, 4, 7, 12] if key.endswith("major") else [0, 3, 7, 12]
     t = np.arange(step) / SAMPLE_RATE
-    click = np.diff(rng.standard_normal(int(SAMPLE_RATE * 0.03) + 1)) * np.exp(-np.arange(int(SAMPLE_RATE * 0.03))
-                                                                             / (SAMPLE_RATE * 0.004))
+    click = np.diff(rng.standard_normal(int(SAMPLE_RATE * 0.03) + 1)) * np.exp(
+        -np.arange(int(SAMPLE_RATE * 0.03)) / (SAMPLE_RATE * 0.004)
+    )
     for index, start in enumerate(range(0, n, step)):
         note = root * 2 ** (chord[index % 4] / 12)
         place(track, 0.18 * np.sign(np.sin(2 * np.pi * note * t)) * np.exp(-t / 0.12), start)
@@ -115,15 +124,24 @@ def render_chiptune(bpm: float, key: str, seconds: float, rng: np.random.Generat
 
 STYLES = {
     # style: (render, bpm range, caption opener, metadata)
-    "808": (render_beat, (130, 160), None, {"genre": "hip hop", "moods": ["dark", "energetic"],
-                                            "instrument": "808, drum machine"}),
-    "chiptune": (render_chiptune, (100, 125), "chiptune arpeggios with a clicky kick",
-                 {"genre": "chiptune", "moods": ["bright", "playful"], "instrument": "square wave synth"}),
+    "808": (
+        render_beat,
+        (130, 160),
+        None,
+        {"genre": "hip hop", "moods": ["dark", "energetic"], "instrument": "808, drum machine"},
+    ),
+    "chiptune": (
+        render_chiptune,
+        (100, 125),
+        "chiptune arpeggios with a clicky kick",
+        {"genre": "chiptune", "moods": ["bright", "playful"], "instrument": "square wave synth"},
+    ),
 }
 
 
-def write_dataset(out: tp.Union[str, Path], count: int = 16, seconds: float = 4.0, seed: int = 808,
-                  style: str = "808") -> Path:
+def write_dataset(
+    out: tp.Union[str, Path], count: int = 16, seconds: float = 4.0, seed: int = 808, style: str = "808"
+) -> Path:
     """Write `count` clips of `style` and their metadata.json into `out` (an existing dataset there is replaced)."""
     if style not in STYLES:
         raise ValueError(f"style={style!r}: choose one of {', '.join(STYLES)}.")

@@ -15,6 +15,7 @@ ADAPTER=):
 
 The steps, in `evaluate`: check the inputs, measure each model, compare them (the table), draw, write.
 """
+
 import dataclasses
 import datetime
 import json
@@ -41,8 +42,8 @@ from ..models.open import open_model
 from ..paths import output_dir
 from . import metrics, page, plots
 
-REFERENCE_CLIPS = 8       # reference clips on the page (all valid clips count in the Frechet distance)
-DEFAULT_PROMPTS = 4       # without PROMPTS=, this many captions of the valid split
+REFERENCE_CLIPS = 8  # reference clips on the page (all valid clips count in the Frechet distance)
+DEFAULT_PROMPTS = 4  # without PROMPTS=, this many captions of the valid split
 EXPORT_INFO = "export.json"
 
 
@@ -67,6 +68,7 @@ class EvalOptions:
         t5: a local T5 folder (default: found beside each model).
         out: the report folder (default: <output>/reports/<name>).
     """
+
     base: str
     name: str
     tuned: tp.Optional[str] = None
@@ -101,13 +103,21 @@ class ModelSpec:
         if self.id == "base" or not history or not info_file.is_file():
             return None
         info = json.loads(info_file.read_text())
-        return {"model": self.id, "label": self.label, "xp": info.get("experiment"), "history": history,
-                "best_epoch": best_epoch(history), "epochs": len(history), "exported_epoch": info.get("epoch")}
+        return {
+            "model": self.id,
+            "label": self.label,
+            "xp": info.get("experiment"),
+            "history": history,
+            "best_epoch": best_epoch(history),
+            "epochs": len(history),
+            "exported_epoch": info.get("epoch"),
+        }
 
 
 @dataclasses.dataclass
 class Measured:
     """What one model did: cross-entropies, its samples (with descriptors), the EnCodec frames of its samples."""
+
     valid_ce: dict
     general_ce: tp.Optional[dict]
     samples: tp.List[dict]
@@ -115,6 +125,7 @@ class Measured:
 
 
 # -- 1. the inputs ------------------------------------------------------------------------------------------
+
 
 def model_specs(options: EvalOptions) -> tp.List[ModelSpec]:
     specs = [ModelSpec("base", "base model", Path(options.base).expanduser().resolve())]
@@ -128,16 +139,20 @@ def model_specs(options: EvalOptions) -> tp.List[ModelSpec]:
 def check_inputs(specs: tp.List[ModelSpec], options: EvalOptions) -> None:
     """Everything that can be wrong with the inputs, before minutes of cross-entropy and generation."""
     if len(specs) == 1:
-        raise EvalError("Nothing to compare the base model with: give TUNED=<exported model folder> and/or "
-                        "ADAPTER=<adapters.safetensors>.")
+        raise EvalError(
+            "Nothing to compare the base model with: give TUNED=<exported model folder> and/or "
+            "ADAPTER=<adapters.safetensors>."
+        )
     PreparedDataset(options.name, "NAME")
     if options.general:
         PreparedDataset(options.general, "GENERAL")
     variables = {"base": "BASE", "full": "TUNED", "lora": "ADAPTER"}
     for spec in specs:
         if (spec.folder / "checkpoint.th").is_file() and not (spec.folder / model_dir.LM_FILE).is_file():
-            raise EvalError(f"{variables[spec.id]}={spec.folder} is an experiment folder: export it first "
-                            f"(`make export XP={spec.folder.name}`) and give the exported folder.")
+            raise EvalError(
+                f"{variables[spec.id]}={spec.folder} is an experiment folder: export it first "
+                f"(`make export XP={spec.folder.name}`) and give the exported folder."
+            )
         open_model(spec.folder, options.t5)
         if spec.adapter is not None:
             check_adapter(spec)
@@ -145,21 +160,26 @@ def check_inputs(specs: tp.List[ModelSpec], options: EvalOptions) -> None:
         config = Path(options.clap).expanduser() / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
         if model_type != "clap":
-            raise EvalError(f"CLAP={options.clap}: not a transformers CLAP model folder (config.json with model_type "
-                            "'clap', weights and processor files, e.g. a local copy of laion/clap-htsat-unfused).")
+            raise EvalError(
+                f"CLAP={options.clap}: not a transformers CLAP model folder (config.json with model_type "
+                "'clap', weights and processor files, e.g. a local copy of laion/clap-htsat-unfused)."
+            )
     options.sampling.check()
 
 
 def check_adapter(spec: ModelSpec) -> None:
     if not spec.adapter.is_file():
-        raise EvalError(f"ADAPTER={spec.adapter} does not exist (make export writes adapters.safetensors for LoRA "
-                        "runs).")
+        raise EvalError(
+            f"ADAPTER={spec.adapter} does not exist (make export writes adapters.safetensors for LoRA runs)."
+        )
     saved = json.loads(lora.config_path(spec.adapter).read_text()).get("base_hash")
     actual = lora.base_model_hash(patches.safe_load(model_dir.lm_file(str(spec.folder)))["best_state"])
     if saved != actual:
-        raise EvalError(f"ADAPTER={spec.adapter} was trained on another base model than BASE={spec.folder} (base "
-                        f"hash {str(saved)[:16]}, this one {actual[:16]}): give the base it was trained on (its "
-                        "export.json names it).")
+        raise EvalError(
+            f"ADAPTER={spec.adapter} was trained on another base model than BASE={spec.folder} (base "
+            f"hash {str(saved)[:16]}, this one {actual[:16]}): give the base it was trained on (its "
+            "export.json names it)."
+        )
 
 
 def references(dataset: PreparedDataset, out: Path, limit: int = REFERENCE_CLIPS) -> tp.List[dict]:
@@ -193,11 +213,13 @@ def prompt_texts(prompts: tp.Optional[str], refs: tp.List[dict]) -> tp.List[str]
 
 # -- 2. measuring one model --------------------------------------------------------------------------------------
 
+
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The LM's loss as training computes it (solvers/musicgen.py `_compute_cross_entropy`): per codebook, the
     mean cross-entropy over its unmasked positions, then the mean over codebooks. logits [B, K, T, card]."""
-    per_codebook = [F.cross_entropy(logits[:, k][mask[:, k]], targets[:, k][mask[:, k]])
-                    for k in range(targets.shape[1])]
+    per_codebook = [
+        F.cross_entropy(logits[:, k][mask[:, k]], targets[:, k][mask[:, k]]) for k in range(targets.shape[1])
+    ]
     return torch.stack(per_codebook).mean()
 
 
@@ -217,8 +239,9 @@ def cross_entropy(model, dataset, batch_size: int = 4) -> dict:
             valid = math.floor(info.n_frames / info.sample_rate * compression.frame_rate)
             tokens[i, :, valid:] = lm.special_token_id
             padding[i, :, valid:] = False
-        conditions = lm.condition_provider(lm.condition_provider.tokenize(
-            [info.to_condition_attributes() for info in infos]))
+        conditions = lm.condition_provider(
+            lm.condition_provider.tokenize([info.to_condition_attributes() for info in infos])
+        )
         output = lm.compute_predictions(tokens, [], conditions)
         mask = padding & output.mask
         ce = masked_cross_entropy(output.logits, tokens, mask)
@@ -264,8 +287,13 @@ def describe(path: Path) -> dict:
     return metrics.descriptors(audio, rate)
 
 
-def measure(spec: ModelSpec, options: EvalOptions, texts: tp.List[str], out_dir: Path,
-            frames_of: tp.Callable[[tp.Sequence[Path]], np.ndarray]) -> Measured:
+def measure(
+    spec: ModelSpec,
+    options: EvalOptions,
+    texts: tp.List[str],
+    out_dir: Path,
+    frames_of: tp.Callable[[tp.Sequence[Path]], np.ndarray],
+) -> Measured:
     """One model: its cross-entropies, then its samples for `texts` (generated at its own level, not
     loudness-normalised, so that loudness can be compared), described and embedded with `frames_of`."""
     print(f"[{spec.id}] {spec.folder}{' + ' + str(spec.adapter) if spec.adapter else ''}", flush=True)
@@ -279,15 +307,24 @@ def measure(spec: ModelSpec, options: EvalOptions, texts: tp.List[str], out_dir:
     sampling = dataclasses.replace(options.sampling, top_k=min(options.sampling.top_k, int(model.lm.card)))
     folder = out_dir / "samples" / spec.id
     samples = []
-    for item in write_samples(model, texts, folder, sampling, (options.seed,), progress=options.progress,
-                              loudness_normalize=False):
+    for item in write_samples(
+        model, texts, folder, sampling, (options.seed,), progress=options.progress, loudness_normalize=False
+    ):
         path = folder / item["file"]
-        samples.append({"prompt": item["index"], "model": spec.id, "path": path,
-                        "audio": path.relative_to(out_dir).as_posix(), "descriptors": describe(path)})
+        samples.append(
+            {
+                "prompt": item["index"],
+                "model": spec.id,
+                "path": path,
+                "audio": path.relative_to(out_dir).as_posix(),
+                "descriptors": describe(path),
+            }
+        )
     return Measured(valid_ce, general_ce, samples, frames_of([s["path"] for s in samples]))
 
 
 # -- 3. comparing them ---------------------------------------------------------------------------------------
+
 
 def mean_of(summary: dict, key: str) -> tp.Optional[float]:
     return summary.get(key, {}).get("mean")
@@ -295,60 +332,109 @@ def mean_of(summary: dict, key: str) -> tp.Optional[float]:
 
 def closeness_row(metric: str, key: str, summaries: dict, reference: dict, note: str) -> dict:
     target = mean_of(reference, key)
-    return {"metric": metric, "better": f"closer:{target}" if target is not None else None,
-            "values": {model: mean_of(summary, key) for model, summary in summaries.items()},
-            "note": f"{note}; reference clips: {target:.3g}" if target is not None else note}
+    return {
+        "metric": metric,
+        "better": f"closer:{target}" if target is not None else None,
+        "values": {model: mean_of(summary, key) for model, summary in summaries.items()},
+        "note": f"{note}; reference clips: {target:.3g}" if target is not None else note,
+    }
 
 
 def clap_row(options: EvalOptions, measured: tp.Dict[str, Measured], texts: tp.List[str]) -> dict:
     scores = {}
     for spec_id, result in measured.items():
         clips = [read_audio(s["path"]) for s in result.samples]
-        values = metrics.clap_scores(Path(options.clap), [c[0] for c in clips], clips[0][1],
-                                     [texts[s["prompt"]] for s in result.samples])
+        values = metrics.clap_scores(
+            Path(options.clap), [c[0] for c in clips], clips[0][1], [texts[s["prompt"]] for s in result.samples]
+        )
         scores[spec_id] = float(np.mean(values))
-    return {"metric": "CLAP text-audio score", "better": "higher", "values": scores,
-            "note": f"cosine similarity, CLAP from {options.clap}"}
+    return {
+        "metric": "CLAP text-audio score",
+        "better": "higher",
+        "values": scores,
+        "note": f"cosine similarity, CLAP from {options.clap}",
+    }
 
 
-def metric_rows(options: EvalOptions, measured: tp.Dict[str, Measured], refs: tp.List[dict],
-                reference_frames: np.ndarray, texts: tp.List[str]) -> tp.Tuple[tp.List[dict], tp.List[str]]:
+def metric_rows(
+    options: EvalOptions,
+    measured: tp.Dict[str, Measured],
+    refs: tp.List[dict],
+    reference_frames: np.ndarray,
+    texts: tp.List[str],
+) -> tp.Tuple[tp.List[dict], tp.List[str]]:
     """The report's table (one row per metric, one value per model, which direction is better) and its notes."""
     ids, name, general = list(measured), options.name, options.general
     summaries = {m: metrics.summarize([s["descriptors"] for s in measured[m].samples]) for m in ids}
     reference = metrics.summarize([r["descriptors"] for r in refs])
     notes = []
-    rows = [{"metric": f"valid cross-entropy ({name})", "better": "lower",
-             "values": {m: measured[m].valid_ce["ce"] for m in ids},
-             "note": f"the validation loss of training, on its {measured[ids[0]].valid_ce['segments']} held-out "
-                     "segments"},
-            {"metric": f"valid perplexity ({name})", "better": "lower",
-             "values": {m: measured[m].valid_ce["ppl"] for m in ids}, "note": "exp(cross-entropy)"}]
+    rows = [
+        {
+            "metric": f"valid cross-entropy ({name})",
+            "better": "lower",
+            "values": {m: measured[m].valid_ce["ce"] for m in ids},
+            "note": f"the validation loss of training, on its {measured[ids[0]].valid_ce['segments']} held-out "
+            "segments",
+        },
+        {
+            "metric": f"valid perplexity ({name})",
+            "better": "lower",
+            "values": {m: measured[m].valid_ce["ppl"] for m in ids},
+            "note": "exp(cross-entropy)",
+        },
+    ]
     if general:
-        rows.append({"metric": f"cross-entropy on {general} (general)", "better": "lower",
-                     "values": {m: measured[m].general_ce["ce"] for m in ids},
-                     "note": "what the base could do; a rise is what fine-tuning forgot"})
+        rows.append(
+            {
+                "metric": f"cross-entropy on {general} (general)",
+                "better": "lower",
+                "values": {m: measured[m].general_ce["ce"] for m in ids},
+                "note": "what the base could do; a rise is what fine-tuning forgot",
+            }
+        )
     else:
         notes.append("No GENERAL=<dataset>: the cross-entropy on a general set (what was forgotten) is not measured.")
-    rows.append({"metric": "Frechet distance to reference (EnCodec latents)", "better": "lower",
-                 "values": {m: metrics.frechet_distance(measured[m].frames, reference_frames) for m in ids},
-                 "note": f"per-frame latents of the base model's EnCodec; {len(refs)} reference clips, "
-                         f"{len(texts)} generated per model (few clips: compare models, not absolute values)"})
-    rows.append({"metric": "tempo error vs prompt bpm", "better": "lower",
-                 "values": {m: mean_of(summaries[m], "tempo_error") for m in ids},
-                 "note": "relative, half/double tempo forgiven; prompts without a bpm are left out"})
-    rows.append(closeness_row("low-frequency (808) energy ratio", "low_freq_ratio", summaries, reference,
-                              f"energy below {metrics.LOW_FREQ_HZ} Hz over all"))
+    rows.append(
+        {
+            "metric": "Frechet distance to reference (EnCodec latents)",
+            "better": "lower",
+            "values": {m: metrics.frechet_distance(measured[m].frames, reference_frames) for m in ids},
+            "note": f"per-frame latents of the base model's EnCodec; {len(refs)} reference clips, "
+            f"{len(texts)} generated per model (few clips: compare models, not absolute values)",
+        }
+    )
+    rows.append(
+        {
+            "metric": "tempo error vs prompt bpm",
+            "better": "lower",
+            "values": {m: mean_of(summaries[m], "tempo_error") for m in ids},
+            "note": "relative, half/double tempo forgiven; prompts without a bpm are left out",
+        }
+    )
+    rows.append(
+        closeness_row(
+            "low-frequency (808) energy ratio",
+            "low_freq_ratio",
+            summaries,
+            reference,
+            f"energy below {metrics.LOW_FREQ_HZ} Hz over all",
+        )
+    )
     rows.append(closeness_row("onset density (per s)", "onset_density", summaries, reference, "drum hits per second"))
-    rows.append(closeness_row("loudness (LUFS)", "loudness_lufs", summaries, reference,
-                              "integrated loudness of the raw output"))
+    rows.append(
+        closeness_row("loudness (LUFS)", "loudness_lufs", summaries, reference, "integrated loudness of the raw output")
+    )
     if options.clap:
         rows.append(clap_row(options, measured, texts))
     else:
-        notes.append("CLAP text-audio score skipped: give CLAP=<local folder of a transformers CLAP model, e.g. "
-                     "laion/clap-htsat-unfused> to compute it.")
-    notes.append("VGGish FAD skipped: it needs the VGGish weights (TensorFlow), which are not installed; the Frechet "
-                 "distance on EnCodec latents above is computed the same way on embeddings you already have.")
+        notes.append(
+            "CLAP text-audio score skipped: give CLAP=<local folder of a transformers CLAP model, e.g. "
+            "laion/clap-htsat-unfused> to compute it."
+        )
+    notes.append(
+        "VGGish FAD skipped: it needs the VGGish weights (TensorFlow), which are not installed; the Frechet "
+        "distance on EnCodec latents above is computed the same way on embeddings you already have."
+    )
     return rows, notes
 
 
@@ -361,6 +447,7 @@ def tempo_errors(samples: tp.List[dict], prompt_rows: tp.List[dict]) -> None:
 
 
 # -- 4. drawing and writing -----------------------------------------------------------------------------------
+
 
 def draw(out_dir: Path, runs: tp.List[dict], samples: tp.List[dict], refs: tp.List[dict]) -> dict:
     """Loss curves and spectrograms under plots/; the samples and references get their spectrogram's path."""
@@ -405,6 +492,7 @@ def evaluate(options: EvalOptions) -> Path:
 
         def frames_of(paths: tp.Sequence[Path]) -> np.ndarray:
             return encodec_frames(codec, paths)
+
         reference_frames = frames_of([Path(r["source"]) for r in refs])
         measured = {spec.id: measure(spec, options, texts, out_dir, frames_of) for spec in specs}
         prompt_rows = [{"text": text, "seed": options.seed, "bpm": metrics.bpm_from_text(text)} for text in texts]
@@ -419,20 +507,33 @@ def evaluate(options: EvalOptions) -> Path:
             "name": options.name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine.describe(),
-            "models": [{"id": s.id, "label": s.label, "path": str(s.folder),
-                        "adapter": str(s.adapter) if s.adapter else None,
-                        "xp": (s.run() or {}).get("xp")} for s in specs],
+            "models": [
+                {
+                    "id": s.id,
+                    "label": s.label,
+                    "path": str(s.folder),
+                    "adapter": str(s.adapter) if s.adapter else None,
+                    "xp": (s.run() or {}).get("xp"),
+                }
+                for s in specs
+            ],
             "prompts": prompt_rows,
-            "settings": {**dataclasses.asdict(options.sampling), "seed": options.seed, "general": options.general,
-                         "clap": options.clap},
+            "settings": {
+                **dataclasses.asdict(options.sampling),
+                "seed": options.seed,
+                "general": options.general,
+                "clap": options.clap,
+            },
             "samples": samples,
             "references": [{k: v for k, v in r.items() if k != "source"} for r in refs if "audio" in r],
-            "cross_entropy": {"valid": {m: r.valid_ce for m, r in measured.items()},
-                              **({"general": {m: r.general_ce for m, r in measured.items()}}
-                                 if options.general else {})},
-            "descriptors": {"reference": metrics.summarize([r["descriptors"] for r in refs]),
-                            **{m: metrics.summarize([s["descriptors"] for s in r.samples])
-                               for m, r in measured.items()}},
+            "cross_entropy": {
+                "valid": {m: r.valid_ce for m, r in measured.items()},
+                **({"general": {m: r.general_ce for m, r in measured.items()}} if options.general else {}),
+            },
+            "descriptors": {
+                "reference": metrics.summarize([r["descriptors"] for r in refs]),
+                **{m: metrics.summarize([s["descriptors"] for s in r.samples]) for m, r in measured.items()},
+            },
             "table": {"columns": list(measured), "rows": rows},
             "notes": notes,
             "runs": [{k: v for k, v in run.items() if k != "history"} for run in runs],

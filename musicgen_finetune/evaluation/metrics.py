@@ -10,6 +10,7 @@
 Undefined values are None, never -inf or NaN (so that rows stay valid JSON): a silent clip has no tempo, no
 low-frequency ratio and no loudness. Nothing here reaches the network; no torch unless CLAP is asked for.
 """
+
 import json
 import math
 import typing as tp
@@ -21,20 +22,26 @@ import numpy as np
 from ..data import audio as aa
 from ..data.captions import BPM_PATTERN
 
-LOW_FREQ_HZ = 120             # the 808 / sub-bass band: energy below this over all energy is `low_freq_ratio`
-TEMPO_FRAME_RATE = 100        # onset-envelope frames per second for tempo (see tempo_hop_length)
+LOW_FREQ_HZ = 120  # the 808 / sub-bass band: energy below this over all energy is `low_freq_ratio`
+TEMPO_FRAME_RATE = 100  # onset-envelope frames per second for tempo (see tempo_hop_length)
 SPECTRUM_SEGMENT_SECONDS = 0.25  # Welch segments: 4 Hz bins, fine enough to split the spectrum at 120 Hz
-ONSET_LEAD_SECONDS = 0.05     # silence put before the clip, so that a hit at t=0 counts as an onset
+ONSET_LEAD_SECONDS = 0.05  # silence put before the clip, so that a hit at t=0 counts as an onset
 OCTAVE_FACTORS = (1.0, 2.0, 0.5)
-FRECHET_EPS = 1e-6            # added to both covariance diagonals when their product has no usable square root
-IMAGINARY_TOLERANCE = 1e-3    # largest imaginary part of sqrtm's diagonal that is numerical noise
-CLAP_MIN_WINDOW_RATIO = 0.5   # a clip's last partial CLAP window is scored if at least this fraction of a window
-CLAP_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
-CLAP_CONTENTS = ("config.json (model_type 'clap') with its weights (model.safetensors or pytorch_model.bin), "
-                 "preprocessor_config.json, and the RoBERTa tokenizer (vocab.json and merges.txt, or tokenizer.json), "
-                 "as ClapModel.save_pretrained and ClapProcessor.save_pretrained write them (e.g. a download of "
-                 "laion/larger_clap_music or laion/clap-htsat-unfused)")
+FRECHET_EPS = 1e-6  # added to both covariance diagonals when their product has no usable square root
+IMAGINARY_TOLERANCE = 1e-3  # largest imaginary part of sqrtm's diagonal that is numerical noise
+CLAP_MIN_WINDOW_RATIO = 0.5  # a clip's last partial CLAP window is scored if at least this fraction of a window
+CLAP_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+CLAP_CONTENTS = (
+    "config.json (model_type 'clap') with its weights (model.safetensors or pytorch_model.bin), "
+    "preprocessor_config.json, and the RoBERTa tokenizer (vocab.json and merges.txt, or tokenizer.json), "
+    "as ClapModel.save_pretrained and ClapProcessor.save_pretrained write them (e.g. a download of "
+    "laion/larger_clap_music or laion/clap-htsat-unfused)"
+)
 
 
 class ClapFolderError(ValueError):
@@ -42,6 +49,7 @@ class ClapFolderError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------- descriptors
+
 
 def as_channels(audio: np.ndarray) -> np.ndarray:
     """Float audio, mono [samples] or [channels, samples], as float32 [channels, samples]; refuses what isn't."""
@@ -53,8 +61,10 @@ def as_channels(audio: np.ndarray) -> np.ndarray:
     if audio.shape[0] > 8 and audio.shape[1] <= 8:
         raise ValueError(f"audio of shape {audio.shape} looks like [samples, channels]: pass audio.T")
     if not np.issubdtype(audio.dtype, np.floating):
-        raise ValueError(f"audio of dtype {audio.dtype}: expected floats in [-1, 1] (divide integer PCM by its "
-                         f"full scale, e.g. int16 by 32768)")
+        raise ValueError(
+            f"audio of dtype {audio.dtype}: expected floats in [-1, 1] (divide integer PCM by its "
+            f"full scale, e.g. int16 by 32768)"
+        )
     if not np.isfinite(audio).all():
         raise ValueError("audio contains NaN or infinite samples: no metric is meaningful for it")
     return np.ascontiguousarray(audio, dtype=np.float32)
@@ -92,6 +102,7 @@ def tempo_hop_length(sample_rate: int) -> int:
 def low_freq_ratio(mono: np.ndarray, sample_rate: int, cutoff_hz: float = LOW_FREQ_HZ) -> tp.Optional[float]:
     """Fraction of the power spectrum (Welch, mean removed) below `cutoff_hz`; None when there is no energy."""
     from scipy.signal import welch
+
     segment = max(1, min(len(mono), int(round(SPECTRUM_SEGMENT_SECONDS * sample_rate))))
     freqs, power = welch(mono.astype(np.float64), fs=sample_rate, nperseg=segment)
     total = float(power.sum())
@@ -103,6 +114,7 @@ def low_freq_ratio(mono: np.ndarray, sample_rate: int, cutoff_hz: float = LOW_FR
 def onset_density(mono: np.ndarray, sample_rate: int) -> float:
     """Onsets per second (librosa's onset detection), a hit at the very start counted as it is after silence."""
     import librosa
+
     lead = np.zeros(int(round(ONSET_LEAD_SECONDS * sample_rate)), np.float32)
     onsets = librosa.onset.onset_detect(y=np.concatenate([lead, mono]), sr=sample_rate, units="frames")
     return len(onsets) / (len(mono) / sample_rate)
@@ -115,6 +127,7 @@ def loudness_lufs(audio: np.ndarray, sample_rate: int) -> tp.Optional[float]:
     (same K-weighting and gate), rather than failing or being padded quieter with silence.
     """
     import pyloudnorm
+
     audio = as_channels(audio)
     seconds = audio.shape[-1] / sample_rate
     # a hair under the clip's length: pyloudnorm refuses a block longer than the audio, even by a rounding error
@@ -124,6 +137,7 @@ def loudness_lufs(audio: np.ndarray, sample_rate: int) -> tp.Optional[float]:
 
 
 # ----------------------------------------------------------------------------------------------------------- tempo
+
 
 def bpm_from_text(text: str) -> tp.Optional[float]:
     """The first '<number> bpm' of a prompt ("808 trap beat, 140 bpm", "140BPM", "at 95 bpm"), else None.
@@ -139,20 +153,24 @@ def tempo_error(measured: float, target: float) -> float:
     if target is None or not math.isfinite(target) or target <= 0:
         raise ValueError(f"target tempo {target!r}: expected a positive bpm (a prompt without bpm has no target)")
     if measured is None or not math.isfinite(measured):
-        raise ValueError(f"measured tempo {measured!r}: expected a bpm (a clip without a beat has no tempo error; "
-                         f"skip it)")
+        raise ValueError(
+            f"measured tempo {measured!r}: expected a bpm (a clip without a beat has no tempo error; skip it)"
+        )
     return min(abs(measured * factor - target) / target for factor in OCTAVE_FACTORS)
 
 
 # ------------------------------------------------------------------------------------------------ Fréchet distance
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 sqrt(S_a S_b)) between Gaussians fitted to the rows of a and b
     (sample covariance, ddof=1), as FID and FAD compute it; 0 for the same distribution."""
     a, b = _embeddings(a, "a"), _embeddings(b, "b")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"embeddings of different sizes: a has {a.shape[1]} dims per row, b {b.shape[1]}; "
-                         f"compare embeddings of the same model and layer")
+        raise ValueError(
+            f"embeddings of different sizes: a has {a.shape[1]} dims per row, b {b.shape[1]}; "
+            f"compare embeddings of the same model and layer"
+        )
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     trace_sqrt = float(np.trace(_sqrtm_product(cov_a, cov_b)))
@@ -165,8 +183,10 @@ def _embeddings(x: np.ndarray, name: str) -> np.ndarray:
     if x.ndim != 2:
         raise ValueError(f"embeddings {name} of shape {x.shape}: expected [rows, dims], one row per sample/frame")
     if x.shape[0] < 2:
-        raise ValueError(f"embeddings {name} have {x.shape[0]} row(s): a covariance needs at least 2 (use "
-                         f"per-frame embeddings or more clips)")
+        raise ValueError(
+            f"embeddings {name} have {x.shape[0]} row(s): a covariance needs at least 2 (use "
+            f"per-frame embeddings or more clips)"
+        )
     if not np.isfinite(x).all():
         raise ValueError(f"embeddings {name} contain NaN or infinite values")
     return x
@@ -176,6 +196,7 @@ def _sqrtm_product(cov_a: np.ndarray, cov_b: np.ndarray) -> np.ndarray:
     """sqrt(cov_a @ cov_b), real. A singular product (fewer rows than dims, constant dims) makes sqrtm inaccurate,
     infinite or complex; then FRECHET_EPS on both diagonals regularizes it, as the reference FID code does."""
     from scipy import linalg
+
     with warnings.catch_warnings():
         warnings.simplefilter("error", linalg.LinAlgWarning)  # scipy's "Matrix is singular": regularize instead
         try:
@@ -186,8 +207,10 @@ def _sqrtm_product(cov_a: np.ndarray, cov_b: np.ndarray) -> np.ndarray:
         offset = np.eye(cov_a.shape[0]) * FRECHET_EPS
         root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     if not np.isfinite(root).all() or _imaginary(root) > IMAGINARY_TOLERANCE:
-        raise ValueError(f"the covariance product has no usable square root (imaginary part "
-                         f"{_imaginary(root):.3g}): too few rows for the dims, or degenerate embeddings")
+        raise ValueError(
+            f"the covariance product has no usable square root (imaginary part "
+            f"{_imaginary(root):.3g}): too few rows for the dims, or degenerate embeddings"
+        )
     return np.real(root)
 
 
@@ -196,6 +219,7 @@ def _imaginary(matrix: np.ndarray) -> float:
 
 
 # -------------------------------------------------------------------------------------------------------- summary
+
 
 def summarize(rows: tp.Sequence[dict]) -> dict:
     """{key: {"mean", "std", "count"}} for every key whose values are numbers (or None) in the rows.
@@ -213,9 +237,11 @@ def summarize(rows: tp.Sequence[dict]) -> dict:
         if not all(value is None or _is_number(value) for value in values):
             continue
         finite = [float(v) for v in values if v is not None and math.isfinite(v)]
-        summary[key] = {"mean": float(np.mean(finite)) if finite else None,
-                        "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
-                        "count": len(finite)}
+        summary[key] = {
+            "mean": float(np.mean(finite)) if finite else None,
+            "std": float(np.std(finite, ddof=1)) if len(finite) > 1 else None,
+            "count": len(finite),
+        }
     return summary
 
 
@@ -225,8 +251,14 @@ def _is_number(value: tp.Any) -> bool:
 
 # ----------------------------------------------------------------------------------------------------------- CLAP
 
-def clap_scores(clap_dir: Path, clips: tp.Sequence[np.ndarray], sample_rate: int, texts: tp.Sequence[str],
-                device: tp.Optional[str] = None) -> tp.List[float]:
+
+def clap_scores(
+    clap_dir: Path,
+    clips: tp.Sequence[np.ndarray],
+    sample_rate: int,
+    texts: tp.Sequence[str],
+    device: tp.Optional[str] = None,
+) -> tp.List[float]:
     """Cosine similarity, in [-1, 1], of each clip's CLAP audio embedding with its text's CLAP text embedding.
 
     The model is loaded from the local folder `clap_dir` on each call (pass all clips at once), on `device`
@@ -239,6 +271,7 @@ def clap_scores(clap_dir: Path, clips: tp.Sequence[np.ndarray], sample_rate: int
     if not clips:
         return []
     import torch
+
     model, processor = load_clap(clap_dir, device)
     text_embeddings = {text: _clap_text_embedding(model, processor, text) for text in dict.fromkeys(texts)}
     scores = []
@@ -255,12 +288,14 @@ def load_clap(clap_dir: Path, device: tp.Optional[str] = None) -> tp.Tuple[tp.An
     _check_clap_folder(folder)
     import torch
     from transformers import ClapModel, ClapProcessor
+
     try:
         model = ClapModel.from_pretrained(folder, local_files_only=True)
         processor = ClapProcessor.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ClapFolderError(f"{folder}: cannot be loaded as a CLAP model ({err}). It should contain "
-                              f"{CLAP_CONTENTS}.") from err
+        raise ClapFolderError(
+            f"{folder}: cannot be loaded as a CLAP model ({err}). It should contain {CLAP_CONTENTS}."
+        ) from err
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), processor
 
@@ -276,26 +311,32 @@ def _check_clap_folder(folder: Path) -> None:
         model_type = None
     missing = []
     if model_type != "clap":
-        missing.append("config.json of a CLAP model" + (f" (this one is model_type {model_type!r})"
-                                                        if model_type else ""))
+        missing.append(
+            "config.json of a CLAP model" + (f" (this one is model_type {model_type!r})" if model_type else "")
+        )
     if not any((folder / name).is_file() for name in CLAP_WEIGHTS):
         missing.append("the weights (model.safetensors or pytorch_model.bin)")
     if not (folder / "preprocessor_config.json").is_file():
         missing.append("preprocessor_config.json")
-    if not ((folder / "tokenizer.json").is_file() or
-            ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
+    if not (
+        (folder / "tokenizer.json").is_file()
+        or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())
+    ):
         missing.append("the tokenizer (vocab.json and merges.txt, or tokenizer.json)")
     if missing:
-        raise ClapFolderError(f"{folder}: not a CLAP model folder, it lacks {'; '.join(missing)}. It should contain "
-                              f"{CLAP_CONTENTS}.")
+        raise ClapFolderError(
+            f"{folder}: not a CLAP model folder, it lacks {'; '.join(missing)}. It should contain {CLAP_CONTENTS}."
+        )
 
 
 def _clap_text_embedding(model, processor, text: str):
     """Unit-norm text embedding of one text (alone, so that padding never depends on the other texts)."""
     import torch
+
     limit = model.config.text_config.max_position_embeddings - 2  # RoBERTa positions start after the padding id
-    tokens = processor.tokenizer([text], truncation=True, max_length=min(limit, processor.tokenizer.model_max_length),
-                                 return_tensors="pt").to(model.device)
+    tokens = processor.tokenizer(
+        [text], truncation=True, max_length=min(limit, processor.tokenizer.model_max_length), return_tensors="pt"
+    ).to(model.device)
     with torch.inference_mode():
         embedding = model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
     return torch.nn.functional.normalize(embedding[0].float(), dim=-1)
@@ -304,6 +345,7 @@ def _clap_text_embedding(model, processor, text: str):
 def _clap_audio_embedding(model, processor, clip: np.ndarray, sample_rate: int):
     """Unit-norm mean of the unit-norm embeddings of the clip's consecutive CLAP windows, each extracted alone."""
     import torch
+
     extractor = processor.feature_extractor
     rate = int(extractor.sampling_rate)
     mono = aa.convert(as_channels(clip), sample_rate, rate, 1)[0]
@@ -312,7 +354,9 @@ def _clap_audio_embedding(model, processor, clip: np.ndarray, sample_rate: int):
     for start, end in windows:
         features = extractor([mono[start:end]], sampling_rate=rate, return_tensors="pt")
         with torch.inference_mode():
-            embedding = model.get_audio_features(input_features=features["input_features"].to(model.device),
-                                                 is_longer=features["is_longer"].to(model.device))
+            embedding = model.get_audio_features(
+                input_features=features["input_features"].to(model.device),
+                is_longer=features["is_longer"].to(model.device),
+            )
         embeddings.append(torch.nn.functional.normalize(embedding[0].float(), dim=-1))
     return torch.nn.functional.normalize(torch.stack(embeddings).mean(dim=0), dim=-1)

@@ -6,6 +6,7 @@ side by side (each prompt, one column per model: player, spectrogram, descriptor
 each other model, in an order drawn once per pair and stored in the page) and references. `make listen` serves it
 (server.py) and records the blind A/B choices.
 """
+
 import html
 import json
 import math
@@ -18,11 +19,15 @@ from urllib.parse import quote
 from ..files import write_text_atomically
 
 PAGE = "index.html"
-CHOICES = ("A", "B", "same")   # the blind A/B answers; the server accepts these only
+CHOICES = ("A", "B", "same")  # the blind A/B answers; the server accepts these only
 MAX_NOTE_CHARS = 5000
 # Descriptor keys the evaluation writes, as the page names them: (label, unit).
-DESCRIPTORS = {"tempo_bpm": ("tempo", "BPM"), "low_freq_ratio": ("low-freq ratio", ""),
-               "onset_density": ("onsets", "/s"), "loudness_lufs": ("loudness", "LUFS")}
+DESCRIPTORS = {
+    "tempo_bpm": ("tempo", "BPM"),
+    "low_freq_ratio": ("low-freq ratio", ""),
+    "onset_density": ("onsets", "/s"),
+    "loudness_lufs": ("loudness", "LUFS"),
+}
 
 
 def _text(value: tp.Any) -> str:
@@ -46,17 +51,20 @@ def _is_number(value: tp.Any) -> bool:
 
 # --- metrics table -----------------------------------------------------------------------------------------------
 
+
 def _goal(better: tp.Any, metric: str) -> tp.Union[None, str, float]:
     """None (no best), "lower", "higher", or the target number of "closer:<number>"."""
     if better in (None, "lower", "higher"):
         return better
     if isinstance(better, str) and better.startswith("closer:"):
         try:
-            return float(better[len("closer:"):])
+            return float(better[len("closer:") :])
         except ValueError:
             pass
-    raise ValueError(f"Metrics row {metric!r}: better={better!r}; use \"lower\", \"higher\", \"closer:<number>\" "
-                     "(e.g. \"closer:140\") or null.")
+    raise ValueError(
+        f'Metrics row {metric!r}: better={better!r}; use "lower", "higher", "closer:<number>" '
+        '(e.g. "closer:140") or null.'
+    )
 
 
 def best_columns(row: dict) -> tp.Set[str]:
@@ -96,19 +104,27 @@ def _metrics_table(report: dict, labels: tp.Dict[str, str]) -> str:
         cells = []
         for column in columns:
             shown = _text(_number(values.get(column)))
-            cells.append(f'<td class="best" data-column="{_text(column)}"><strong>{shown}</strong>'
-                         '<span class="visually-hidden"> (best)</span></td>' if column in best else
-                         f'<td data-column="{_text(column)}">{shown}</td>')
+            cells.append(
+                f'<td class="best" data-column="{_text(column)}"><strong>{shown}</strong>'
+                '<span class="visually-hidden"> (best)</span></td>'
+                if column in best
+                else f'<td data-column="{_text(column)}">{shown}</td>'
+            )
         goal = _goal_words(row.get("better"), str(row.get("metric")))
-        body.append(f'<tr><th scope="row">{_text(row.get("metric"))}'
-                    + (f'<br><small>{_text(goal)}</small>' if goal else "")
-                    + f'</th>{"".join(cells)}<td class="note">{_text(row.get("note"))}</td></tr>')
-    return (f'<table id="metrics"><caption>Best value per row highlighted</caption><thead><tr>'
-            f'<th scope="col">metric</th>{head}<th scope="col">note</th></tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')
+        body.append(
+            f'<tr><th scope="row">{_text(row.get("metric"))}'
+            + (f"<br><small>{_text(goal)}</small>" if goal else "")
+            + f'</th>{"".join(cells)}<td class="note">{_text(row.get("note"))}</td></tr>'
+        )
+    return (
+        f'<table id="metrics"><caption>Best value per row highlighted</caption><thead><tr>'
+        f'<th scope="col">metric</th>{head}<th scope="col">note</th></tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )
 
 
 # --- media ---------------------------------------------------------------------------------------------------------
+
 
 def _media_url(report_dir: Path, path: tp.Any) -> tp.Optional[str]:
     """The page's relative URL for a file of the report folder; None when no path is given or the file is gone."""
@@ -117,8 +133,10 @@ def _media_url(report_dir: Path, path: tp.Any) -> tp.Optional[str]:
     full = os.path.abspath(os.path.join(report_dir, str(path)))
     inside = os.path.abspath(report_dir)
     if os.path.commonpath([full, inside]) != inside:
-        raise ValueError(f"{path}: media must lie inside the report folder {report_dir}, which the page refers to "
-                         "by relative paths; copy the file there and give its path relative to the folder.")
+        raise ValueError(
+            f"{path}: media must lie inside the report folder {report_dir}, which the page refers to "
+            "by relative paths; copy the file there and give its path relative to the folder."
+        )
     if not os.path.isfile(full):
         return None
     return quote(Path(os.path.relpath(full, inside)).as_posix())
@@ -132,8 +150,10 @@ def _audio(report_dir: Path, path: tp.Any, label: str) -> str:
     url = _media_url(report_dir, path)
     if url is None:
         return _missing(path)
-    return (f'<audio controls preload="metadata" src="{_text(url)}" aria-label="{_text(label)}">'
-            f'<a href="{_text(url)}">{_text(label)}</a></audio>')
+    return (
+        f'<audio controls preload="metadata" src="{_text(url)}" aria-label="{_text(label)}">'
+        f'<a href="{_text(url)}">{_text(label)}</a></audio>'
+    )
 
 
 def _image(report_dir: Path, path: tp.Any, alt: str, css_class: str = "") -> str:
@@ -155,12 +175,15 @@ def _descriptors(descriptors: tp.Optional[dict]) -> str:
 
 
 def _prompt_words(prompt: dict) -> str:
-    details = [f"seed {prompt['seed']}" if prompt.get("seed") is not None else "",
-               f"{_number(prompt['bpm'])} BPM" if prompt.get("bpm") is not None else ""]
+    details = [
+        f"seed {prompt['seed']}" if prompt.get("seed") is not None else "",
+        f"{_number(prompt['bpm'])} BPM" if prompt.get("bpm") is not None else "",
+    ]
     return f"“{prompt.get('text', '')}”" + "".join(f" · {d}" for d in details if d)
 
 
 # --- sections ------------------------------------------------------------------------------------------------------
+
 
 def _key_values(value: tp.Any) -> str:
     if isinstance(value, dict):
@@ -172,17 +195,19 @@ def _header(report: dict) -> str:
     created = report.get("created")
     when = f'<time datetime="{_text(created)}">{_text(created)}</time>' if created else "unknown date"
     settings = report.get("settings")
-    return (f'<header><h1>MusicGen evaluation: {_text(report.get("name") or "unnamed")}</h1>'
-            f'<p class="meta">Created {when} · machine: {_text(_key_values(report.get("machine")))}</p>'
-            + (f'<p class="meta">Settings: {_text(_key_values(settings))}</p>' if settings else "")
-            + "</header>")
+    return (
+        f"<header><h1>MusicGen evaluation: {_text(report.get('name') or 'unnamed')}</h1>"
+        f'<p class="meta">Created {when} · machine: {_text(_key_values(report.get("machine")))}</p>'
+        + (f'<p class="meta">Settings: {_text(_key_values(settings))}</p>' if settings else "")
+        + "</header>"
+    )
 
 
 def _notes(report: dict) -> str:
     notes = report.get("notes") or []
     if not notes:
         return "<p>No notes.</p>"
-    return "<ul id=\"notes\">" + "".join(f"<li>{_text(note)}</li>" for note in notes) + "</ul>"
+    return '<ul id="notes">' + "".join(f"<li>{_text(note)}</li>" for note in notes) + "</ul>"
 
 
 def _plot_paths(plots: dict) -> tp.List[tp.Tuple[str, tp.Any]]:
@@ -197,29 +222,46 @@ def _plot_paths(plots: dict) -> tp.List[tp.Tuple[str, tp.Any]]:
 
 def _training(report_dir: Path, report: dict, labels: tp.Dict[str, str]) -> str:
     runs = report.get("runs") or []
-    rows = "".join(f'<tr><th scope="row">{_text(labels.get(r.get("model"), r.get("model")))}</th>'
-                   f'<td><code>{_text(r.get("xp") or "—")}</code></td><td>{_text(_number(r.get("best_epoch")))}'
-                   f'</td><td>{_text(_number(r.get("epochs")))}</td></tr>' for r in runs)
-    table = (f'<table id="runs"><thead><tr><th scope="col">model</th><th scope="col">experiment</th>'
-             f'<th scope="col">best epoch</th><th scope="col">epochs</th></tr></thead><tbody>{rows}</tbody></table>'
-             if runs else "<p>No training runs.</p>")
+    rows = "".join(
+        f'<tr><th scope="row">{_text(labels.get(r.get("model"), r.get("model")))}</th>'
+        f"<td><code>{_text(r.get('xp') or '—')}</code></td><td>{_text(_number(r.get('best_epoch')))}"
+        f"</td><td>{_text(_number(r.get('epochs')))}</td></tr>"
+        for r in runs
+    )
+    table = (
+        f'<table id="runs"><thead><tr><th scope="col">model</th><th scope="col">experiment</th>'
+        f'<th scope="col">best epoch</th><th scope="col">epochs</th></tr></thead><tbody>{rows}</tbody></table>'
+        if runs
+        else "<p>No training runs.</p>"
+    )
     figures = []
     for name, path in _plot_paths(report.get("plots") or {}):
-        caption = ("Cross-entropy per epoch: train dashed, validation solid; a star and a dotted line mark each "
-                   "run's best epoch." if name == "loss" else name.replace("_", " "))
-        figures.append(f'<figure class="plot">{_image(report_dir, path, caption)}'
-                       f'<figcaption>{_text(caption)}</figcaption></figure>')
+        caption = (
+            "Cross-entropy per epoch: train dashed, validation solid; a star and a dotted line mark each "
+            "run's best epoch."
+            if name == "loss"
+            else name.replace("_", " ")
+        )
+        figures.append(
+            f'<figure class="plot">{_image(report_dir, path, caption)}'
+            f"<figcaption>{_text(caption)}</figcaption></figure>"
+        )
     return table + "".join(figures)
 
 
 def _models(report: dict) -> str:
-    rows = "".join(f'<tr><th scope="row">{_text(m.get("label", m["id"]))}</th><td><code>{_text(m["id"])}</code>'
-                   f'</td><td><code>{_text(m.get("path") or "—")}</code></td>'
-                   f'<td><code>{_text(m.get("adapter") or "—")}</code></td>'
-                   f'<td><code>{_text(m.get("xp") or "—")}</code></td></tr>' for m in report.get("models") or [])
-    return (f'<table id="models"><thead><tr><th scope="col">model</th><th scope="col">id</th><th scope="col">path'
-            f'</th><th scope="col">adapter</th><th scope="col">experiment</th></tr></thead><tbody>{rows}</tbody>'
-            "</table>")
+    rows = "".join(
+        f'<tr><th scope="row">{_text(m.get("label", m["id"]))}</th><td><code>{_text(m["id"])}</code>'
+        f"</td><td><code>{_text(m.get('path') or '—')}</code></td>"
+        f"<td><code>{_text(m.get('adapter') or '—')}</code></td>"
+        f"<td><code>{_text(m.get('xp') or '—')}</code></td></tr>"
+        for m in report.get("models") or []
+    )
+    return (
+        f'<table id="models"><thead><tr><th scope="col">model</th><th scope="col">id</th><th scope="col">path'
+        f'</th><th scope="col">adapter</th><th scope="col">experiment</th></tr></thead><tbody>{rows}</tbody>'
+        "</table>"
+    )
 
 
 def _side_by_side(report_dir: Path, report: dict, labels: tp.Dict[str, str]) -> str:
@@ -230,15 +272,23 @@ def _side_by_side(report_dir: Path, report: dict, labels: tp.Dict[str, str]) -> 
         for model, label in labels.items():
             sample = samples.get((index, model))
             name = f"{label}, prompt {index + 1}"
-            cells.append(f'<figure class="sample" data-model="{_text(model)}"><figcaption>{_text(label)}'
-                         "</figcaption>"
-                         + (_audio(report_dir, sample.get("audio"), name)
-                            + _image(report_dir, sample.get("spectrogram"), f"Spectrogram, {name}", "spectrogram")
-                            + _descriptors(sample.get("descriptors")) if sample else "<p>no sample</p>")
-                         + "</figure>")
-        articles.append(f'<article class="prompt-row"><h3>Prompt {index + 1}</h3>'
-                        f'<p class="prompt">{_text(_prompt_words(prompt))}</p>'
-                        f'<div class="columns">{"".join(cells)}</div></article>')
+            cells.append(
+                f'<figure class="sample" data-model="{_text(model)}"><figcaption>{_text(label)}'
+                "</figcaption>"
+                + (
+                    _audio(report_dir, sample.get("audio"), name)
+                    + _image(report_dir, sample.get("spectrogram"), f"Spectrogram, {name}", "spectrogram")
+                    + _descriptors(sample.get("descriptors"))
+                    if sample
+                    else "<p>no sample</p>"
+                )
+                + "</figure>"
+            )
+        articles.append(
+            f'<article class="prompt-row"><h3>Prompt {index + 1}</h3>'
+            f'<p class="prompt">{_text(_prompt_words(prompt))}</p>'
+            f'<div class="columns">{"".join(cells)}</div></article>'
+        )
     return "".join(articles) or "<p>No prompts.</p>"
 
 
@@ -246,10 +296,14 @@ def _references(report_dir: Path, report: dict) -> str:
     figures = []
     for index, reference in enumerate(report.get("references") or []):
         name = f"Reference {index + 1}"
-        figures.append(f'<figure class="sample"><figcaption>{_text(name)}: {_text(reference.get("caption") or "")}'
-                       "</figcaption>" + _audio(report_dir, reference.get("audio"), name)
-                       + _image(report_dir, reference.get("spectrogram"), f"Spectrogram, {name}", "spectrogram")
-                       + _descriptors(reference.get("descriptors")) + "</figure>")
+        figures.append(
+            f'<figure class="sample"><figcaption>{_text(name)}: {_text(reference.get("caption") or "")}'
+            "</figcaption>"
+            + _audio(report_dir, reference.get("audio"), name)
+            + _image(report_dir, reference.get("spectrogram"), f"Spectrogram, {name}", "spectrogram")
+            + _descriptors(reference.get("descriptors"))
+            + "</figure>"
+        )
     return f'<div class="columns references">{"".join(figures)}</div>' if figures else "<p>No reference clips.</p>"
 
 
@@ -265,8 +319,15 @@ def blind_pairs(report: dict) -> tp.List[dict]:
                 continue
             order = [models[0], other]
             random.Random(f"{report.get('name')}|{report.get('created')}|{index}|{other}").shuffle(order)
-            pairs.append({"prompt": index, "prompt_text": prompt.get("text", ""), "order": order,
-                          "audio": [audio[(index, model)] for model in order], "words": _prompt_words(prompt)})
+            pairs.append(
+                {
+                    "prompt": index,
+                    "prompt_text": prompt.get("text", ""),
+                    "order": order,
+                    "audio": [audio[(index, model)] for model in order],
+                    "words": _prompt_words(prompt),
+                }
+            )
     return pairs
 
 
@@ -275,11 +336,15 @@ def _blind(report_dir: Path, pairs: tp.List[dict]) -> str:
         return "<p>No pairs to compare: the blind test needs samples of the base model and another model.</p>"
     articles = []
     for i, pair in enumerate(pairs):
-        players = "".join(f'<figure><figcaption>{letter}</figcaption>'
-                          f'{_audio(report_dir, path, f"Sample {letter} of pair {i + 1}")}</figure>'
-                          for letter, path in zip("AB", pair["audio"]))
-        options = "".join(f'<label><input type="radio" name="choice-{i}" value="{value}"> {text}</label>'
-                          for value, text in zip(CHOICES, ("A", "B", "same / no preference")))
+        players = "".join(
+            f"<figure><figcaption>{letter}</figcaption>"
+            f"{_audio(report_dir, path, f'Sample {letter} of pair {i + 1}')}</figure>"
+            for letter, path in zip("AB", pair["audio"])
+        )
+        options = "".join(
+            f'<label><input type="radio" name="choice-{i}" value="{value}"> {text}</label>'
+            for value, text in zip(CHOICES, ("A", "B", "same / no preference"))
+        )
         articles.append(
             f'<article class="pair" data-pair="{i}" aria-labelledby="pair-{i}-title">'
             f'<h3 id="pair-{i}-title">Pair {i + 1} · prompt {pair["prompt"] + 1}</h3>'
@@ -287,7 +352,8 @@ def _blind(report_dir: Path, pairs: tp.List[dict]) -> str:
             f'<fieldset class="choice" disabled><legend>Which do you prefer?</legend>{options}</fieldset>'
             f'<label class="note">Note (optional) <input type="text" maxlength="{MAX_NOTE_CHARS}"></label> '
             '<button type="button" class="reveal" disabled>Reveal (after choosing)</button>'
-            '<p class="revealed" hidden></p><p class="pair-status" role="status"></p></article>')
+            '<p class="revealed" hidden></p><p class="pair-status" role="status"></p></article>'
+        )
     return (
         "<p>Each pair holds the base model and one other model, as A and B in a random order drawn once per pair. "
         "Listen to both, choose, then reveal; a revealed choice is locked.</p>"
@@ -296,7 +362,8 @@ def _blind(report_dir: Path, pairs: tp.List[dict]) -> str:
         '<h3>Summary</h3><p>Latest choice per pair: <span id="ab-progress"></span></p>'
         '<table id="ab-summary" aria-label="Wins, losses and ties per model">'
         '<thead><tr><th scope="col">model</th><th scope="col">wins</th><th scope="col">losses</th>'
-        '<th scope="col">ties</th></tr></thead><tbody></tbody></table>' + "".join(articles))
+        '<th scope="col">ties</th></tr></thead><tbody></tbody></table>' + "".join(articles)
+    )
 
 
 # --- page ----------------------------------------------------------------------------------------------------------
@@ -311,9 +378,11 @@ def asset(name: str) -> str:
 
 def _page_data(report: dict, pairs: tp.List[dict]) -> str:
     """The data the script needs, as JSON safe inside a <script> element."""
-    data = {"storage_key": f"{report.get('name')}|{report.get('created')}",
-            "models": {m["id"]: m.get("label") or m["id"] for m in report.get("models") or []},
-            "pairs": [{key: pair[key] for key in ("prompt", "prompt_text", "order")} for pair in pairs]}
+    data = {
+        "storage_key": f"{report.get('name')}|{report.get('created')}",
+        "models": {m["id"]: m.get("label") or m["id"] for m in report.get("models") or []},
+        "pairs": [{key: pair[key] for key in ("prompt", "prompt_text", "order")} for pair in pairs],
+    }
     text = json.dumps(data, ensure_ascii=False)
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
@@ -323,25 +392,40 @@ def render(report_dir: Path, report: dict) -> str:
     report_dir = Path(report_dir)
     labels = {m["id"]: m.get("label") or m["id"] for m in report.get("models") or []}
     pairs = blind_pairs(report)
-    results = ("<h2>Metrics</h2>" + _metrics_table(report, labels) + "<h2>Notes</h2>" + _notes(report)
-               + "<h2>Training</h2>" + _training(report_dir, report, labels) + "<h2>Models</h2>" + _models(report))
-    tabs = [("results", "Results", results),
-            ("side-by-side", "Side by side", "<h2>Side by side</h2>" + _side_by_side(report_dir, report, labels)),
-            ("blind", "Blind A/B", "<h2>Blind A/B</h2>" + _blind(report_dir, pairs)),
-            ("references", "References", "<h2>Reference clips</h2>" + _references(report_dir, report))]
-    buttons = "".join(f'<button type="button" role="tab" id="tab-{key}" aria-controls="{key}" '
-                      f'aria-selected="false">{title}</button>' for key, title, _ in tabs)
-    panels = "".join(f'<section id="{key}" role="tabpanel" aria-labelledby="tab-{key}">{body}</section>'
-                     for key, _, body in tabs)
-    return ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            '<meta name="viewport" content="width=device-width, initial-scale=1">'
-            f"<title>MusicGen evaluation: {_text(report.get('name') or 'unnamed')}</title>"
-            '<link rel="icon" href="data:,">'  # no /favicon.ico request, so no 404 in the console
-            f"<style>{asset('report.css')}</style></head>\n<body>{_header(report)}"
-            f'<nav class="tabs" role="tablist" aria-label="Report sections">{buttons}</nav>'
-            f"<main>{panels}</main>\n"
-            f'<script type="application/json" id="report-data">{_page_data(report, pairs)}</script>\n'
-            f"<script>{asset('report.js')}</script></body></html>\n")
+    results = (
+        "<h2>Metrics</h2>"
+        + _metrics_table(report, labels)
+        + "<h2>Notes</h2>"
+        + _notes(report)
+        + "<h2>Training</h2>"
+        + _training(report_dir, report, labels)
+        + "<h2>Models</h2>"
+        + _models(report)
+    )
+    tabs = [
+        ("results", "Results", results),
+        ("side-by-side", "Side by side", "<h2>Side by side</h2>" + _side_by_side(report_dir, report, labels)),
+        ("blind", "Blind A/B", "<h2>Blind A/B</h2>" + _blind(report_dir, pairs)),
+        ("references", "References", "<h2>Reference clips</h2>" + _references(report_dir, report)),
+    ]
+    buttons = "".join(
+        f'<button type="button" role="tab" id="tab-{key}" aria-controls="{key}" aria-selected="false">{title}</button>'
+        for key, title, _ in tabs
+    )
+    panels = "".join(
+        f'<section id="{key}" role="tabpanel" aria-labelledby="tab-{key}">{body}</section>' for key, _, body in tabs
+    )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>MusicGen evaluation: {_text(report.get('name') or 'unnamed')}</title>"
+        '<link rel="icon" href="data:,">'  # no /favicon.ico request, so no 404 in the console
+        f"<style>{asset('report.css')}</style></head>\n<body>{_header(report)}"
+        f'<nav class="tabs" role="tablist" aria-label="Report sections">{buttons}</nav>'
+        f"<main>{panels}</main>\n"
+        f'<script type="application/json" id="report-data">{_page_data(report, pairs)}</script>\n'
+        f"<script>{asset('report.js')}</script></body></html>\n"
+    )
 
 
 def write(report_dir: Path, report: dict) -> Path:
@@ -351,5 +435,3 @@ def write(report_dir: Path, report: dict) -> Path:
     page = report_dir / PAGE
     write_text_atomically(page, render(report_dir, report))
     return page
-
-

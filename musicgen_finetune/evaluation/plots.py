@@ -2,6 +2,7 @@
 
 Figures are drawn on matplotlib's Agg canvas directly (no pyplot): no GUI, no global state, safe in threads.
 """
+
 import itertools
 import math
 import typing as tp
@@ -16,13 +17,13 @@ from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator
 
 from ..files import write_atomically
 
-SPECTROGRAM_SIZE = (5.0, 2.0)   # inches; at SPECTROGRAM_DPI, 500 x 200 pixels
+SPECTROGRAM_SIZE = (5.0, 2.0)  # inches; at SPECTROGRAM_DPI, 500 x 200 pixels
 SPECTROGRAM_DPI = 100
-LOWEST_HZ = 20.0                # the axis starts below the 30-120 Hz 808 band
-FLOOR_DB = -80.0                # quieter than this (relative to the loudest bin) is drawn as silence
+LOWEST_HZ = 20.0  # the axis starts below the 30-120 Hz 808 band
+FLOOR_DB = -80.0  # quieter than this (relative to the loudest bin) is drawn as silence
 BAND_808_HZ = (30.0, 120.0)
-MAX_FRAMES = 1000               # spectrogram columns: about two per pixel of the default image
-LOG_ROWS = 400                  # spectrogram rows, log-spaced from LOWEST_HZ: two per pixel
+MAX_FRAMES = 1000  # spectrogram columns: about two per pixel of the default image
+LOG_ROWS = 400  # spectrogram rows, log-spaced from LOWEST_HZ: two per pixel
 FREQUENCY_TICKS_HZ = [30, 60, 120, 250, 500, 1000, 2000, 4000, 8000, 16000]
 
 
@@ -70,8 +71,16 @@ def loss_curves(runs: tp.Sequence[dict], out_png: Path) -> tp.Optional[Path]:
         if best is not None:
             axes.axvline(best, color=colour, linestyle=":", linewidth=1)
             if best in valid[0]:
-                axes.plot([best], [valid[1][valid[0].index(best)]], marker="*", markersize=14, color=colour,
-                          markeredgecolor="black", linestyle="none", label=f"{label} best (epoch {best})")
+                axes.plot(
+                    [best],
+                    [valid[1][valid[0].index(best)]],
+                    marker="*",
+                    markersize=14,
+                    color=colour,
+                    markeredgecolor="black",
+                    linestyle="none",
+                    label=f"{label} best (epoch {best})",
+                )
         drawn = True
     if not drawn:
         return None
@@ -88,8 +97,10 @@ def _mono(audio_path: Path) -> tp.Tuple[np.ndarray, int]:
     try:
         data, rate = sf.read(str(audio_path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError) as error:
-        raise ValueError(f"{audio_path}: cannot read it as audio ({error}); spectrograms need a file libsndfile "
-                         "reads (wav, flac, ogg).") from error
+        raise ValueError(
+            f"{audio_path}: cannot read it as audio ({error}); spectrograms need a file libsndfile "
+            "reads (wav, flac, ogg)."
+        ) from error
     if not len(data):
         raise ValueError(f"{audio_path}: the file holds no samples; regenerate it.")
     return data.mean(axis=1), int(rate)
@@ -115,16 +126,16 @@ def _log_magnitude(mono: np.ndarray, rate: int) -> tp.Tuple[np.ndarray, np.ndarr
     return np.arange(frames.shape[0]) * hop / rate, centres, np.maximum(db, FLOOR_DB)
 
 
-def spectrogram(audio_path: Path, out_png: Path, size: tp.Tuple[float, float] = SPECTROGRAM_SIZE,
-                dpi: int = SPECTROGRAM_DPI) -> Path:
+def spectrogram(
+    audio_path: Path, out_png: Path, size: tp.Tuple[float, float] = SPECTROGRAM_SIZE, dpi: int = SPECTROGRAM_DPI
+) -> Path:
     """Log-magnitude spectrogram of the mono mix on a log-frequency axis, the 808 band (30-120 Hz) between dotted
     lines; compact and title-free, `size` inches at `dpi` (500 x 200 pixels by default)."""
     mono, rate = _mono(Path(audio_path))
     times, frequencies, db = _log_magnitude(mono, rate)
     figure = _new_figure(size, dpi)
     axes = figure.add_axes((0.08, 0.17, 0.89, 0.81))
-    axes.pcolormesh(times, frequencies, db, shading="nearest", cmap="magma", vmin=FLOOR_DB, vmax=0,
-                    rasterized=True)
+    axes.pcolormesh(times, frequencies, db, shading="nearest", cmap="magma", vmin=FLOOR_DB, vmax=0, rasterized=True)
     axes.set_yscale("log")
     axes.set_ylim(LOWEST_HZ, rate / 2)
     ticks = [hz for hz in FREQUENCY_TICKS_HZ if hz < rate / 2]

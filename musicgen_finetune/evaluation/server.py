@@ -5,6 +5,7 @@ keeps choices in the browser's localStorage and a button downloads them as choic
 "prompt_text", "pair": [A id, B id], "choice": "A"|"B"|"same", "preferred_model": id or null, "note", "time"}; a
 later record for the same prompt and models replaces an earlier one in the summary.
 """
+
 import errno
 import functools
 import json
@@ -51,10 +52,15 @@ def checked_choice(entry: tp.Any) -> dict:
     note = entry.get("note") or ""
     if not isinstance(note, str):
         raise ValueError(f"note={note!r}: give text")
-    return {"prompt": entry.get("prompt"), "prompt_text": entry.get("prompt_text"), "pair": pair, "choice": choice,
-            "preferred_model": {"A": pair[0], "B": pair[1]}.get(choice),  # from the choice, whatever was sent
-            "note": note[:MAX_NOTE_CHARS],
-            "time": str(entry.get("time") or datetime.now(timezone.utc).isoformat(timespec="seconds"))}
+    return {
+        "prompt": entry.get("prompt"),
+        "prompt_text": entry.get("prompt_text"),
+        "pair": pair,
+        "choice": choice,
+        "preferred_model": {"A": pair[0], "B": pair[1]}.get(choice),  # from the choice, whatever was sent
+        "note": note[:MAX_NOTE_CHARS],
+        "time": str(entry.get("time") or datetime.now(timezone.utc).isoformat(timespec="seconds")),
+    }
 
 
 class ReportServer(ThreadingHTTPServer):
@@ -78,6 +84,7 @@ RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 class ReportHandler(SimpleHTTPRequestHandler):
     """The report folder's files (with byte ranges, so players can seek), GET /choices.json, POST /choices."""
+
     server: ReportServer
     _range_left: tp.Optional[int] = None
 
@@ -117,8 +124,9 @@ class ReportHandler(SimpleHTTPRequestHandler):
         try:
             with self.server.choices_lock:
                 records = _read_choices(self.server.choices_path) + [entry]
-                write_text_atomically(self.server.choices_path,
-                                      json.dumps(records, indent=1, ensure_ascii=False) + "\n")
+                write_text_atomically(
+                    self.server.choices_path, json.dumps(records, indent=1, ensure_ascii=False) + "\n"
+                )
         except (ValueError, OSError) as error:
             return self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(error)})
         self._send_json(HTTPStatus.OK, {"saved": len(records)})
@@ -169,14 +177,18 @@ def make_server(report_dir: Path, port: int = 8000, host: str = "127.0.0.1", qui
     """A server for `report_dir`, not yet serving (call serve_forever); port 0 picks a free port."""
     report_dir = Path(report_dir)
     if not (report_dir / PAGE).is_file():
-        raise ReportFolderError(f"REPORT={report_dir}: {report_dir / PAGE} does not exist. Give a folder written by "
-                                "`make eval` (output/reports/<name>, or output/demo/report).")
+        raise ReportFolderError(
+            f"REPORT={report_dir}: {report_dir / PAGE} does not exist. Give a folder written by "
+            "`make eval` (output/reports/<name>, or output/demo/report)."
+        )
     try:
         return ReportServer(report_dir, (host, port), quiet=quiet)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise ReportFolderError(f"PORT={port}: port {port} on {host} is in use; choose another "
-                                    f"(make listen REPORT={report_dir} PORT={port + 1}).") from error
+            raise ReportFolderError(
+                f"PORT={port}: port {port} on {host} is in use; choose another "
+                f"(make listen REPORT={report_dir} PORT={port + 1})."
+            ) from error
         raise
 
 

@@ -1,5 +1,6 @@
 """The grid table: upstream's LM explorer (train/valid cross-entropy, best valid perplexity) plus how each run
 ended and its best epoch (from the solver's done.json)."""
+
 import treetable as tt
 from audiocraft.grids.musicgen._explorers import LMExplorer
 

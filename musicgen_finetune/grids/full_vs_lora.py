@@ -1,4 +1,5 @@
 """Full fine-tuning against LoRA, on the same model, data and preset."""
+
 from ._base import base_overrides
 from ._explorers import FinetuneExplorer
 

@@ -1,4 +1,5 @@
 """LoRA rank against learning rate (alpha = 2 x rank, so the adapters' scale stays the same)."""
+
 from ._base import base_overrides
 from ._explorers import FinetuneExplorer
 

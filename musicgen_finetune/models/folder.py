@@ -7,6 +7,7 @@
 
 Transformers files in the same folder (config.json, model.safetensors, ...) are ignored here.
 """
+
 import dataclasses
 import os
 import typing as tp
@@ -47,14 +48,17 @@ class ModelFiles:
 class StateDictReport:
     matched: int
     total: int
-    missing: tp.List[str]       # in the model, not in the file: keep their initial values
-    unexpected: tp.List[str]    # in the file, not in the model
-    mismatched: tp.List[str]    # in both, with different shapes
+    missing: tp.List[str]  # in the model, not in the file: keep their initial values
+    unexpected: tp.List[str]  # in the file, not in the model
+    mismatched: tp.List[str]  # in both, with different shapes
 
     def describe(self) -> str:
         parts = []
-        for label, keys in (("unexpected", self.unexpected), ("shape mismatch", self.mismatched),
-                            ("missing", self.missing)):
+        for label, keys in (
+            ("unexpected", self.unexpected),
+            ("shape mismatch", self.mismatched),
+            ("missing", self.missing),
+        ):
             if keys:
                 parts.append(f"{len(keys)} {label} ({', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''})")
         return "; ".join(parts) or f"all {self.total} tensors match"
@@ -63,10 +67,12 @@ class StateDictReport:
 def compare_state_dicts(model_state: tp.Mapping[str, tp.Any], loaded: tp.Mapping[str, tp.Any]) -> StateDictReport:
     matched = [k for k in loaded if k in model_state and tuple(loaded[k].shape) == tuple(model_state[k].shape)]
     return StateDictReport(
-        matched=len(matched), total=len(model_state),
+        matched=len(matched),
+        total=len(model_state),
         missing=[k for k in model_state if k not in loaded],
         unexpected=[k for k in loaded if k not in model_state],
-        mismatched=[k for k in loaded if k in model_state and k not in matched])
+        mismatched=[k for k in loaded if k in model_state and k not in matched],
+    )
 
 
 def lm_file(name: tp.Union[str, Path]) -> Path:
@@ -84,8 +90,10 @@ def load_package(path: Path) -> dict:
     except RuntimeError as err:  # not a zip-format torch file
         raise ModelDirError(f"{path} is not a readable torch file ({err}).") from err
     if not isinstance(package, dict) or "best_state" not in package:
-        raise ModelDirError(f"{path} has no 'best_state': it is not an AudioCraft model file. A training "
-                            "checkpoint (checkpoint.th) must be exported first: `make export XP=<signature>`.")
+        raise ModelDirError(
+            f"{path} has no 'best_state': it is not an AudioCraft model file. A training "
+            "checkpoint (checkpoint.th) must be exported first: `make export XP=<signature>`."
+        )
     return package
 
 
@@ -97,8 +105,11 @@ def _hf_cache_dirs() -> tp.List[Path]:
 
 
 def is_t5_dir(path: Path) -> bool:
-    return ((path / "config.json").is_file() and (path / "spiece.model").is_file()
-            and any((path / w).is_file() for w in T5_WEIGHTS))
+    return (
+        (path / "config.json").is_file()
+        and (path / "spiece.model").is_file()
+        and any((path / w).is_file() for w in T5_WEIGHTS)
+    )
 
 
 def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = None) -> Path:
@@ -108,7 +119,8 @@ def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = 
         if not is_t5_dir(path):
             raise ModelDirError(
                 f"T5={path} is not a T5 folder: it needs config.json, spiece.model and "
-                f"{' or '.join(T5_WEIGHTS)} (T5EncoderModel.save_pretrained + T5Tokenizer.save_pretrained).")
+                f"{' or '.join(T5_WEIGHTS)} (T5EncoderModel.save_pretrained + T5Tokenizer.save_pretrained)."
+            )
         return path
     candidates = [root / T5_SUBDIR, root / Path(name).name, Path(name).expanduser()]
     short = name.split("/")[-1]
@@ -124,7 +136,8 @@ def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = 
         f"No local copy of the T5 text encoder '{name}' that {root / LM_FILE} was trained with (looked in: "
         f"{looked}). Provide it with T5=/path/to/{short} (a folder with config.json, spiece.model and the weights), "
         f"or put it at {root / T5_SUBDIR}, or download it once where the hub is reachable: "
-        f"`huggingface-cli download {name}` (then copy ~/.cache/huggingface here).")
+        f"`huggingface-cli download {name}` (then copy ~/.cache/huggingface here)."
+    )
 
 
 def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = None) -> ModelFiles:
@@ -132,33 +145,49 @@ def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = Non
     missing and how to fix it. Only reads (weights memory-mapped)."""
     root = Path(model).expanduser().resolve()
     if not root.is_dir():
-        raise ModelDirError(f"MODEL={model}: {root} is not a folder. Point MODEL at a local copy of "
-                            "facebook/musicgen-small (state_dict.bin, compression_state_dict.bin).")
+        raise ModelDirError(
+            f"MODEL={model}: {root} is not a folder. Point MODEL at a local copy of "
+            "facebook/musicgen-small (state_dict.bin, compression_state_dict.bin)."
+        )
     lm, compression = root / LM_FILE, root / COMPRESSION_FILE
     missing = [p for p in (lm, compression) if not p.is_file()]
     if missing:
         hint = ""
         if (root / "model.safetensors").is_file() and (root / "config.json").is_file():
-            hint = (" It has transformers files (config.json + model.safetensors), but not of a MusicGen "
-                    "(MusicgenForConditionalGeneration) that could be converted.")
-        raise ModelDirError(f"MODEL={root} lacks {', '.join(p.name for p in missing)}.{hint} Download the "
-                            "snapshot of facebook/musicgen-small (state_dict.bin and compression_state_dict.bin) "
-                            "into that folder.")
+            hint = (
+                " It has transformers files (config.json + model.safetensors), but not of a MusicGen "
+                "(MusicgenForConditionalGeneration) that could be converted."
+            )
+        raise ModelDirError(
+            f"MODEL={root} lacks {', '.join(p.name for p in missing)}.{hint} Download the "
+            "snapshot of facebook/musicgen-small (state_dict.bin and compression_state_dict.bin) "
+            "into that folder."
+        )
     package = load_package(lm)
     if "xp.cfg" not in package:
-        raise ModelDirError(f"{lm} has no 'xp.cfg': the LM's architecture cannot be known. Use an exported "
-                            "AudioCraft model (MusicGen snapshot or `make export`).")
+        raise ModelDirError(
+            f"{lm} has no 'xp.cfg': the LM's architecture cannot be known. Use an exported "
+            "AudioCraft model (MusicGen snapshot or `make export`)."
+        )
     xp_cfg = OmegaConf.create(package["xp.cfg"])
     compression_package = load_package(compression)
     if "pretrained" in compression_package or "xp.cfg" not in compression_package:
         raise ModelDirError(
             f"{compression} only points at '{compression_package.get('pretrained')}' instead of holding the "
             "EnCodec weights, which would need the hub. Copy the real compression_state_dict.bin of "
-            "facebook/musicgen-small there.")
+            "facebook/musicgen-small there."
+        )
     t5_dir = None
     t5_cfg = OmegaConf.select(xp_cfg, "conditioners.description.t5")
     if OmegaConf.select(xp_cfg, "conditioners.description.model") == "t5" and t5_cfg is not None:
         t5_dir = find_t5(root, str(t5_cfg.name), t5)
     state = package["best_state"]
-    return ModelFiles(root=root, lm=lm, compression=compression, t5=t5_dir, xp_cfg=xp_cfg, tensors=len(state),
-                      parameters=sum(t.numel() for t in state.values()))
+    return ModelFiles(
+        root=root,
+        lm=lm,
+        compression=compression,
+        t5=t5_dir,
+        xp_cfg=xp_cfg,
+        tensors=len(state),
+        parameters=sum(t.numel() for t in state.values()),
+    )

@@ -1,5 +1,6 @@
 """Opening a model folder given as MODEL=: a transformers-format MusicGen is converted once to AudioCraft's layout
 (cached under <output>/hf_cache/), then the folder is checked (`folder.check`, which only reads)."""
+
 import typing as tp
 from pathlib import Path
 

@@ -1,10 +1,11 @@
 """The config a model was trained with (`xp.cfg` in its state_dict.bin), and the LM built from it.
 
-    to_yaml(cfg)                           the one writer of an 'xp.cfg': a yaml string, interpolations resolved
-    package(cfg, state, **extra)           what torch.save writes as state_dict.bin / compression_state_dict.bin
-    build_lm(cfg, state, device, t5)       AudioCraft's LM for a config (the T5 from a local folder), its weights
-    architecture_overrides(model, run)     `key=value` giving a run's config the model's architecture
+to_yaml(cfg)                           the one writer of an 'xp.cfg': a yaml string, interpolations resolved
+package(cfg, state, **extra)           what torch.save writes as state_dict.bin / compression_state_dict.bin
+build_lm(cfg, state, device, t5)       AudioCraft's LM for a config (the T5 from a local folder), its weights
+architecture_overrides(model, run)     `key=value` giving a run's config the model's architecture
 """
+
 import typing as tp
 from pathlib import Path
 
@@ -16,11 +17,21 @@ from .. import patches
 from ..config import hydra_value, leaves
 
 # What must match between a snapshot and the run's config for its weights to load; the rest is optimisation.
-ARCHITECTURE_SECTIONS = ("lm_model", "sample_rate", "channels", "transformer_lm", "codebooks_pattern", "fuser",
-                         "conditioners")
+ARCHITECTURE_SECTIONS = (
+    "lm_model",
+    "sample_rate",
+    "channels",
+    "transformer_lm",
+    "codebooks_pattern",
+    "fuser",
+    "conditioners",
+)
 # Keys of the architecture sections that say how to run the model, not what it is: the preset decides them.
-RUNTIME_KEYS = ("transformer_lm.checkpointing", "transformer_lm.memory_efficient",
-                "transformer_lm.attention_as_float32")
+RUNTIME_KEYS = (
+    "transformer_lm.checkpointing",
+    "transformer_lm.memory_efficient",
+    "transformer_lm.attention_as_float32",
+)
 T5_NAME = "conditioners.description.t5.name"
 
 
@@ -35,8 +46,13 @@ def package(cfg: DictConfig, state: tp.Mapping[str, torch.Tensor], **extra: tp.A
     return {"best_state": dict(state), "xp.cfg": to_yaml(cfg), **extra}
 
 
-def build_lm(cfg: DictConfig, state: tp.Optional[tp.Mapping[str, torch.Tensor]] = None, device: str = "cpu",
-             t5: tp.Optional[tp.Union[str, Path]] = None, strict: bool = True):
+def build_lm(
+    cfg: DictConfig,
+    state: tp.Optional[tp.Mapping[str, torch.Tensor]] = None,
+    device: str = "cpu",
+    t5: tp.Optional[tp.Union[str, Path]] = None,
+    strict: bool = True,
+):
     """AudioCraft's LMModel for `cfg` in float32 on `device`, with `state` loaded (float32) when given.
 
     Args:
@@ -64,8 +80,11 @@ def build_lm(cfg: DictConfig, state: tp.Optional[tp.Mapping[str, torch.Tensor]] 
 def architecture_sections(cfg: DictConfig) -> dict:
     """The architecture sections as plain values. Only they are resolved: a released xp.cfg also holds paths
     such as ${oc.env:USER} that need not resolve here."""
-    return {s: OmegaConf.to_container(cfg[s], resolve=True) if OmegaConf.is_config(cfg[s]) else cfg[s]
-            for s in ARCHITECTURE_SECTIONS if s in cfg}
+    return {
+        s: OmegaConf.to_container(cfg[s], resolve=True) if OmegaConf.is_config(cfg[s]) else cfg[s]
+        for s in ARCHITECTURE_SECTIONS
+        if s in cfg
+    }
 
 
 def architecture_overrides(snapshot_cfg: DictConfig, run_cfg: DictConfig) -> tp.List[str]:

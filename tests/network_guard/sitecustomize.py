@@ -1,5 +1,6 @@
 """Loaded by every Python process the end-to-end tests start (PYTHONPATH): any attempt to reach the network is
 written to $NETWORK_GUARD_LOG and fails. Unix sockets (multiprocessing) stay allowed."""
+
 import os
 import socket
 

@@ -34,6 +34,7 @@ AudioCraft's own 32 kHz EnCodec `constant`; they differ only near the edges of t
 Unsupported variants (stereo, melody/chroma conditioning, patterns other than MusicGen's delay, biases, post-norm,
 ...) are refused with an `UnsupportedModelError` naming every difference.
 """
+
 import dataclasses
 import typing as tp
 
@@ -57,21 +58,38 @@ class UnsupportedModelError(ConversionError):
 class UnmappedTensorsError(ConversionError):
     """Some tensors did not map; the lists name them on both sides."""
 
-    def __init__(self, what: str, unused: tp.Sequence[str] = (), reused: tp.Sequence[str] = (),
-                 absent: tp.Sequence[str] = (), unfilled: tp.Sequence[str] = (), unexpected: tp.Sequence[str] = (),
-                 twice: tp.Sequence[str] = (), mismatched: tp.Sequence[str] = ()):
+    def __init__(
+        self,
+        what: str,
+        unused: tp.Sequence[str] = (),
+        reused: tp.Sequence[str] = (),
+        absent: tp.Sequence[str] = (),
+        unfilled: tp.Sequence[str] = (),
+        unexpected: tp.Sequence[str] = (),
+        twice: tp.Sequence[str] = (),
+        mismatched: tp.Sequence[str] = (),
+    ):
         self.unused, self.reused, self.absent = list(unused), list(reused), list(absent)
-        self.unfilled, self.unexpected, self.twice, self.mismatched = (list(unfilled), list(unexpected),
-                                                                        list(twice), list(mismatched))
+        self.unfilled, self.unexpected, self.twice, self.mismatched = (
+            list(unfilled),
+            list(unexpected),
+            list(twice),
+            list(mismatched),
+        )
         parts = []
-        for label, names in (("source tensors not used", self.unused), ("source tensors used twice", self.reused),
-                             ("source tensors expected but absent", self.absent),
-                             ("target tensors not filled", self.unfilled),
-                             ("target tensors the target model does not have", self.unexpected),
-                             ("target tensors filled twice", self.twice), ("shape mismatches", self.mismatched)):
+        for label, names in (
+            ("source tensors not used", self.unused),
+            ("source tensors used twice", self.reused),
+            ("source tensors expected but absent", self.absent),
+            ("target tensors not filled", self.unfilled),
+            ("target tensors the target model does not have", self.unexpected),
+            ("target tensors filled twice", self.twice),
+            ("shape mismatches", self.mismatched),
+        ):
             if names:
-                shown = ", ".join(names[:MAX_LISTED]) + (f", ... ({len(names) - MAX_LISTED} more)"
-                                                         if len(names) > MAX_LISTED else "")
+                shown = ", ".join(names[:MAX_LISTED]) + (
+                    f", ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else ""
+                )
                 parts.append(f"{len(names)} {label}: {shown}")
         super().__init__(f"{what}: the tensors do not map one to one.\n  " + "\n  ".join(parts))
 
@@ -89,6 +107,7 @@ def _same(tensors: Tensors, shapes: Shapes) -> Tensors:
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """Target tensors `targets` = fn(source tensors `sources`, target shapes)."""
+
     sources: tp.Tuple[str, ...]
     targets: tp.Tuple[str, ...]
     fn: tp.Callable[[Tensors, Shapes], Tensors] = _same
@@ -97,6 +116,7 @@ class Rule:
 @dataclasses.dataclass(frozen=True)
 class Link:
     """The same weights under AudioCraft names `ac` and transformers names `hf`, and how to go each way."""
+
     ac: tp.Tuple[str, ...]
     hf: tp.Tuple[str, ...]
     to_hf: tp.Callable[[Tensors, Shapes], Tensors] = _same
@@ -108,8 +128,12 @@ class Link:
         return Rule(self.hf, self.ac, self.to_ac)
 
 
-def apply_rules(rules: tp.Iterable[Rule], source: tp.Mapping[str, torch.Tensor],
-                expected: tp.Mapping[str, tp.Sequence[int]], what: str) -> tp.Dict[str, torch.Tensor]:
+def apply_rules(
+    rules: tp.Iterable[Rule],
+    source: tp.Mapping[str, torch.Tensor],
+    expected: tp.Mapping[str, tp.Sequence[int]],
+    what: str,
+) -> tp.Dict[str, torch.Tensor]:
     """The target state dict, or an UnmappedTensorsError listing every name that did not map, on both sides."""
     uses: tp.Dict[str, int] = {}
     produced: tp.Dict[str, torch.Tensor] = {}
@@ -129,8 +153,10 @@ def apply_rules(rules: tp.Iterable[Rule], source: tp.Mapping[str, torch.Tensor],
             elif target not in expected:
                 unexpected.append(target)
             elif tuple(tensor.shape) != tuple(expected[target]):
-                mismatched.append(f"{target} {tuple(tensor.shape)} from {', '.join(rule.sources) or 'nothing'}, "
-                                  f"expected {tuple(expected[target])}")
+                mismatched.append(
+                    f"{target} {tuple(tensor.shape)} from {', '.join(rule.sources) or 'nothing'}, "
+                    f"expected {tuple(expected[target])}"
+                )
             produced[target] = tensor
     unused = [name for name in source if name not in uses]
     reused = [name for name, count in uses.items() if count > 1]
@@ -145,7 +171,7 @@ def prefixed(state: tp.Mapping[str, tp.Any], prefix: str) -> tp.Dict[str, tp.Any
 
 
 def unprefixed(state: tp.Mapping[str, tp.Any], prefix: str) -> tp.Dict[str, tp.Any]:
-    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def values_known(tensors: Tensors) -> bool:
@@ -154,12 +180,13 @@ def values_known(tensors: Tensors) -> bool:
 
 # ------------------------------------------------------------------------------------------------------ the LM
 
+
 def _split3(tensors: Tensors, shapes: Shapes) -> Tensors:
     (fused,) = tensors
     if fused.shape[0] % 3:
         return [fused, fused, fused]  # reported as a shape mismatch
     size = fused.shape[0] // 3
-    return [fused[i * size:(i + 1) * size].clone() for i in range(3)]
+    return [fused[i * size : (i + 1) * size].clone() for i in range(3)]
 
 
 def _cat3(tensors: Tensors, shapes: Shapes) -> Tensors:
@@ -175,11 +202,15 @@ def _identity_projection(tensors: Tensors, shapes: Shapes) -> Tensors:
 
 def _drop_identity_projection(tensors: Tensors, shapes: Shapes) -> Tensors:
     weight, bias = tensors
-    if values_known(tensors) and (weight.shape[0] != weight.shape[1] or not torch.equal(
-            weight.float(), torch.eye(weight.shape[0])) or bool(bias.float().abs().max() > 0)):
+    if values_known(tensors) and (
+        weight.shape[0] != weight.shape[1]
+        or not torch.equal(weight.float(), torch.eye(weight.shape[0]))
+        or bool(bias.float().abs().max() > 0)
+    ):
         raise UnsupportedModelError(
             f"The T5 width equals the decoder width ({weight.shape[1]}), so transformers' MusicGen has no "
-            f"projection (enc_to_dec_proj), but this model's {OUTPUT_PROJ} is not the identity.")
+            f"projection (enc_to_dec_proj), but this model's {OUTPUT_PROJ} is not the identity."
+        )
     return []
 
 
@@ -190,19 +221,34 @@ def lm_links(num_layers: int, num_codebooks: int, projection: bool) -> tp.List[L
     if projection:
         links += [Link((f"{LM_PREFIX}{OUTPUT_PROJ}.{p}",), (f"enc_to_dec_proj.{p}",)) for p in ("weight", "bias")]
     else:
-        links.append(Link((f"{LM_PREFIX}{OUTPUT_PROJ}.weight", f"{LM_PREFIX}{OUTPUT_PROJ}.bias"), (),
-                          to_hf=_drop_identity_projection, to_ac=_identity_projection))
+        links.append(
+            Link(
+                (f"{LM_PREFIX}{OUTPUT_PROJ}.weight", f"{LM_PREFIX}{OUTPUT_PROJ}.bias"),
+                (),
+                to_hf=_drop_identity_projection,
+                to_ac=_identity_projection,
+            )
+        )
     for k in range(num_codebooks):
         links.append(Link((f"{LM_PREFIX}emb.{k}.weight",), (f"{dec}.embed_tokens.{k}.weight",)))
         links.append(Link((f"{LM_PREFIX}linears.{k}.weight",), (f"decoder.lm_heads.{k}.weight",)))
     for i in range(num_layers):
         ac, hf = f"{LM_PREFIX}transformer.layers.{i}", f"{dec}.layers.{i}"
         for ac_attn, hf_attn in (("self_attn", "self_attn"), ("cross_attention", "encoder_attn")):
-            links.append(Link((f"{ac}.{ac_attn}.in_proj_weight",),
-                              tuple(f"{hf}.{hf_attn}.{p}_proj.weight" for p in "qkv"), _split3, _cat3))
+            links.append(
+                Link(
+                    (f"{ac}.{ac_attn}.in_proj_weight",),
+                    tuple(f"{hf}.{hf_attn}.{p}_proj.weight" for p in "qkv"),
+                    _split3,
+                    _cat3,
+                )
+            )
             links.append(Link((f"{ac}.{ac_attn}.out_proj.weight",), (f"{hf}.{hf_attn}.out_proj.weight",)))
-        for ac_name, hf_name in (("norm1", "self_attn_layer_norm"), ("norm_cross", "encoder_attn_layer_norm"),
-                                 ("norm2", "final_layer_norm")):
+        for ac_name, hf_name in (
+            ("norm1", "self_attn_layer_norm"),
+            ("norm_cross", "encoder_attn_layer_norm"),
+            ("norm2", "final_layer_norm"),
+        ):
             links += [Link((f"{ac}.{ac_name}.{p}",), (f"{hf}.{hf_name}.{p}",)) for p in ("weight", "bias")]
         links += [Link((f"{ac}.linear{n}.weight",), (f"{hf}.fc{n}.weight",)) for n in (1, 2)]
     links += [Link((f"{LM_PREFIX}out_norm.{p}",), (f"{dec}.layer_norm.{p}",)) for p in ("weight", "bias")]
@@ -210,6 +256,7 @@ def lm_links(num_layers: int, num_codebooks: int, projection: bool) -> tp.List[L
 
 
 # --------------------------------------------------------------------------------------------------- EnCodec
+
 
 def seanet_layout(part: str, num_ratios: int, num_residual_layers: int, lstm: bool) -> tp.List[str]:
     """The kinds of SEANet's sequential layers, in order, as both libraries build them ('elu' has no weights).
@@ -228,9 +275,11 @@ def seanet_layout(part: str, num_ratios: int, num_residual_layers: int, lstm: bo
 
 
 def _weight_norm_links(ac: str, hf: str) -> tp.List[Link]:
-    return [Link((f"{ac}.weight_g",), (f"{hf}.parametrizations.weight.original0",)),
-            Link((f"{ac}.weight_v",), (f"{hf}.parametrizations.weight.original1",)),
-            Link((f"{ac}.bias",), (f"{hf}.bias",))]
+    return [
+        Link((f"{ac}.weight_g",), (f"{hf}.parametrizations.weight.original0",)),
+        Link((f"{ac}.weight_v",), (f"{hf}.parametrizations.weight.original1",)),
+        Link((f"{ac}.bias",), (f"{hf}.bias",)),
+    ]
 
 
 LSTM_TENSORS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -246,23 +295,41 @@ def _drop_zero_lstm(tensors: Tensors, shapes: Shapes) -> Tensors:
     return []
 
 
-def encodec_links(ratios: tp.Sequence[int], num_residual_layers: int, lstm_layers: int, true_skip: bool,
-                  num_quantizers: int, hf_lstm_layers: int = 1) -> tp.List[Link]:
+def encodec_links(
+    ratios: tp.Sequence[int],
+    num_residual_layers: int,
+    lstm_layers: int,
+    true_skip: bool,
+    num_quantizers: int,
+    hf_lstm_layers: int = 1,
+) -> tp.List[Link]:
     """AudioCraft's EnCodec (`compression:` names) <-> transformers' EncodecModel (`audio_encoder.` names).
     With `lstm_layers == 0`, transformers' mandatory LSTM (`hf_lstm_layers` layers) is all zero: an identity."""
     ac_root, hf_root = f"{COMPRESSION_PREFIX}", "audio_encoder."
     links = []
     for part in ("encoder", "decoder"):
-        ac_layers = [(i, kind) for i, kind in enumerate(seanet_layout(part, len(ratios), num_residual_layers,
-                                                                      lstm_layers > 0)) if kind != "elu"]
-        hf_layers = [(j, kind) for j, kind in enumerate(seanet_layout(part, len(ratios), num_residual_layers,
-                                                                      True)) if kind != "elu"]
+        ac_layers = [
+            (i, kind)
+            for i, kind in enumerate(seanet_layout(part, len(ratios), num_residual_layers, lstm_layers > 0))
+            if kind != "elu"
+        ]
+        hf_layers = [
+            (j, kind)
+            for j, kind in enumerate(seanet_layout(part, len(ratios), num_residual_layers, True))
+            if kind != "elu"
+        ]
         ac_iter = iter(ac_layers)
         for j, kind in hf_layers:
             hf = f"{hf_root}{part}.layers.{j}"
             if kind == "lstm" and lstm_layers == 0:
-                links.append(Link((), tuple(f"{hf}.lstm.{t}_l{n}" for n in range(hf_lstm_layers)
-                                            for t in LSTM_TENSORS), _zero_lstm, _drop_zero_lstm))
+                links.append(
+                    Link(
+                        (),
+                        tuple(f"{hf}.lstm.{t}_l{n}" for n in range(hf_lstm_layers) for t in LSTM_TENSORS),
+                        _zero_lstm,
+                        _drop_zero_lstm,
+                    )
+                )
                 continue
             i, ac_kind = next(ac_iter)
             assert ac_kind == kind, (part, i, j, ac_kind, kind)
@@ -277,12 +344,16 @@ def encodec_links(ratios: tp.Sequence[int], num_residual_layers: int, lstm_layer
                 if not true_skip:
                     links += _weight_norm_links(f"{ac}.shortcut.conv.conv", f"{hf}.shortcut.conv")
             elif kind == "lstm":
-                links += [Link((f"{ac}.lstm.{t}_l{n}",), (f"{hf}.lstm.{t}_l{n}",))
-                          for n in range(lstm_layers) for t in LSTM_TENSORS]
+                links += [
+                    Link((f"{ac}.lstm.{t}_l{n}",), (f"{hf}.lstm.{t}_l{n}",))
+                    for n in range(lstm_layers)
+                    for t in LSTM_TENSORS
+                ]
     for q in range(num_quantizers):
-        links += [Link((f"{ac_root}quantizer.vq.layers.{q}._codebook.{t}",),
-                       (f"{hf_root}quantizer.layers.{q}.codebook.{t}",))
-                  for t in ("inited", "cluster_size", "embed", "embed_avg")]
+        links += [
+            Link((f"{ac_root}quantizer.vq.layers.{q}._codebook.{t}",), (f"{hf_root}quantizer.layers.{q}.codebook.{t}",))
+            for t in ("inited", "cluster_size", "embed", "embed_avg")
+        ]
     return links
 
 
