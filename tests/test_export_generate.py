@@ -8,6 +8,7 @@ import torch
 from conftest import run_tool, xp_folder
 
 from musicgen_finetune import export, generate, lora
+from musicgen_finetune.experiments import ExperimentNotFoundError
 from musicgen_finetune.models import folder as model_dir
 from musicgen_finetune.patches import safe_load
 
@@ -143,7 +144,7 @@ def test_bad_generation_input_fails_before_loading(tmp_path, full_export):
 
 
 def test_export_errors_name_the_experiment(tmp_path, first_run):
-    with pytest.raises(export.ExportError, match=f"Experiments with a checkpoint: .*{xp_folder(first_run).name}"):
+    with pytest.raises(ExperimentNotFoundError, match=f"Experiments with a checkpoint: .*{xp_folder(first_run).name}"):
         export.export("nosuchsig")
     with pytest.raises(export.ExportError, match="WHICH='worst'"):
         export.export(xp_folder(first_run).name, tmp_path / "x", which="worst")
