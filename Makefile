@@ -119,14 +119,14 @@ manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0
 		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(TEMPO_RANGE),--tempo-range "$(TEMPO_RANGE)") \
 		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 
-train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=all] [FRESH=1]
+train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=N|all] [FRESH=1]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
 	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args "$(ARGS)" \
-		$(if $(T5),--t5 "$(T5)") $(if $(filter all,$(GPUS)),--multi-gpu) $(if $(filter 1 true yes,$(FRESH)),--fresh)
+		$(if $(T5),--t5 "$(T5)") --gpus $(GPUS) $(if $(filter 1 true yes,$(FRESH)),--fresh)
 
 grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on this machine, then its table
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
-	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" $(if $(filter all,$(GPUS)),--multi-gpu)
+	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" --gpus $(GPUS)
 
 eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
 	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors>]"; exit 2; }

@@ -243,7 +243,7 @@ class CachedT5Encoder:
 
     A row is keyed by its valid token ids, which are exactly what T5 reads of a text (after AudioCraft's
     normalization and word dropout): a caption with the same words dropped again hits, and rows masked out (empty
-    or missing texts) need no T5 at all. Misses run T5 on just the missing rows, trimmed to their longest; the
+    or missing texts) need no T5 at all. Misses run T5 on each missing row alone, at its own length; the
     batch is padded back to the tokenizer's length with zeros, which the conditioner's mask zeroes anyway (and
     multiplies T5's own values there by 0 too). Valid positions match the uncached batch within float rounding:
     T5 masks padding keys out of attention, so a row's valid outputs do not depend on the other rows.
@@ -300,14 +300,16 @@ class CachedT5Encoder:
     ) -> tp.Dict[tuple, torch.Tensor]:
         if not missing:
             return {}
-        rows = list(missing.values())
-        longest = max(lengths[row] for row in rows)
-        hidden = self.t5(
-            input_ids=input_ids[rows, :longest], attention_mask=attention_mask[rows, :longest]
-        ).last_hidden_state
+        # Each caption alone, at its own length: its states then do not depend on which other captions shared its
+        # batch (matrix kernels pick their blocking by shape), so a resumed run, whose cache starts empty, gets the
+        # very values the uninterrupted run cached. Each caption is encoded once per run, so this costs little.
         computed = {}
-        for key, states, row in zip(missing, hidden, rows, strict=True):
-            computed[key] = states[: lengths[row]].detach().cpu().clone()
+        for key, row in missing.items():
+            length = lengths[row]
+            states = self.t5(
+                input_ids=input_ids[row : row + 1, :length], attention_mask=attention_mask[row : row + 1, :length]
+            ).last_hidden_state[0]
+            computed[key] = states.detach().cpu().clone()
             self._remember(key, computed[key])
         return computed
 

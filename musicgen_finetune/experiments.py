@@ -4,12 +4,17 @@
     history.json    one entry per epoch: {"train": {...}, "valid": {"ce": ...}, ...}
     done.json       written when a run ended for good: how (completed, early_stop) and its best epoch
     solver.log.0    the training log
+    run.lock        held (flock) by the process training it: one run of an experiment at a time
 
 The best epoch is the one with the lowest validation metric (`ce` unless the run's `early_stop.metric` says
 otherwise); `make export WHICH=best` exports its state.
 """
 
+import datetime
+import fcntl
 import json
+import os
+import socket
 import typing as tp
 from pathlib import Path
 
@@ -21,6 +26,62 @@ CHECKPOINT_FILE = "checkpoint.th"
 HISTORY_FILE = "history.json"
 DONE_FILE = "done.json"
 LOG_FILE = "solver.log.0"
+LOCK_FILE = "run.lock"
+
+
+class ExperimentRunningError(UserError, RuntimeError):
+    """The experiment is being trained by another process."""
+
+
+class RunLock:
+    """`<xp>/run.lock`, held with flock by the process that trains the experiment: a second run of it refuses at
+    once, naming the first; the kernel releases the lock when its process dies, so a killed run never blocks the
+    next one. The file keeps the holder's pid, host and start time for whoever asks (`holder`)."""
+
+    def __init__(self, folder: tp.Union[str, Path]):
+        self.path = Path(folder) / LOCK_FILE
+        self.file: tp.Optional[tp.IO[str]] = None
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise ExperimentRunningError(
+                f"{self.path.parent} is being trained right now by {holder}: wait for it to end, or stop it "
+                "(re-running the same command afterwards resumes from its last checkpoint)."
+            ) from None
+        file.seek(0)
+        file.truncate()
+        started = datetime.datetime.now().isoformat(timespec="seconds")
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc_info: tp.Any) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def is_running(folder: tp.Union[str, Path]) -> bool:
+    """Whether a process holds the experiment's run lock now."""
+    path = Path(folder) / LOCK_FILE
+    if not path.is_file():
+        return False
+    with open(path) as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return False
 
 
 class ExperimentNotFoundError(UserError, FileNotFoundError):

@@ -18,7 +18,7 @@ from dora.grid import RunGridArgs, monitor, run_grid
 
 from . import grids
 from .experiments import LOG_FILE, read_done
-from .launch import LaunchError, check_batch, check_device, dora_command
+from .launch import LaunchError, check_batch, check_device, dora_command, processes_of
 from .train import main
 
 
@@ -40,21 +40,22 @@ def print_table(explorer, sheeps: list) -> None:
     monitor(RunGridArgs(), main, explorer, sheeps, print)
 
 
-def run_experiment(argv: tp.Sequence[str], multi_gpu: bool) -> int:
-    command = dora_command(argv, multi_gpu)
+def run_experiment(argv: tp.Sequence[str], processes: int) -> int:
+    command = dora_command(argv, processes)
     print("Running: " + shlex.join(command), flush=True)
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     return subprocess.run(command, env=env).returncode
 
 
-def run(name: str, multi_gpu: bool = False) -> tp.List[str]:
+def run(name: str, gpus: tp.Union[int, str] = 1) -> tp.List[str]:
     """Run every experiment of grid `name` not yet ended; print the table; return the signatures that failed."""
+    processes = processes_of(gpus)
     explorer = load_explorer(name)
     sheeps = list_experiments(name, explorer)
     for sheep in sheeps:  # here they run on this machine: its devices must do
         check_device(sheep.xp.cfg, how=f"make grid GRID={name}")
-        check_batch(sheep.xp.cfg, multi_gpu)
+        check_batch(sheep.xp.cfg, processes)
     print(f"Grid {name}: {len(sheeps)} experiments in {sheeps[0].xp.folder.parent if sheeps else '-'}", flush=True)
     failed = []
     for index, sheep in enumerate(sheeps):
@@ -63,7 +64,7 @@ def run(name: str, multi_gpu: bool = False) -> tp.List[str]:
             print(f"[{index + 1}/{len(sheeps)}] {sheep.xp.sig}: already ended ({done['reason']}), skipped")
             continue
         print(f"[{index + 1}/{len(sheeps)}] {sheep.xp.sig}: {shlex.join(sheep.xp.argv)}", flush=True)
-        if run_experiment(sheep.xp.argv, multi_gpu) != 0:
+        if run_experiment(sheep.xp.argv, processes) != 0:
             print(f"{sheep.xp.sig} failed; its log: {sheep.xp.folder / LOG_FILE}. Going on with the others.")
             failed.append(sheep.xp.sig)
     print_table(explorer, sheeps)

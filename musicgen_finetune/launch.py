@@ -21,7 +21,7 @@ from .cli import USER_ERROR_STATUS
 from .config import OverrideError, check_override_keys, check_values, hydra_value
 from .data.dataset import PreparedDataset
 from .errors import UserError
-from .experiments import CHECKPOINT_FILE, LOG_FILE
+from .experiments import CHECKPOINT_FILE, LOG_FILE, RunLock
 from .lora import LoraConfig
 from .models import folder as model_dir
 from .models import xp_cfg
@@ -59,14 +59,35 @@ def pretrained_overrides(files: model_dir.ModelFiles) -> tp.List[str]:
     return overrides
 
 
-def dora_command(overrides: tp.Sequence[str], multi_gpu: bool = False, fresh: bool = False) -> tp.List[str]:
-    """`fresh`: dora's --clear, which removes the experiment's folder first (no resume)."""
+def processes_of(gpus: tp.Union[int, str]) -> int:
+    """GPUS= as a number of training processes: N, or `all` for every visible GPU. On a machine without GPUs, N
+    processes train on the CPU (gloo), which is how the multi-process path is tested."""
+    if str(gpus).strip().lower() == "all":
+        count = torch.cuda.device_count()
+        if not count:
+            raise LaunchError(
+                "GPUS=all: no GPU is visible. Give a number instead: GPUS=2 trains with 2 processes "
+                "on the CPU (slow, but the same multi-process path)."
+            )
+        return count
+    try:
+        count = int(gpus)
+    except ValueError:
+        raise LaunchError(f"GPUS={gpus}: give a number of processes (GPUS=2) or `all` (every visible GPU).") from None
+    if count < 1:
+        raise LaunchError(f"GPUS={gpus}: give at least 1.")
+    return count
+
+
+def dora_command(overrides: tp.Sequence[str], processes: int = 1, fresh: bool = False) -> tp.List[str]:
+    """`dora run`, with `-d --ddp_workers N` for N processes; `fresh`: dora's --clear, which removes the
+    experiment's folder first (no resume)."""
     return [
         "dora",
         "-P",
         "musicgen_finetune",
         "run",
-        *(["-d"] if multi_gpu else []),
+        *(["-d", "--ddp_workers", str(processes)] if processes > 1 else []),
         *(["--clear"] if fresh else []),
         *overrides,
     ]
@@ -114,16 +135,22 @@ def check_preset(preset: str) -> None:
         )
 
 
-def check_batch(cfg, multi_gpu: bool) -> None:
-    """Each GPU's share of the batch must split into the accumulation's micro-batches, before anything starts."""
-    gpus = max(1, torch.cuda.device_count()) if multi_gpu else 1
+def check_batch(cfg, gpus: int = 1) -> None:
+    """Each process's share of the batch must split into the accumulation's micro-batches, before anything
+    starts."""
     steps = int(cfg.optim.get("grad_accum_steps") or 1)
     if cfg.dataset.batch_size % gpus or cfg.dataset.batch_size // gpus < steps:
         raise LaunchError(
-            f"dataset.batch_size={cfg.dataset.batch_size} over {gpus} GPU(s) and "
+            f"dataset.batch_size={cfg.dataset.batch_size} over {gpus} process(es) and "
             f"optim.grad_accum_steps={steps}: each GPU needs a multiple of {gpus} split into at least "
             f"{steps} micro-batches. Raise dataset.batch_size or lower optim.grad_accum_steps."
         )
+
+
+def check_not_running(folder: Path) -> None:
+    """Refuse at once when another process trains this experiment now (the run takes the lock itself)."""
+    with RunLock(folder):
+        pass
 
 
 def get_xp(overrides: tp.Sequence[str]):
@@ -175,7 +202,7 @@ def run(
     t5: tp.Optional[str] = None,
     preset: str = DEFAULT_PRESET,
     extra: tp.Sequence[str] = (),
-    multi_gpu: bool = False,
+    gpus: tp.Union[int, str] = 1,
     fresh: bool = False,
 ) -> Path:
     """`make train`: plan, run `dora run`, say where everything is; returns the experiment folder.
@@ -183,10 +210,12 @@ def run(
     A refusal inside training (a replaced base model) was printed by the run as one `error:` line: exit 2 here
     too. An interrupted run says how to resume; a failed one where its log is."""
     overrides, xp = plan(model, name, t5, preset, extra)
-    check_batch(xp.cfg, multi_gpu)
+    processes = processes_of(gpus)
+    check_batch(xp.cfg, processes)
+    check_not_running(xp.folder)
     if fresh and xp.folder.exists():
         print(f"FRESH: removing {xp.folder} and starting this experiment again", flush=True)
-    command = dora_command(overrides, multi_gpu, fresh)
+    command = dora_command(overrides, processes, fresh)
     print("Running: " + shlex.join(command), flush=True)
     checkpoint, log = xp.folder / CHECKPOINT_FILE, xp.folder / LOG_FILE
     try:

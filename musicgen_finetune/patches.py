@@ -86,20 +86,33 @@ def _checkpoint_globals() -> tp.List[tp.Any]:
     ]
 
 
+# What torch's weights-only unpickler says when a file names a Python object to call (code to run) rather than
+# data; anything else it refuses (an unknown opcode: garbage) or torch cannot read (a truncated zip) is a damaged file.
+UNSAFE_MARKERS = ("Unsupported global", "unsupported GLOBAL")
+# torch.load's errors for a file that is not (or no longer) a whole torch file.
+UNREADABLE = (pickle.UnpicklingError, EOFError, RuntimeError)
+
+
 def refused(path: tp.Union[str, Path], err: Exception) -> Exception:
-    """The error for a file the weights-only unpickler refused, naming the file and what to do."""
+    """The error for a file torch could not load safely, naming the file and what to do: unsafe (it would run
+    code) or unreadable (truncated, corrupt, not a torch file)."""
     text = str(err)
-    if "Weights only load failed" not in text and "Unsupported global" not in text:
+    unsafe = [line.strip() for line in text.splitlines() if any(marker in line for marker in UNSAFE_MARKERS)]
+    if not unsafe:
+        detail = (text.strip().splitlines() or [type(err).__name__])[0][:120]
         return UnreadableCheckpointError(
-            f"{path} is not a readable torch file, it may be truncated or corrupt "
-            f"({text.strip()[:120]}); copy or export it again."
+            f"{path} is not a readable torch file, it may be truncated or corrupt ({detail}); copy or export it again."
         )
-    first_line = (text.strip().splitlines() or [type(err).__name__])[0]
     return UnsafeCheckpointError(
-        f"{path} needs arbitrary code to unpickle, so it was not loaded ({first_line}). Only AudioCraft files "
+        f"{path} needs arbitrary code to unpickle, so it was not loaded ({unsafe[0]}). Only AudioCraft files "
         "(tensors and their omegaconf config) load here; re-export the model with this harness (`make export`) "
         "or re-save its state_dict with torch.save."
     )
+
+
+def is_damaged_file_error(err: RuntimeError) -> bool:
+    """torch.load's RuntimeError for a file that is not a whole zip archive (truncated, another format)."""
+    return "PytorchStreamReader" in str(err) or "zip archive" in str(err)
 
 
 def safe_load(path: tp.Union[str, Path], map_location: tp.Any = "cpu", mmap: bool = False) -> tp.Any:
@@ -109,7 +122,9 @@ def safe_load(path: tp.Union[str, Path], map_location: tp.Any = "cpu", mmap: boo
     torch.serialization.add_safe_globals(_checkpoint_globals())
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as err:
+    except UNREADABLE as err:
+        if isinstance(err, RuntimeError) and not is_damaged_file_error(err):
+            raise
         raise refused(path, err) from err
 
 
@@ -133,14 +148,18 @@ def safe_checkpoint_loading() -> None:
     def load_checkpoint(checkpoint_path, is_sharded=False):
         try:
             return upstream_load_checkpoint(checkpoint_path, is_sharded)
-        except pickle.UnpicklingError as err:
+        except UNREADABLE as err:
+            if isinstance(err, RuntimeError) and not is_damaged_file_error(err):
+                raise
             raise refused(checkpoint_path, err) from err
 
     @functools.wraps(upstream_get_state_dict)
     def _get_state_dict(file_or_url_or_id, filename=None, device="cpu", cache_dir=None):
         try:
             return upstream_get_state_dict(file_or_url_or_id, filename, device, cache_dir)
-        except pickle.UnpicklingError as err:
+        except UNREADABLE as err:
+            if isinstance(err, RuntimeError) and not is_damaged_file_error(err):
+                raise
             path = Path(file_or_url_or_id)
             raise refused(path / filename if path.is_dir() and filename else path, err) from err
 

@@ -25,12 +25,21 @@ from dora import git_save
 
 from audiocraft import models
 
-from . import caches, lora
+from . import caches, lora, patches, random_state
 from .data.dataset import count_segments, read_each_segment_once
 from .errors import UserError
-from .experiments import HISTORY_FILE, best_epoch, write_done
+from .experiments import HISTORY_FILE, RunLock, best_epoch, write_done
 from .models import folder as model_dir
 from .paths import output_dir
+
+
+def all_processes(value: tp.Any) -> tp.List[tp.Any]:
+    """`value` of every process of a distributed run, in rank order ([value] when there is one process)."""
+    if not flashy.distrib.is_distributed():
+        return [value]
+    values: tp.List[tp.Any] = [None] * flashy.distrib.world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
 
 
 class TrainingRefusedError(UserError, ValueError):
@@ -300,10 +309,18 @@ class FinetuneSolver(MusicGenSolver):
         )
         return state
 
+    def commit(self, save_checkpoints: bool = True) -> None:
+        """Upstream's end of an epoch (history, checkpoint), with every process's random state taken first, so that
+        the checkpoint resumes into exactly the epoch an uninterrupted run trains next (random_state.py). A
+        collective: every process reaches it, while only rank 0 writes."""
+        self.random_states = all_processes(random_state.capture(self.model))
+        super().commit(save_checkpoints)
+
     def state_dict(self) -> dict:
-        """Upstream's checkpoint plus the path and hash of the model the run continued from. For a LoRA run the
-        weights are the adapters only (megabytes), with the LoRA settings."""
+        """Upstream's checkpoint plus the path and hash of the model the run continued from and the random state of
+        every process. For a LoRA run the weights are the adapters only (megabytes), with the LoRA settings."""
         state = super().state_dict()
+        state["random_states"] = getattr(self, "random_states", None)
         base = self.base_model or {"path": None, "hash": None}
         if not self.lora_config.enabled:
             state["base_model"] = base
@@ -317,12 +334,31 @@ class FinetuneSolver(MusicGenSolver):
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        saved_base = state.pop("base_model", None)  # ours, not a stateful source of upstream's solver
+        saved_base = state.pop("base_model", None)  # ours, not stateful sources of upstream's solver
+        saved_random = state.pop("random_states", None)
         if "lora" in state:
             self.load_lora_checkpoint_base(state)
         elif saved_base and saved_base["hash"]:
             self.check_base_model(saved_base, "This run was trained on")
         super().load_state_dict(state)
+        if saved_random:  # resuming this experiment: draw on from where the checkpoint was written
+            rank = flashy.distrib.rank()
+            random_state.restore(saved_random[rank] if rank < len(saved_random) else saved_random[0], self.model)
+            self.random_states = saved_random
+
+    def load_checkpoints(self, load_best: bool = False, ignore_state_keys: tp.Sequence[str] = ()) -> tp.Optional[dict]:
+        """Upstream's, with an unreadable checkpoint of this experiment (truncated, corrupt) named with the two
+        ways out instead of a traceback."""
+        try:
+            return super().load_checkpoints(load_best, list(ignore_state_keys))
+        except patches.UnreadableCheckpointError as err:
+            path = self.checkpoint_path()
+            if str(path) not in str(err):
+                raise
+            raise TrainingRefusedError(
+                f"{path} cannot be read (truncated or corrupt): start the experiment again with `make train ... "
+                f"FRESH=1`, or put back a good copy of that file to resume from it."
+            ) from None
 
     def check_base_model(self, saved: dict, what: str) -> tp.Dict[str, torch.Tensor]:
         """Resuming: the model at `continue_from` must be the one the run started from (a re-exported or replaced
@@ -386,6 +422,12 @@ class FinetuneSolver(MusicGenSolver):
         return False
 
     def run(self):
+        """Upstream's training loop, one run of an experiment at a time (a lock its rank 0 holds), then done.json
+        when the run ended for good."""
+        with RunLock(self.folder) if flashy.distrib.is_rank_zero() else contextlib.nullcontext():
+            self.run_locked()
+
+    def run_locked(self) -> None:
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)
         self.logger.info(
             "Checkpoint: %s, samples: %s, metrics: %s",

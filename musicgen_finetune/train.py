@@ -130,12 +130,18 @@ def init_seed_and_system(cfg: omegaconf.DictConfig) -> None:
     set_efficient_attention_backend(cfg.efficient_attention_backend)
 
 
+def distributed_backend(cfg: omegaconf.DictConfig) -> str:
+    """NCCL between GPUs, gloo between processes on the CPU (dora/distrib.py `init` asserts NCCL is not asked for
+    without CUDA), so that `make train GPUS=2` also runs, and is tested, on a machine without GPUs."""
+    return "nccl" if cfg.device == "cuda" and torch.cuda.is_available() else "gloo"
+
+
 def run(cfg: omegaconf.DictConfig):
     """What upstream's `main` does: seed, logging, distributed init, the solver, its run (or one stage)."""
     init_seed_and_system(cfg)
     log_name = f"{cfg.execute_only}.log.{{rank}}" if cfg.execute_only else "solver.log.{rank}"
     flashy.setup_logging(level=str(cfg.logging.level).upper(), log_name=log_name)
-    flashy.distrib.init()
+    flashy.distrib.init(backend=distributed_backend(cfg))
     solver = get_solver(cfg)
     if cfg.show:
         solver.show()

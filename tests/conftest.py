@@ -18,7 +18,7 @@ import pytest
 from musicgen_finetune import environment
 
 REPO = Path(__file__).resolve().parent.parent
-NETWORK_GUARD = Path(__file__).resolve().parent / "network_guard"
+PROCESS_HOOKS = Path(__file__).resolve().parent / "process_hooks"
 DATASET = "hiphop808-test"
 # As `make test` runs it: the venv's bin (its ffmpeg, dora) first on PATH.
 os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
@@ -59,13 +59,13 @@ def dataset(beats) -> Path:
 
 
 def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.CompletedProcess:
-    """A tool of tools/ in a subprocess, as `make` runs it: no USER, no network (see network_guard/)."""
+    """A tool of tools/ in a subprocess, as `make` runs it: no USER, no network (see process_hooks/)."""
     env = {k: v for k, v in os.environ.items() if k != "USER"}
     env.update(
         {
             "PATH": str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
             # the network guard, then this checkout's package (not whichever one the venv was set up from)
-            "PYTHONPATH": os.pathsep.join([str(NETWORK_GUARD), str(REPO)]),
+            "PYTHONPATH": os.pathsep.join([str(PROCESS_HOOKS), str(REPO)]),
             "NETWORK_GUARD_LOG": str(workdir / "network_attempts.log"),
             "MUSICGEN_FT_OUTPUT": str(workdir / "output"),
             "MUSICGEN_FT_MANIFESTS": str(workdir / "manifests"),

@@ -122,8 +122,8 @@ def test_launch_checks_preset_and_batch_before_training():
     launch.check_preset("finetune/musicgen_small_lora")
     cfg = compose(["solver=finetune/musicgen_small", "dataset.batch_size=2"])  # 2 items, 4 micro-batches
     with pytest.raises(launch.LaunchError, match="optim.grad_accum_steps=4"):
-        launch.check_batch(cfg, multi_gpu=False)
-    launch.check_batch(compose(["solver=finetune/musicgen_small"]), multi_gpu=False)
+        launch.check_batch(cfg, 1)
+    launch.check_batch(compose(["solver=finetune/musicgen_small"]), 1)
 
 
 @pytest.mark.parametrize(

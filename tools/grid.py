@@ -10,9 +10,9 @@ from musicgen_finetune import cli, grid
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("name", help="a grid in musicgen_finetune/grids/ (full_vs_lora, lora_rank_lr, ...)")
-    parser.add_argument("--multi-gpu", action="store_true", help="each experiment on all GPUs (dora run -d)")
+    parser.add_argument("--gpus", default="1", help="processes per experiment: a number, or all (every GPU)")
     opts = parser.parse_args(argv)
-    failed = grid.run(opts.name, multi_gpu=opts.multi_gpu)
+    failed = grid.run(opts.name, gpus=opts.gpus)
     if failed:
         print(f"{len(failed)} experiment(s) failed: {', '.join(failed)}")
         return 1

@@ -14,13 +14,18 @@ def main(argv=None) -> None:
     parser.add_argument("--t5", default=None, help="local T5 folder (default: <model>/t5, then the HF cache)")
     parser.add_argument("--preset", default=launch.DEFAULT_PRESET, help="solver preset under config/solver/")
     parser.add_argument("--args", default="", help="extra Hydra overrides, as one string")
-    parser.add_argument("--multi-gpu", action="store_true", help="all local GPUs (dora run -d)")
+    parser.add_argument(
+        "--gpus",
+        default="1",
+        help="training processes: a number (dora run -d --ddp_workers N; on "
+        "the CPU with gloo when there is no GPU), or all (every visible GPU)",
+    )
     parser.add_argument("--xp-file", default=None, help="write the experiment folder's path to this file")
     parser.add_argument(
         "--fresh", action="store_true", help="start the experiment again instead of resuming it (dora run --clear)"
     )
     opts = parser.parse_args(argv)
-    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.multi_gpu, opts.fresh)
+    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.gpus, opts.fresh)
     if opts.xp_file:
         Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.xp_file).write_text(f"{folder}\n")

@@ -1,0 +1,110 @@
+"""Exact resume: a run killed with SIGKILL at any moment (mid-epoch, during validation, while its checkpoint is
+written, during sample generation) and resumed by the same command ends where the uninterrupted run ends, bit for
+bit on the CPU: the same weights and the same history (wall-clock durations apart). The kills come from
+tests/process_hooks (MUSICGEN_FT_TEST_KILL_AT), as a preemption or the OOM killer would deliver them."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import torch
+from conftest import DATASET, TRAIN, one_error_line, run_tool, train, xp_folder
+
+from musicgen_finetune.experiments import RunLock
+
+TIMINGS = ("duration", "rtf")  # wall-clock measurements: the only values allowed to differ
+
+
+def without_timings(history: list) -> list:
+    return [
+        {stage: {k: v for k, v in metrics.items() if k not in TIMINGS} for stage, metrics in epoch.items()}
+        for epoch in history
+    ]
+
+
+def run_killed_and_resumed(workdir, tmp_path, model, preset, kill_points):
+    """The default cpu_tiny run (3 epochs) in its own output folder, killed at each point in turn, each time
+    re-run with the same command; then run once more to the end. Returns its experiment folder."""
+    env = {"MUSICGEN_FT_OUTPUT": str(tmp_path), "AUDIOCRAFT_DORA_DIR": str(tmp_path)}
+    command = [TRAIN, "--model", str(model), "--name", DATASET, "--preset", preset]
+    for point in kill_points:
+        killed = run_tool(command, workdir, extra_env={**env, "MUSICGEN_FT_TEST_KILL_AT": point})
+        assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-3000:]}"
+    finished = run_tool(command, workdir, extra_env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    return xp_folder(finished)
+
+
+def assert_same_run(resumed, uninterrupted, keys=None):
+    ours = torch.load(resumed / "checkpoint.th", weights_only=True)
+    theirs = torch.load(uninterrupted / "checkpoint.th", weights_only=True)
+    assert ours["model"].keys() == theirs["model"].keys()
+    for key in keys or theirs["model"]:
+        assert torch.equal(ours["model"][key], theirs["model"][key]), key
+    resumed_history = json.loads((resumed / "history.json").read_text())
+    assert without_timings(resumed_history) == without_timings(json.loads((uninterrupted / "history.json").read_text()))
+    assert len(resumed_history) == 3
+
+
+def test_full_run_killed_anywhere_ends_as_the_uninterrupted_one(first_run, workdir, tiny_model, dataset, tmp_path):
+    # mid-epoch 2, then at epoch 2's validation, then halfway through writing epoch 2's checkpoint, then while the
+    # last epoch generates its samples
+    resumed = run_killed_and_resumed(
+        workdir, tmp_path, tiny_model, "finetune/cpu_tiny", ["train:2:1", "valid:2", "checkpoint:2", "generate:3"]
+    )
+    assert_same_run(resumed, xp_folder(first_run))
+
+
+def test_lora_run_killed_anywhere_ends_as_the_uninterrupted_one(lora_run, workdir, lora_model, tmp_path):
+    resumed = run_killed_and_resumed(
+        workdir, tmp_path, lora_model, "finetune/cpu_tiny_lora", ["checkpoint:1", "train:3:1"]
+    )
+    adapters = [key for key in torch.load(resumed / "checkpoint.th", weights_only=True)["model"]]
+    assert adapters and all(".lora_" in key for key in adapters)  # a LoRA checkpoint holds its adapters only
+    assert_same_run(resumed, xp_folder(lora_run), adapters)
+
+
+def test_an_unreadable_checkpoint_is_named_with_the_ways_out(first_run, workdir, tiny_model, tmp_path):
+    folder = tmp_path / "xps" / xp_folder(first_run).name
+    shutil.copytree(xp_folder(first_run), folder)
+    data = (folder / "checkpoint.th").read_bytes()
+    (folder / "checkpoint.th").write_bytes(data[: len(data) // 3])  # a disk that filled up, a copy cut short
+    env = {"MUSICGEN_FT_OUTPUT": str(tmp_path), "AUDIOCRAFT_DORA_DIR": str(tmp_path)}
+    result = run_tool(
+        [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny"], workdir, extra_env=env
+    )
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert f"{folder / 'checkpoint.th'} cannot be read" in line and "FRESH=1" in line and "good copy" in line
+
+
+def test_a_second_run_of_a_running_experiment_refuses_at_once(first_run, workdir, tiny_model):
+    folder = xp_folder(first_run)
+    with RunLock(folder):  # this process trains it, as far as anyone can tell
+        result = train(workdir, tiny_model)
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert f"{folder} is being trained right now by pid {os.getpid()}" in line
+    assert "Running: dora" not in result.stdout
+
+
+def test_the_lock_of_a_killed_run_blocks_nothing(tmp_path):
+    holder = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import os
+from musicgen_finetune.experiments import RunLock
+RunLock({str(tmp_path)!r}).__enter__()
+os.kill(os.getpid(), 9)
+""",
+        ],
+        capture_output=True,
+    )
+    assert holder.returncode == -signal.SIGKILL and (tmp_path / "run.lock").is_file()
+    with RunLock(tmp_path):  # taken at once: the kernel released the dead process's lock
+        pass
