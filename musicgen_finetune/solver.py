@@ -20,7 +20,7 @@ import torch
 from audiocraft.data.music_dataset import MusicDataset
 from audiocraft.solvers import builders
 from audiocraft.solvers.musicgen import MusicGenSolver
-from audiocraft.utils.utils import get_dataset_from_loader
+from audiocraft.utils.utils import get_dataset_from_loader, model_hash
 from dora import git_save
 
 from audiocraft import models
@@ -48,19 +48,14 @@ class TrainingRefusedError(UserError, ValueError):
 
 
 def split_batch(batch: tuple, parts: int) -> tp.List[tuple]:
-    """Cut a (audio [B, C, T], infos) batch, or a token-cache (infos,) batch, into `parts` micro-batches."""
-    infos = batch[-1]
-    size = len(infos)
-    if size < parts:
-        raise TrainingRefusedError(
-            f"a batch of {size} cannot be split in optim.grad_accum_steps={parts} "
-            "micro-batches; raise dataset.batch_size or lower optim.grad_accum_steps."
-        )
+    """Cut a (audio [B, C, T], infos) batch, or a token-cache (infos,) batch, into `parts` micro-batches, or into
+    one per item when the batch is smaller (an epoch's last batch, one process's share of it): each micro-batch's
+    loss is weighted by its size, so the update is the batch's whatever the split. Configurations whose full batch
+    cannot be split are refused before training starts (launch.check_batch)."""
+    size = len(batch[-1])
+    parts = max(1, min(parts, size))
     bounds = [round(i * size / parts) for i in range(parts + 1)]
-    micro_batches = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        micro_batches.append(tuple(part[start:end] for part in batch))
-    return micro_batches
+    return [tuple(part[start:end] for part in batch) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 class AdapterView(torch.nn.Module):
@@ -131,6 +126,24 @@ class FinetuneSolver(MusicGenSolver):
         valid = get_dataset_from_loader(self.dataloaders["valid"])
         if isinstance(valid, MusicDataset) and self.cfg.dataset.get("min_segment_ratio", 0) >= 1.0:
             read_each_segment_once(valid)
+        generate = self.dataloaders.get("generate")
+        if generate is not None and flashy.distrib.is_distributed():
+            # rank 0 generates every sample (see generate): its loader holds the whole split, not one share
+            self.dataloaders["generate"] = torch.utils.data.DataLoader(
+                get_dataset_from_loader(generate),
+                batch_size=generate.batch_size,
+                shuffle=False,
+                num_workers=generate.num_workers,
+                collate_fn=generate.collate_fn,
+            )
+
+    def generate(self) -> dict:
+        """Upstream's generate stage; with several processes, rank 0 generates and writes all the samples (each
+        process would otherwise write its share, under names that can collide) while the others wait for it."""
+        if not flashy.distrib.is_distributed() or flashy.distrib.is_rank_zero():
+            return super().generate()
+        flashy.distrib.barrier()  # the one upstream's generate_audio ends with on rank 0
+        return {}
 
     def fit_warmup_to_run(self) -> None:
         """Upstream's cosine schedule divides by (total - warmup) updates (optim/cosine_lr_scheduler.py:38): a small
@@ -314,7 +327,22 @@ class FinetuneSolver(MusicGenSolver):
         the checkpoint resumes into exactly the epoch an uninterrupted run trains next (random_state.py). A
         collective: every process reaches it, while only rank 0 writes."""
         self.random_states = all_processes(random_state.capture(self.model))
+        self.check_processes_agree()
         super().commit(save_checkpoints)
+
+    def check_processes_agree(self) -> None:
+        """In a multi-process run, every process must hold the same weights after each epoch (the gradients are
+        averaged over processes once per update); a difference means they trained apart, and the run stops."""
+        if not flashy.distrib.is_distributed():
+            return
+        hashes = all_processes(model_hash(self.model))
+        if len(set(hashes)) > 1:
+            raise RuntimeError(
+                f"The {len(hashes)} training processes hold different weights after epoch "
+                f"{self.epoch} (hashes {', '.join(h[:12] for h in hashes)}): their gradients were "
+                "not averaged. This is a bug; please report it with the log."
+            )
+        self.logger.info("Weights identical on the %d processes after epoch %d", len(hashes), self.epoch)
 
     def state_dict(self) -> dict:
         """Upstream's checkpoint plus the path and hash of the model the run continued from and the random state of
