@@ -20,6 +20,7 @@ patches.apply()
 
 MERGE_ATOL = 1e-5
 UNMERGE_ATOL = 1e-6
+DEFAULT_RANK, DEFAULT_ALPHA = 12, 24.0  # LoraConfig's defaults, written out: the update is scaled by alpha / rank
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_each_of_q_k_v_gets_its_own_delta_in_the_forward(snapshot, inputs, atten
         with torch.no_grad():
             adapter.lora_B.normal_(std=0.05)
             effective = module.in_proj_weight.detach().clone()
-            expected = (adapter.lora_B @ adapter.lora_A) * adapter.scale
+            expected = (adapter.lora_B @ adapter.lora_A) * (DEFAULT_ALPHA / DEFAULT_RANK)  # the paper's scaling
             adapted_logits = logits(lm, inputs)
             adapter.lora_B.zero_()
         rows = slice(index * dim, (index + 1) * dim)
@@ -382,6 +383,43 @@ def test_fused_dropout_is_resampled_in_training_and_off_in_eval(snapshot):
         assert torch.equal(module.in_proj_weight, module.in_proj_weight)  # eval: deterministic
         lm.train()
         assert not torch.equal(module.in_proj_weight, module.in_proj_weight)
+
+
+def test_default_rank_and_alpha_are_the_documented_ones():
+    config = lora.LoraConfig(enabled=True)
+    assert (config.rank, config.alpha) == (DEFAULT_RANK, DEFAULT_ALPHA)
+
+
+def test_linear_adapter_adds_x_a_b_times_alpha_over_rank(snapshot):
+    """LoRALinear (out_proj, linear1/2, the heads), computed by hand: y = x W^T + b + (x A^T B^T) alpha / r."""
+    lm = build_lm(snapshot)
+    lora.inject(lm, lora.LoraConfig(enabled=True, rank=4, alpha=10.0, targets=["linear1"], dropout=0.0))
+    randomize_adapters(lm)
+    layer = lm.transformer.layers[0].linear1
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = x @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
+        expected = expected + (x @ layer.lora_A.T @ layer.lora_B.T) * (10.0 / 4)
+        assert torch.allclose(layer(x), expected, atol=1e-6, rtol=0)
+
+
+def test_fused_dropout_drops_input_features_and_rescales_the_kept_ones(snapshot):
+    """In training, each draw keeps a column of the q/k/v update (an input feature) with probability 1 - p and
+    scales it by 1 / (1 - p), so the update is the same on average as without dropout."""
+    p = 0.3
+    lm = build_lm(snapshot)
+    lora.inject(lm, lora.LoraConfig(enabled=True, dropout=p))
+    randomize_adapters(lm)
+    adapter = lm.transformer.layers[0].self_attn.lora_in_proj["q"].train()
+    with torch.no_grad():
+        full = (adapter.lora_B @ adapter.lora_A) * (DEFAULT_ALPHA / DEFAULT_RANK)
+        torch.manual_seed(5)
+        draws = torch.stack([adapter.delta_weight() for _ in range(400)])
+    kept = draws.abs().sum(dim=1) > 0  # [draws, input features]: a dropped feature's column is exactly zero
+    for draw, keep in zip(draws[:20], kept[:20], strict=True):
+        assert torch.allclose(draw[:, keep], full[:, keep] / (1 - p), atol=1e-6, rtol=0)
+    assert abs(kept.float().mean().item() - (1 - p)) < 0.02
+    assert torch.allclose(draws.mean(dim=0), full, atol=0.1 * full.abs().max().item(), rtol=0)
 
 
 def test_fused_delta_is_computed_once_per_forward(snapshot, inputs, monkeypatch):
