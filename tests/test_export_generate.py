@@ -1,6 +1,7 @@
 """`make export` and `make generate` on the tiny runs: model folders AudioCraft loads, reproducible audio."""
 
 import json
+import shutil
 
 import pytest
 import soundfile as sf
@@ -48,7 +49,7 @@ def test_last_state_on_request(first_run, tmp_path):
         assert torch.equal(package["best_state"][key], value), key
 
 
-def test_export_loads_with_audiocraft_own_loaders(full_export):
+def test_export_loads_with_audiocraft_own_loaders(full_export, first_run):
     """Upstream's loaders, with our patches (the T5 is a local folder)."""
     from audiocraft.models import loaders
 
@@ -58,6 +59,30 @@ def test_export_loads_with_audiocraft_own_loaders(full_export):
     lm = loaders.load_lm_model(str(full_export))
     compression = loaders.load_compression_model(str(full_export))
     assert lm.card == compression.cardinality and lm.num_codebooks == compression.num_codebooks
+    # MusicGen.get_pretrained builds from these two loaders (its own constructor then asserts a generation window
+    # longer than the tiny model's 1 s segments, so the test calls them directly): the weights are the run's
+    checkpoint = safe_load(xp_folder(first_run) / "checkpoint.th")
+    loaded = lm.state_dict()
+    for key, value in checkpoint["best_state"]["model"].items():
+        assert torch.equal(loaded[key].float(), value.float()), key
+
+
+def test_best_is_the_lowest_validation_loss_not_the_last_epoch(first_run, tmp_path):
+    """A run whose best epoch (1) is not its last (3): WHICH=best exports epoch 1's state, WHICH=last epoch 3's."""
+    folder = tmp_path / "xps" / "best-is-first"
+    shutil.copytree(xp_folder(first_run), folder)
+    checkpoint = safe_load(folder / "checkpoint.th")
+    best = {k: v + 1 if v.is_floating_point() else v for k, v in checkpoint["model"].items()}  # unlike the last
+    checkpoint["best_state"]["model"] = best
+    checkpoint["history"][0]["valid"]["ce"] = 0.5  # the lowest: epoch 1 is the best
+    torch.save(checkpoint, folder / "checkpoint.th")
+    for which, epoch, expected in (("best", 1, best), ("last", 3, checkpoint["model"])):
+        out = export.export(str(folder), tmp_path / which, which=which)
+        package = torch.load(out / "state_dict.bin", weights_only=True)["best_state"]
+        assert all(torch.equal(package[key], value) for key, value in expected.items()), which
+        info = json.loads((out / "export.json").read_text())
+        assert info["epoch"] == epoch and info["valid_ce"] == checkpoint["history"][epoch - 1]["valid"]["ce"]
+        assert json.loads((out / "history.json").read_text()) == checkpoint["history"]
 
 
 def test_generation_is_reproducible_and_longer_than_training_segments(full_export, tmp_path):

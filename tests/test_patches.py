@@ -105,3 +105,57 @@ def test_hub_is_switched_off_even_if_imported_first():
     )
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.stdout.split() == ["False", "True"], result.stderr
+
+
+@pytest.mark.parametrize("loader", ["safe_load", "load_package", "export"])
+def test_our_own_loaders_refuse_a_file_needing_code(tmp_path, loader):
+    """Every loader of ours reads user files with the weights-only unpickler: the payload never runs."""
+    from musicgen_finetune import export
+    from musicgen_finetune.models.folder import load_package
+
+    marker = tmp_path / "code-ran"
+    if loader == "export":  # an experiment folder whose checkpoint.th carries the payload
+        path = tmp_path / "xps" / "abc" / "checkpoint.th"
+        path.parent.mkdir(parents=True)
+    else:
+        path = tmp_path / "state_dict.bin"
+    torch.save({"best_state": {"w": torch.ones(1)}, "payload": Payload(str(marker))}, path)
+    with pytest.raises(patches.UnsafeCheckpointError, match=str(path)):
+        {
+            "safe_load": patches.safe_load,
+            "load_package": load_package,
+            "export": lambda p: export.export(str(p.parent), tmp_path / "out"),
+        }[loader](path)
+    assert not marker.exists()
+
+
+def test_a_damaged_file_is_named_as_damaged_not_as_unsafe(tmp_path):
+    path = tmp_path / "state_dict.bin"
+    torch.save({"best_state": {"w": torch.ones(100)}}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(patches.UnreadableCheckpointError, match="truncated or corrupt"):
+        patches.safe_load(path)
+    (tmp_path / "garbage.bin").write_bytes(b"garbage")
+    with pytest.raises(patches.UnreadableCheckpointError, match="garbage.bin"):
+        patches.safe_load(tmp_path / "garbage.bin")
+
+
+def test_the_tools_go_offline_without_the_makefile(workdir):
+    """The Makefile exports HF_HUB_OFFLINE=1; a tool run without it (python tools/..., dora run) must still never
+    reach the hub: importing the package switches it off."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROCESS_HOOKS, REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["PYTHONPATH"] = os.pathsep.join([str(PROCESS_HOOKS), str(REPO)])
+    doctor = subprocess.run([sys.executable, "tools/doctor.py"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert "offline (HF_HUB_OFFLINE=1)" in doctor.stdout, doctor.stdout + doctor.stderr
+    code = (
+        "import musicgen_finetune, os, huggingface_hub.constants as c; print(os.environ['HF_HUB_OFFLINE'], "
+        "os.environ['TRANSFORMERS_OFFLINE'], c.HF_HUB_OFFLINE)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.stdout.split() == ["1", "1", "True"], result.stderr
