@@ -328,3 +328,20 @@ def test_training_reads_whole_segments_and_masks_padding(mixed):
     out, _ = mixed
     dset = (out / "dset.yaml").read_text()
     assert "min_segment_ratio: 1.0" in dset and "padding_with_special_token: true" in dset
+
+
+@pytest.mark.parametrize("case", ["near silence", "+inf", "-inf", "nan"])
+def test_near_silent_and_non_finite_audio_is_refused(case):
+    """Silence is quiet audio, not only digital zero: noise 100 dB down is silent; infinities and NaN are refused."""
+    from musicgen_finetune.data import audio as aa
+
+    rate = 32000
+    audio = np.random.default_rng(0).standard_normal((1, 2 * rate)).astype(np.float32)
+    if case == "near silence":
+        audio *= 1e-5  # RMS -100 dBFS, far below the -60 dBFS threshold, and not one zero sample
+        assert np.all(audio != 0)
+    else:
+        audio[0, rate] = {"+inf": np.inf, "-inf": -np.inf, "nan": np.nan}[case]
+    with pytest.raises(aa.BadAudio, match="silent" if case == "near silence" else "NaN or infinite"):
+        aa.check(audio, rate, min_seconds=1.0)
+    aa.check(np.random.default_rng(0).standard_normal((1, 2 * rate)).astype(np.float32) * 0.1, rate, 1.0)

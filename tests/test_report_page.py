@@ -366,3 +366,17 @@ def test_spectrogram_has_the_expected_size(tmp_path):
     (tmp_path / "broken.wav").write_bytes(b"not audio")
     with pytest.raises(ValueError, match="broken.wav"):
         plots.spectrogram(tmp_path / "broken.wav", tmp_path / "broken.png")
+
+
+@pytest.mark.parametrize(
+    "better, values, best",
+    [
+        ("lower", {"base": 5.5, "full": 2.7, "lora": 3.4}, {"full"}),
+        ("higher", {"base": 0.21, "full": 0.23, "lora": 0.22}, {"full"}),
+        ("closer:0.93", {"base": 0.29, "full": 0.97, "lora": 0.94}, {"lora"}),
+        ("lower", {"base": 2.0, "full": 2.0, "lora": None}, {"base", "full"}),  # a tie; a missing value is no winner
+        (None, {"base": 1.0, "full": 2.0}, set()),
+    ],
+)
+def test_best_values_follow_the_direction_without_a_browser(better, values, best):
+    assert report_page.best_columns({"metric": "m", "better": better, "values": values}) == best
