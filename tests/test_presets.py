@@ -16,7 +16,7 @@ PRESETS = sorted(
 )
 GPU_PRESETS = [p for p in PRESETS if not p.startswith("finetune/cpu_")]
 # The device override a user without a GPU adds; 50 codes at most (the tiny model has 64); short samples.
-ON_THE_CPU = "device=cpu autocast=false optim.epochs=1 generate.lm.top_k=50 generate.lm.gen_duration=0.5"
+ON_THE_CPU = "device=cpu autocast=false optim.epochs=1 generate.lm.top_k=50 generate.lm.gen_duration=1"
 
 
 def test_the_presets_are_found():

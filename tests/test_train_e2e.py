@@ -158,14 +158,22 @@ def test_snapshot_of_another_architecture_is_refused_by_name(workdir, tiny_model
     )
 
 
-def test_padding_masked_from_the_loss_trains(workdir, tiny_model, dataset):
-    """The dataset's plan for short clips (tokens.padding_with_special_token) runs through our solver."""
-    result = train(
-        workdir, tiny_model, args="dataset.segment_duration=1.5 tokens.padding_with_special_token=true optim.epochs=1"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    history = json.loads((xp_folder(result) / "history.json").read_text())
-    assert math.isfinite(history[0]["train"]["ce"]) and math.isfinite(history[0]["valid"]["ce"])
+def test_padding_masked_from_the_loss_is_not_learned(workdir, tiny_model, dataset):
+    """1 s clips trained as 1.5 s segments: with tokens.padding_with_special_token (the dataset's plan for short
+    clips) the loss leaves the padding out, so it is close to the loss on 1 s segments, which have none; without the
+    mask the padding counts. All at lr 0 (the same weights): only what the loss counts differs."""
+    still = "optim.lr=0 schedule.lr_scheduler=null optim.epochs=1 "
+
+    def valid_ce(args: str) -> float:
+        result = train(workdir, tiny_model, args=still + args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((xp_folder(result) / "history.json").read_text())[0]["valid"]["ce"]
+
+    no_padding = valid_ce("dataset.segment_duration=1")
+    masked = valid_ce("dataset.segment_duration=1.5 tokens.padding_with_special_token=true")
+    unmasked = valid_ce("dataset.segment_duration=1.5 tokens.padding_with_special_token=false")
+    assert masked != unmasked
+    assert abs(masked - no_padding) < 0.5 * abs(unmasked - no_padding)
 
 
 def test_lora_trains_adapters_only_and_checkpoints_them(lora_run, first_run, lora_model):

@@ -244,7 +244,7 @@ def test_unsafe_base_refused_by_make_export(tiny_model, workdir, dataset, tmp_pa
             "--preset",
             "finetune/cpu_tiny",
             "--args",
-            "optim.epochs=1 generate.every=1000 generate.lm.gen_duration=0.2",
+            "optim.epochs=1",
         ],
         workdir,
     )
