@@ -157,9 +157,11 @@ def dotted_keys(cfg: DictConfig) -> tp.List[str]:
 
 
 def closest_keys(key: str, known: tp.Sequence[str], count: int = 3) -> tp.List[str]:
-    """The known keys most like `key`: close spellings of the whole key, then keys of the same last name
-    (`epochs` -> `optim.epochs`)."""
-    close = difflib.get_close_matches(key, known, n=count, cutoff=0.7)
+    """The known keys most like `key`: the closest spellings of the whole key (within a hair of the closest), then
+    keys of the same last name (`epochs` -> `optim.epochs`)."""
+    scores = {k: difflib.SequenceMatcher(None, key, k).ratio() for k in known}
+    best = max(scores.values(), default=0.0)
+    close = sorted((k for k, score in scores.items() if score >= max(0.75, best - 0.03)), key=lambda k: -scores[k])
     same_name = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
     return list(dict.fromkeys(close + same_name))[:count]
 

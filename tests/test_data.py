@@ -345,3 +345,31 @@ def test_near_silent_and_non_finite_audio_is_refused(case):
     with pytest.raises(aa.BadAudio, match="silent" if case == "near silence" else "NaN or infinite"):
         aa.check(audio, rate, min_seconds=1.0)
     aa.check(np.random.default_rng(0).standard_normal((1, 2 * rate)).astype(np.float32) * 0.1, rate, 1.0)
+
+
+def test_long_tracks_are_cut_at_the_training_length_when_it_is_shorter(tmp_path):
+    """Mostly short clips and one long track: training runs on a length shorter than SEGMENT, and the long track
+    is cut at that length too, so every manifest row is a whole segment, read from its start (min_segment_ratio
+    1: no random seek, one token-cache entry per row)."""
+    import soundfile as sf
+    from omegaconf import OmegaConf
+
+    rate, rng = 16000, np.random.default_rng(3)
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    lengths = [3.5, 4.0, 4.5, 3.2, 3.8, 4.2, 3.6, 20.0]  # seconds; the last one is the long track
+    for index, seconds in enumerate(lengths):
+        noise = rng.standard_normal(int(seconds * rate)).astype(np.float32) * 0.2
+        sf.write(folder / f"clip{index}.wav", noise, rate)
+    out = build_manifests(folder, "cut", ManifestOptions(segment=10.0, valid=0.25, text="noise"))
+    plan = OmegaConf.load(out / "dset.yaml")
+    length = float(plan.dataset.segment_duration)
+    assert length < 10.0 and plan.dataset.min_segment_ratio == 1.0
+    rows = [
+        json.loads(line)
+        for split in ("train", "valid")
+        for line in (out / split / "data.jsonl").read_text().splitlines()
+    ]
+    assert all(row["duration"] <= length + 1e-3 for row in rows)
+    long_track = [row for row in rows if "clip7" in row["path"]]
+    assert len(long_track) == int(20.0 // length) and all(abs(r["duration"] - length) < 1e-3 for r in long_track)

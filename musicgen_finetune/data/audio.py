@@ -78,6 +78,19 @@ def decode(path: Path) -> tp.Tuple[np.ndarray, int]:
     return np.ascontiguousarray(data.T), int(rate)
 
 
+def duration_seconds(path: Path) -> float:
+    """A file's duration from its header when libsndfile reads it (wav, flac, ogg, mp3), else by decoding it;
+    0 for a file that cannot be decoded (its conversion reports why)."""
+    try:
+        return float(sf.info(str(path)).duration)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        try:
+            audio, rate = decode(path)
+        except BadAudio:
+            return 0.0
+        return audio.shape[-1] / rate
+
+
 def _decode_with_ffmpeg(path: Path) -> tp.Tuple[np.ndarray, int]:
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:

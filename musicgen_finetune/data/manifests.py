@@ -23,6 +23,7 @@ from ..files import replaced_when_complete
 from ..paths import manifests_root
 from . import audio as aa
 from . import augment
+from .audio import segment_bounds
 from .captions import with_tempo_and_key
 from .conversion import run_workers
 from .options import DatasetError, ManifestOptions, tempo_range_bounds
@@ -112,6 +113,20 @@ def segment_plan(durations: tp.List[float], segment: float) -> dict:
     }
 
 
+def cut_length(source_seconds: tp.Sequence[float], options: ManifestOptions) -> float:
+    """The length long tracks are cut at: SEGMENT, or the shorter training length `segment_plan` picks when most
+    clips are shorter than SEGMENT. Cutting long tracks at the training length too makes every segment one that
+    training reads whole from its start (one token-cache entry each), never one it seeks into at random."""
+    rate = options.sample_rate
+    pieces = [
+        (end - start) / rate
+        for seconds in source_seconds
+        if seconds > 0
+        for start, end in segment_bounds(round(seconds * rate), rate, options.segment, options.min_segment_ratio)
+    ]
+    return segment_plan(pieces, options.segment)["segment_duration"] if pieces else options.segment
+
+
 def histogram(values: tp.Iterable[float], bins: tp.Sequence[float], unit: str) -> tp.Dict[str, int]:
     counts: tp.Dict[str, int] = {}
     for low, high in zip(bins[:-1], bins[1:], strict=True):
@@ -168,8 +183,9 @@ def build_manifests(
     options.check(bool(variants))
     collector = Collector(options.strict)
     sources, found = collect_sources(folder, options, collector)
+    cut = cut_length([aa.duration_seconds(s.path) for s in sources], options)
     with replaced_when_complete(out) as staging:
-        records = run_workers(sources, staging, out, options, progress)
+        records = run_workers(sources, staging, out, dataclasses.replace(options, segment=cut), progress)
         used = []
         for source, record in zip(sources, records, strict=True):
             if "error" in record:
@@ -237,7 +253,12 @@ def build_manifests(
         for split in SPLITS:
             (staging / split).mkdir()
             (staging / split / "data.jsonl").write_text("\n".join(manifests[split]) + "\n")
-        plan = segment_plan(durations, options.segment)
+        plan = segment_plan(durations, cut)
+        if cut < options.segment:
+            plan["why"] = (
+                f"most clips are shorter than {options.segment:g} s: training on {cut:g} s segments, long "
+                f"tracks cut at that length too; {plan['why']}"
+            )
         (staging / "dset.yaml").write_text(dset_yaml(out, options, plan))
         report = {
             "name": name,
