@@ -187,11 +187,11 @@ def plan(
     composed = get_xp([*base, *extra]).cfg
     overrides = [*base, *xp_cfg.architecture_overrides(files.xp_cfg, composed), *extra]
     xp = get_xp(overrides)
+    if device_check:  # first: on a machine without a GPU, the preset is what to change
+        check_device(xp.cfg, how)
     check_values(xp.cfg)
     if xp.cfg.get("lora") and xp.cfg.lora.enabled:
         LoraConfig.from_dict(xp.cfg.lora)  # its own checks: targets, layers
-    if device_check:
-        check_device(xp.cfg, how)
     print(f"Model: {files.describe()}")
     return overrides, xp
 

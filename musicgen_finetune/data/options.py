@@ -60,7 +60,7 @@ def check_options(options: "ManifestOptions", augmenting: bool) -> None:
         and options.segment >= options.min_seconds
     ):
         problems.append(
-            f"SEGMENT={options.segment}: must be a number of seconds >= {options.min_seconds:g} (30 for "
+            f"SEGMENT={options.segment:g}: must be a number of seconds >= {options.min_seconds:g} (30 for "
             "musicgen-small; longer tracks are cut into pieces of this length)"
         )
     if not (isinstance(options.valid, (int, float)) and 0 <= options.valid < 1):
