@@ -197,6 +197,31 @@ def test_changed_segment_file_misses(musicgen, dataset, tmp_path):
     assert cache.entry_path(moved) != cache.entry_path(info)  # another seek_time, another entry
 
 
+def test_two_writers_of_one_entry_leave_a_whole_one(musicgen, dataset, tmp_path):
+    """Two training processes can encode the same segment at once (GPUS=2): whichever rename lands last, the entry
+    is one writer's whole tokens, never a mix or a half file."""
+    import multiprocessing
+
+    _, infos = segment_infos(dataset, 1)
+    cache = caches.TokenCache(tmp_path / "tokens", musicgen.compression_model, 1.0)
+    writes = [torch.full((4, 50), value, dtype=torch.long) for value in (7, 9)]
+
+    def write_many(tokens):
+        for _ in range(40):
+            cache.store(infos[0], tokens)
+
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=write_many, args=(tokens,)) for tokens in writes]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join()
+        assert writer.exitcode == 0
+    entry = cache.load(infos[0])
+    assert any(torch.equal(entry, tokens.short()) for tokens in writes)
+    assert [p.name for p in cache.entry_path(infos[0]).parent.iterdir()] == [cache.entry_path(infos[0]).name]
+
+
 def test_cache_settings_are_configured_but_not_in_the_signature():
     from musicgen_finetune.config import compose
     from musicgen_finetune.train import main
