@@ -179,5 +179,7 @@ def register_train_module(module: types.ModuleType) -> None:
 
 
 def apply() -> None:
+    """Every patch, once per process (idempotent): entry points and model builders call it before building
+    AudioCraft objects."""
     accept_local_t5_dirs()
     safe_checkpoint_loading()

@@ -99,6 +99,9 @@ def describe_precision(cfg) -> str:
 
 
 class FinetuneSolver(MusicGenSolver):
+    """AudioCraft's MusicGenSolver for fine-tuning on one to a few GPUs (see the module's docstring); built by
+    train.get_solver when the config says `solver: musicgen_finetune`."""
+
     NAME = "musicgen_finetune"
 
     def __init__(self, cfg):

@@ -80,6 +80,8 @@ def check_required(cfg: omegaconf.DictConfig) -> None:
 
 
 def get_solver(cfg: omegaconf.DictConfig):
+    """The solver for a run's config (ours for `solver: musicgen_finetune`, upstream's otherwise), after the
+    checks of what our presets leave to `make train` and with each process's share of the batch."""
     check_required(cfg)
     split_batch_over_gpus(cfg)
     for split, path in cfg.datasource.items():

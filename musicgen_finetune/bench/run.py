@@ -113,6 +113,8 @@ def progress(row: dict) -> None:
 
 
 def run(options: argparse.Namespace) -> Path:
+    """The sections `options` ask for, in turn, each result written as it comes (a bench stopped midway keeps its
+    rows)."""
     import torch
 
     out = options.out or output_dir() / "bench"
@@ -152,6 +154,7 @@ def run(options: argparse.Namespace) -> Path:
 
 
 def main(argv: tp.Optional[tp.Sequence[str]] = None) -> Path:
+    """`make bench`: every section measured, written to <output>/bench (bench.json, bench.md); returns the folder."""
     return run(parse_options(argv))
 
 

@@ -169,6 +169,9 @@ def build_manifests(
     out_root: tp.Optional[Path] = None,
     progress: bool = False,
 ) -> Path:
+    """`make manifests`: the folder `data_dir` of captioned audio as the dataset `manifests/<name>` (see the module's
+    docstring), replaced only once complete; returns its folder. `out_root` moves it (tests), `progress` shows a
+    bar. Raises DatasetError naming the file or setting and the fix."""
     options = options or ManifestOptions()
     folder = Path(data_dir).expanduser().resolve()
     if not folder.is_dir():
