@@ -185,20 +185,13 @@ def check_override_keys(overrides: tp.Sequence[str], cfg: DictConfig, search_pat
 
 
 def check_values(cfg: DictConfig) -> None:
-    """The values of the keys in ALLOWED, and the few that depend on each other; OverrideError naming each
-    problem."""
+    """The values of the keys in ALLOWED; OverrideError naming each problem."""
     problems = [
         problem
         for key, allowed in ALLOWED.items()
         if (problem := allowed.problem(key, OmegaConf.select(cfg, key, default=None)))
         and OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
     ]
-    top_k, card = OmegaConf.select(cfg, "generate.lm.top_k"), OmegaConf.select(cfg, "transformer_lm.card")
-    if not problems and isinstance(top_k, int) and isinstance(card, int) and top_k > card:
-        problems.append(
-            f"generate.lm.top_k={top_k}: more than the {card} codes of this model's codebooks; use at "
-            f"most {card} (the cpu_tiny presets use 50)"
-        )
     if problems:
         raise OverrideError("; ".join(problems) + ".")
 

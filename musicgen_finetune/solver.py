@@ -107,6 +107,20 @@ class FinetuneSolver(MusicGenSolver):
     def __init__(self, cfg):
         resolve_precision(cfg)
         super().__init__(cfg)
+        self.fit_top_k_to_codebook()
+
+    def fit_top_k_to_codebook(self) -> None:
+        """Upstream samples among the `generate.lm.top_k` likeliest codes (solvers/musicgen.py:41), and torch.topk
+        fails when k exceeds the codebook: a preset's 250 on a model with fewer codes samples among all of them."""
+        top_k, card = self.generation_params.get("top_k"), self.model.card
+        if top_k and top_k > card:
+            self.logger.warning(
+                "generate.lm.top_k=%d is more than this model's %d codes: samples are drawn among all %d.",
+                top_k,
+                card,
+                card,
+            )
+            self.generation_params["top_k"] = card
 
     @property
     def grad_accum_steps(self) -> int:

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from musicgen_finetune.config import compose, hydra_value
 from musicgen_finetune.models import folder as model_dir
 from musicgen_finetune.models import xp_cfg
+from musicgen_finetune.models.open import open_model
 
 
 def copy_model(tiny_model, tmp_path, name="model"):
@@ -34,7 +35,9 @@ def test_transformers_format_folder_gets_a_hint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(model_dir.ModelDirError, match="only 'musicgen' converts"):
-        model_dir.check(tmp_path)
+        open_model(tmp_path)  # what MODEL= goes through: a transformers folder is converted, this one cannot be
+    with pytest.raises(model_dir.ModelDirError, match="has transformers files"):
+        model_dir.check(tmp_path)  # the check alone only reads, and says what it sees
 
 
 def test_training_checkpoint_is_not_a_model(tiny_model, tmp_path):

@@ -15,8 +15,9 @@ PRESETS = sorted(
     for p in (CONFIG_DIR / "solver" / "finetune").glob("*.yaml")
 )
 GPU_PRESETS = [p for p in PRESETS if not p.startswith("finetune/cpu_")]
-# The device override a user without a GPU adds; 50 codes at most (the tiny model has 64); short samples.
-ON_THE_CPU = "device=cpu autocast=false optim.epochs=1 generate.lm.top_k=50 generate.lm.gen_duration=1"
+# The device override a user without a GPU adds, one epoch, short samples (their top-k of 250 is more than the tiny
+# model's 64 codes: the solver samples among all 64, and says so).
+ON_THE_CPU = "device=cpu autocast=false optim.epochs=1 generate.lm.gen_duration=1"
 
 
 def test_the_presets_are_found():
@@ -30,5 +31,6 @@ def test_gpu_preset_trains_an_epoch_with_its_worker_processes(preset, workdir, t
     result = train(workdir, tiny_model, args=ON_THE_CPU, preset=preset)
     assert result.returncode == 0, result.stderr[-5000:]
     assert "the following arguments are required" not in result.stderr  # a worker re-running the tool's parser
+    assert "generate.lm.top_k=250 is more than this model's 64 codes" in result.stderr
     history = json.loads((xp_folder(result) / "history.json").read_text())
     assert len(history) == 1 and history[0]["valid"]["ce"] > 0

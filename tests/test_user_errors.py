@@ -52,7 +52,6 @@ def test_an_unknown_lora_key_names_lora_rank(tiny_model, dataset):
         ("lora.rank=0", "lora.rank=0: must be a whole number >= 1"),
         ("lora.alpha=0", "lora.alpha=0: must be a number > 0"),
         ("lora.dropout=1.5", "lora.dropout=1.5: must be a number >= 0 and < 1"),
-        ("generate.lm.top_k=250", "generate.lm.top_k=250: more than the 64 codes of this model's codebooks"),
     ],
 )
 def test_a_value_out_of_range_is_named_with_what_is_allowed(tiny_model, dataset, override, allowed):
