@@ -28,13 +28,16 @@ GB = 1e9
 GIB = 2**30
 
 
-def published_rows(device: tp.Optional[Device] = None) -> tp.List[dict]:
+def published_rows(
+    batches: tp.Sequence[int] = tuple(PUBLISHED_A100_GB), device: tp.Optional[Device] = None
+) -> tp.List[dict]:
     """The plan of each published batch size, beside the published figure."""
     cfg = compose(["solver=finetune/musicgen_small", "device=cuda", *PUBLISHED_SETTINGS])
     device = device or training_device("cuda", memory_gib=40.0, name="A100")
     planner = Planner(run_models(cfg), device)
     rows = []
-    for batch, published in PUBLISHED_A100_GB.items():
+    for batch in batches:
+        published = PUBLISHED_A100_GB[batch]
         row = planner.row(batch)
         rows.append(
             {

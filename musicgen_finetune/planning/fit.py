@@ -263,7 +263,10 @@ def refusal(planner: Planner, traced: tp.List[Row]) -> str:
         low_rank = planner.variant({"lora.enabled": True}).row(1, True)
         if low_rank.fits:
             would.append(f"LoRA (LORA=1: {low_rank.total_gib:.1f} GiB at micro-batch 1 with checkpointing)")
-    for segment in [s for s in SHORTER_SEGMENTS if s < one.segment_s]:
+    # weights, gradients, optimizer state and EMA do not shrink with the segment: try shorter ones only if they fit
+    fixed = sum(one.parts_gib[part] for part in ("parameters", "gradients", "optimizer", "ema"))
+    shorter_may_fit = fits(device_total_gib(planner.device.kind, fixed), planner.device)
+    for segment in [s for s in SHORTER_SEGMENTS if s < one.segment_s and shorter_may_fit]:
         shorter = planner.row(1, True, segment)
         if shorter.fits:
             would.append(
