@@ -19,7 +19,7 @@ from musicgen_finetune.models import xp_cfg
 from musicgen_finetune.models.hf.configs import audiocraft_lm_shapes
 from musicgen_finetune.planning import fit, gpu
 from musicgen_finetune.planning.trace import Trainee, run_models
-from musicgen_finetune.planning.tracker import PARTS, allocator_bytes
+from musicgen_finetune.planning.tracker import PARTS
 
 environment.prepare()
 
@@ -39,8 +39,9 @@ def gib(nbytes: int) -> float:
 
 
 def cuda_bytes(shapes, element_size: int = 4) -> int:
-    """What CUDA's allocator gives fp32 tensors of these shapes, one block each."""
-    return sum(allocator_bytes(math.prod(shape) * element_size) for shape in shapes)
+    """What CUDA's caching allocator gives fp32 tensors of these shapes: one block each, in multiples of 512 bytes
+    (CUDACachingAllocator.cpp round_size)."""
+    return sum(math.ceil(math.prod(shape) * element_size / 512) * 512 for shape in shapes)
 
 
 @pytest.fixture(scope="module")
