@@ -335,7 +335,9 @@ class Trainee:
         """Gradients counted as such once accumulated; the output heads start the logits part; a transformer
         layer run again in backward (checkpointing) allocates activations; the shapes the transformer ran."""
         handles = [
-            p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients")) for p in self.params
+            p.register_post_accumulate_grad_hook(lambda p: tracker.relabel(p.grad, "gradients"))
+            for p in self.lm.parameters()
+            if p.requires_grad
         ]
         handles.append(
             self.lm.linears[0].register_forward_pre_hook(lambda *a: setattr(tracker, "label", "logits_loss"))
