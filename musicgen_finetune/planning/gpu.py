@@ -1,8 +1,10 @@
 """What a GPU runs and holds that a trace on the CPU does not show by itself, stated explicitly:
 
 - the attention kernel: a GPU's flash / memory-efficient SDPA keeps the output and one fp32 log-sum-exp per query
-  for backward, never the S x S attention matrix (the CPU math path does; the shared notes measured ~12 GiB per
-  30 s sample that way). The trace calls torch's CPU flash-attention kernel, which saves exactly that;
+  for backward, never the S x S attention matrix. torch's own choice on the CPU depends on the call (its math
+  path, which stores every S x S matrix, ~12 GiB per 30 s sample in the shared notes' probe, is taken with a mask,
+  dropout or an unsupported layout), so the trace calls torch's CPU flash-attention kernel explicitly: it saves
+  exactly what the GPU's does;
 - CUDA autocast's casting rules where CPU autocast differs (CUDA runs layer_norm, group_norm, softmax and
   log_softmax in fp32, CPU autocast keeps them in bf16);
 - what the card holds beyond the tensors (named constants below): cuBLAS workspaces, the flash backward's
