@@ -237,6 +237,7 @@ def test_make_plan_writes_the_table_and_json(tiny_model, tmp_path, capsys):
     for row in plan["rows"]:
         assert set(row["parts_gib"]) == set(PARTS) and row["flops"] > 0 and row["segment_s"] == 1.0
         assert sum(row["parts_gib"].values()) == pytest.approx(row["peak_gib"], abs=0.005)
+        assert row["parts_gib"]["frozen_models"] < 0.05  # the model's own tiny EnCodec and T5, not t5-base's 0.4 GiB
     with pytest.raises(command.PlanRequestError, match="neither musicgen-small"):
         command.compose_run(command.Request(str(tmp_path / "nothing")))
 

@@ -21,7 +21,7 @@ from ..models.hf.convert import is_hf_folder
 from ..paths import CONFIG_DIR, upstream_config_dir
 from . import gpu
 from .fit import ASSUMED_MFU, NothingFitsError, Planner, choose_micro_batch, table
-from .trace import CAPTION_TOKENS, run_models
+from .trace import CAPTION_TOKENS, run_models, t5_folder
 
 # The released MusicGen text-to-music models: AudioCraft's musicgen_lm at these scales (config/model/lm/
 # model_scale/{small,medium,large}.yaml: 24 x 1024, 48 x 1536, 48 x 2048), 4 codebooks of 2048 at 50 Hz from the
@@ -79,7 +79,11 @@ def model_overrides(model: str, composed: DictConfig) -> tp.Tuple[tp.List[str], 
     package = model_dir.load_package(lm_file)  # memory-mapped: the weights are not read
     if "xp.cfg" not in package:
         raise PlanRequestError(f"{lm_file} has no 'xp.cfg': its architecture cannot be known.")
-    overrides = xp_cfg.architecture_overrides(OmegaConf.create(package["xp.cfg"]), composed)
+    snapshot = OmegaConf.create(package["xp.cfg"])
+    overrides = xp_cfg.architecture_overrides(snapshot, composed)
+    t5 = OmegaConf.select(snapshot, xp_cfg.T5_NAME)
+    if t5 and t5_folder(str(t5), root):  # a local T5 (its config.json), as make train finds it beside the model
+        overrides.append(f"{xp_cfg.T5_NAME}={hydra_value(str(t5_folder(str(t5), root)))}")
     if (root / model_dir.COMPRESSION_FILE).is_file():
         overrides.append(f"compression_model_checkpoint={hydra_value(model_dir.PRETRAINED_PREFIX + str(root))}")
     return overrides, root, str(root)

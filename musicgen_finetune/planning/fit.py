@@ -371,8 +371,12 @@ def table(planner: Planner, rows: tp.Sequence[Row], title: str = "Plan") -> str:
         f"{title}: {mode}, {precision}, {cfg.optim.optimizer}{' (fused)' if cfg.optim.adam.get('fused') else ''}, "
         f"EMA {'on ' + str(ema.get('device')) if ema.get('use') else 'off'}; {inputs}",
         f"Device: {device.describe()}; {speed}; batch {planner.batch} per update, epoch = {planner.segments} segments",
-        "GiB. peak = predicted max_memory_allocated; total = (peak + workspaces) x allocator reserve + CUDA context",
+        "GiB. peak = predicted max_memory_allocated; total = (peak + workspaces) x allocator reserve + CUDA context"
+        if device.kind == "cuda"
+        else "GiB. peak = live tensors; total = peak + the process's interpreter and libraries",
     ]
+    unit, scale = ("MiB", 1024) if max((r.total_gib for r in rows), default=0) < 1 else ("GiB", 1)
+    head[-1] = head[-1].replace("GiB.", f"{unit}.")
     columns = ["micro", "steps", "ckpt", *(SHORT_PARTS[p] for p in PARTS), "peak", "total", "fits", "TFLOP", "step"]
     columns.append("epoch")
     lines = [" | ".join(f"{c:>8}" for c in columns)]
@@ -381,9 +385,9 @@ def table(planner: Planner, rows: tp.Sequence[Row], title: str = "Plan") -> str:
             f"{r.micro_batch} x {r.segment_s:g}s",
             str(r.accum_steps),
             "torch" if r.checkpointing else "none",
-            *(f"{r.parts_gib[p]:.2f}" for p in PARTS),
-            f"{r.peak_gib:.2f}",
-            f"{r.total_gib:.2f}",
+            *(f"{r.parts_gib[p] * scale:.2f}" for p in PARTS),
+            f"{r.peak_gib * scale:.2f}",
+            f"{r.total_gib * scale:.2f}",
             "yes" if r.fits else "NO",
             f"{r.flops / 1e12:.1f}",
             duration(r.step_s),

@@ -81,22 +81,28 @@ class RunModels:
         return self.codec_cfg.sample_rate / math.prod(self.codec_cfg.seanet.ratios)
 
 
+def t5_folder(name: str, root: tp.Optional[Path] = None) -> tp.Optional[Path]:
+    """The local folder of the text encoder `name` (one with a config.json): `name` itself, or relative to the
+    model folder `root`, or `root`/t5; None when there is none."""
+    candidates = [Path(name).expanduser()] + ([root / name, root / model_dir.T5_SUBDIR] if root else [])
+    return next((folder.resolve() for folder in candidates if (folder / "config.json").is_file()), None)
+
+
 def t5_config_for(name: str, root: tp.Optional[Path] = None):
     """The T5Config of the text encoder `name`: a known hub name's published shapes, or a local folder's
-    config.json (read, never its weights): `name` itself, or relative to the model folder `root`."""
+    config.json (read, never its weights)."""
     from transformers import T5Config
 
     short = name.split("/")[-1].replace("flan-", "")
     if short in T5_SHAPES:
         return T5Config(**T5_COMMON, **T5_SHAPES[short], dropout_rate=0.0)
-    candidates = [Path(name).expanduser()] + ([root / name, root / model_dir.T5_SUBDIR] if root else [])
-    for folder in candidates:
-        if (folder / "config.json").is_file():
-            return T5Config.from_pretrained(folder, dropout_rate=0.0)
-    raise PlanInputError(
-        f"The text encoder {name!r} is neither one of {', '.join(T5_SHAPES)} nor a folder with a config.json "
-        f"(looked in {', '.join(map(str, candidates))}): put the T5 folder at <model>/{model_dir.T5_SUBDIR}."
-    )
+    folder = t5_folder(name, root)
+    if folder is None:
+        raise PlanInputError(
+            f"The text encoder {name!r} is neither one of {', '.join(T5_SHAPES)} nor a folder with a config.json: "
+            f"put the T5 folder at <model>/{model_dir.T5_SUBDIR}."
+        )
+    return T5Config.from_pretrained(folder, dropout_rate=0.0)
 
 
 def compression_config(cfg: DictConfig) -> DictConfig:
