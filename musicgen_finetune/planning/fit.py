@@ -375,7 +375,7 @@ def table(planner: Planner, rows: tp.Sequence[Row], title: str = "Plan") -> str:
         if device.kind == "cuda"
         else "GiB. peak = live tensors; total = peak + the process's interpreter and libraries",
     ]
-    unit, scale = ("MiB", 1024) if max((r.total_gib for r in rows), default=0) < 1 else ("GiB", 1)
+    unit, scale = ("MiB", 1024) if max((r.peak_gib for r in rows), default=0) < 1 else ("GiB", 1)
     head[-1] = head[-1].replace("GiB.", f"{unit}.")
     columns = ["micro", "steps", "ckpt", *(SHORT_PARTS[p] for p in PARTS), "peak", "total", "fits", "TFLOP", "step"]
     columns.append("epoch")
