@@ -22,6 +22,7 @@ from .gpu import (
     device_extras_bytes,
     device_total_gib,
     fits,
+    memory_override,
     training_device,
 )
 from .trace import MemoryTrace, RunModels, Trainee, resolved_copy, run_models
@@ -304,27 +305,23 @@ def resolve_grad_accum_steps(cfg: DictConfig, root=None) -> tp.Optional[str]:
 
 
 def check_fits(cfg: DictConfig, gpus: int = 1, show: tp.Callable[[str], None] = print) -> tp.Optional[Choice]:
-    """`make train`: with `auto`, refuse (NothingFitsError) before anything is loaded when no micro-batch fits,
-    after showing the table. Skipped where the run's device is not here (a CUDA preset without a GPU: the device
-    check refuses that)."""
+    """`make train`: with `auto`, say what the solver will choose, or refuse (NothingFitsError) before anything is
+    loaded when no micro-batch fits, after showing the table. Skipped where the run's device is not here (a CUDA
+    preset without a GPU: the device check refuses that)."""
     import torch
 
-    if not is_auto(cfg) or (cfg.device == "cuda" and not torch.cuda.is_available() and not _memory_given()):
+    if not is_auto(cfg) or (cfg.device == "cuda" and not torch.cuda.is_available() and memory_override() is None):
         return None
     cfg = resolved_copy(cfg)
     cfg.dataset.batch_size = max(1, cfg.dataset.batch_size // gpus)
     planner = Planner(run_models(cfg), training_device(cfg.device))
     try:
-        return choose_micro_batch(planner)
+        choice = choose_micro_batch(planner)
     except NothingFitsError:
         show(table(planner, [planner.row(1, False), planner.row(1, True)], "Plan (nothing fits)"))
         raise
-
-
-def _memory_given() -> bool:
-    from .gpu import memory_override
-
-    return memory_override() is not None
+    show(f"optim.grad_accum_steps=auto: {choice.describe(planner.batch, planner.device)}")
+    return choice
 
 
 # -- the table ---------------------------------------------------------------------------------------------------
