@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..bench.flops import MatrixParams, matrix_params, training_flops
 from ..errors import UserError
+from ..machine import GIB
 from .gpu import (
     FIT_MARGIN,
     Device,
@@ -26,7 +27,7 @@ from .gpu import (
     training_device,
 )
 from .trace import MemoryTrace, RunModels, Trainee, resolved_copy, run_models
-from .tracker import GIB, PARTS
+from .tracker import PARTS
 
 AUTO = "auto"
 # Model FLOP utilisation assumed for step times: the share of the card's dense bf16 peak a training step of a

@@ -35,10 +35,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from .. import lora
 from ..config import compose
 from ..errors import UserError
+from ..machine import GIB
 from ..models import folder as model_dir
 from ..models import xp_cfg
 from .gpu import gpu_kernels
-from .tracker import GIB, LiveBytes
+from .tracker import LiveBytes
 
 CAPTION_TOKENS = 32  # T5 tokens per caption: a long one ("hip hop 808 beat with trap drums, ..., 140 bpm, F minor")
 CODEC_SOLVER = "solver=compression/encodec_musicgen_32khz"  # the compression model of every released MusicGen
