@@ -33,6 +33,10 @@ TEMPO_RANGE ?=
 AUGMENT ?=
 AUGMENT_WEIGHT ?= 0.5
 TEXT ?=
+# make plan (SEGMENT: only when given; else NAME's dataset's or the preset's)
+GPU_MEM ?=
+GPU_NAME ?=
+BATCHES ?=
 # make grid
 GRID ?=
 # make eval / listen
@@ -73,7 +77,7 @@ PYTEST_ARGS ?=
 # make bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test lint manifests train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
+.PHONY: help setup demo test lint manifests plan train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -118,6 +122,13 @@ manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
 		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(TEMPO_RANGE),--tempo-range "$(TEMPO_RANGE)") \
 		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
+
+plan: setup  ## MODEL=<folder|musicgen-small|-medium|-large> [NAME=] [LORA=1] [PRESET=] [ARGS=] [GPU_MEM=] [BATCHES=] [SEGMENT=] [OUT=]: predicted GPU memory and time
+	@test -n "$(MODEL)" || { echo "usage: make plan MODEL=<folder|musicgen-small|musicgen-medium|musicgen-large>"; exit 2; }
+	$(PY) tools/plan.py --model "$(MODEL)" --preset "$(PRESET)" --args "$(ARGS)" $(if $(filter 1 true yes,$(LORA)),--lora) \
+		$(if $(NAME),--name "$(NAME)") $(if $(GPU_MEM),--gpu-mem $(GPU_MEM)) $(if $(GPU_NAME),--gpu-name "$(GPU_NAME)") \
+		$(if $(BATCHES),--batches $(BATCHES)) $(if $(filter command line environment,$(origin SEGMENT)),--segment $(SEGMENT)) \
+		$(if $(OUT),--out "$(OUT)")
 
 train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=N|all] [FRESH=1]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }

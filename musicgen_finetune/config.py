@@ -75,10 +75,11 @@ class Allowed:
     high_closed: bool = False
     nullable: bool = False
     what: str = ""
+    words: tp.Tuple[str, ...] = ()  # values allowed besides numbers, e.g. "auto"
 
     def problem(self, key: str, value: tp.Any) -> tp.Optional[str]:
         """None when `value` is allowed, else why not, naming the key and the value."""
-        if value is None and self.nullable:
+        if (value is None and self.nullable) or (isinstance(value, str) and value in self.words):
             return None
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or (self.kind is int and not float(value).is_integer()) or not math.isfinite(value):
@@ -95,6 +96,7 @@ class Allowed:
             bounds.append(f"{'<=' if self.high_closed else '<'} {self.high:g}")
         text = ("a whole number" if self.kind is int else "a number") + (" " + " and ".join(bounds) if bounds else "")
         text += " or null" if self.nullable else ""
+        text += "".join(f" or {word}" for word in self.words)
         return f"must be {text}" + (f" ({self.what})" if self.what else "")
 
 
@@ -102,7 +104,9 @@ class Allowed:
 ALLOWED = {
     "optim.epochs": Allowed(int, 1, what="passes over the training set"),
     "optim.lr": Allowed(float, 0, what="the learning rate, e.g. 1e-4 for full fine-tuning, 3e-4 for LoRA"),
-    "optim.grad_accum_steps": Allowed(int, 1, what="micro-batches per update"),
+    "optim.grad_accum_steps": Allowed(
+        int, 1, words=("auto",), what="micro-batches per update; auto: the fewest that fit the GPU (make plan)"
+    ),
     "optim.max_norm": Allowed(float, 0, what="gradient clipping; 0 turns it off"),
     "optim.updates_per_epoch": Allowed(int, 1, nullable=True, what="null: from the dataset's size"),
     "dataset.batch_size": Allowed(int, 1, what="segments per update, over all GPUs"),

@@ -11,9 +11,14 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .launch import DEFAULT_PRESET
 from .models import folder as model_dir
 from .models.open import open_model
 from .paths import manifests_root, output_dir, upstream_config_dir
+from .planning import command as plan_command
+from .planning.fit import NothingFitsError, Planner, choose_micro_batch
+from .planning.gpu import training_device
+from .planning.trace import run_models
 
 # A full fine-tune's checkpoint.th holds the fp32 weights, best_state and AdamW's two moments: musicgen-small's
 # (419.6 M LM parameters) is about 8.8 GB, 21 bytes a parameter. flashy writes it to a temporary file and renames
@@ -95,6 +100,23 @@ def check_model(model: str, t5: tp.Optional[str]) -> tp.Tuple[tp.List[Check], tp
     return checks, files
 
 
+def check_fit(files: model_dir.ModelFiles) -> tp.List[Check]:
+    """What `optim.grad_accum_steps=auto` picks for this model on this machine's GPU (without one: on the presets'
+    24 GB card), full fine-tuning and LoRA, at the presets' batch and segment."""
+    checks = []
+    t5 = [f"conditioners.description.t5.name={files.t5}"] if files.t5 else []
+    for what, preset in (("fit full", DEFAULT_PRESET), ("fit LoRA", DEFAULT_PRESET + "_lora")):
+        run = plan_command.compose_run(plan_command.Request(str(files.root), preset=preset, extra=t5), values=False)
+        device = training_device(run.cfg.device)
+        try:
+            choice = choose_micro_batch(Planner(run_models(run.cfg, run.root), device))
+        except NothingFitsError as err:
+            checks.append(Check(not torch.cuda.is_available(), what, str(err)))
+            continue
+        checks.append(Check(True, what, choice.describe(int(run.cfg.dataset.batch_size), device)))
+    return checks
+
+
 def check_writable(path: Path, what: str) -> Check:
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -139,6 +161,8 @@ def run(model: tp.Optional[str] = None, t5: tp.Optional[str] = None) -> int:
     if model:
         model_checks, files = check_model(model, t5)
         checks += model_checks
+        if files:
+            checks += check_fit(files)
     disk = check_disk(output_dir(), files.parameters, str(files.root)) if files else check_disk(output_dir())
     checks += [check_writable(output_dir(), "output"), check_writable(manifests_root(), "manifests"), disk]
     for check in checks:

@@ -27,6 +27,7 @@ from .models import folder as model_dir
 from .models import xp_cfg
 from .models.open import open_model
 from .paths import CONFIG_DIR, upstream_config_dir
+from .planning.fit import check_fits, is_auto
 from .train import main
 
 DEFAULT_PRESET = "finetune/musicgen_small"
@@ -137,14 +138,16 @@ def check_preset(preset: str) -> None:
 
 def check_batch(cfg, gpus: int = 1) -> None:
     """Each process's share of the batch must split into the accumulation's micro-batches, before anything
-    starts."""
-    steps = int(cfg.optim.get("grad_accum_steps") or 1)
+    starts; with `optim.grad_accum_steps=auto`, some micro-batch must fit the GPU (planning.fit.check_fits shows the
+    table and raises NothingFitsError, saying what would fit, when none does)."""
+    steps = 1 if is_auto(cfg) else int(cfg.optim.get("grad_accum_steps") or 1)
     if cfg.dataset.batch_size % gpus or cfg.dataset.batch_size // gpus < steps:
         raise LaunchError(
             f"dataset.batch_size={cfg.dataset.batch_size} over {gpus} process(es) and "
             f"optim.grad_accum_steps={steps}: each GPU needs a multiple of {gpus} split into at least "
             f"{steps} micro-batches. Raise dataset.batch_size or lower optim.grad_accum_steps."
         )
+    check_fits(cfg, gpus)
 
 
 def check_not_running(folder: Path) -> None:

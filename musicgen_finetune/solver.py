@@ -31,6 +31,7 @@ from .errors import UserError
 from .experiments import HISTORY_FILE, RunLock, best_epoch, write_done
 from .models import folder as model_dir
 from .paths import output_dir
+from .planning.fit import resolve_grad_accum_steps
 
 
 def all_processes(value: tp.Any) -> tp.List[tp.Any]:
@@ -106,6 +107,8 @@ class FinetuneSolver(MusicGenSolver):
 
     def __init__(self, cfg):
         resolve_precision(cfg)
+        # optim.grad_accum_steps=auto: micro-batches (and checkpointing) planned for this GPU before anything is built
+        self.accumulation_plan = resolve_grad_accum_steps(cfg)
         super().__init__(cfg)
         self.fit_top_k_to_codebook()
 
@@ -214,6 +217,8 @@ class FinetuneSolver(MusicGenSolver):
     def build_model(self) -> None:
         if self.grad_accum_steps > 1 and self.cfg.fsdp.use:
             raise TrainingRefusedError("optim.grad_accum_steps > 1 is not supported with fsdp.use=true.")
+        if self.accumulation_plan:
+            self.logger.info("optim.grad_accum_steps=auto: %s", self.accumulation_plan)
         self.fit_warmup_to_run()
         self.base_model: tp.Optional[dict] = None  # {"path", "hash"} of the model this run continued from
         with self.lm_with_adapters():

@@ -272,3 +272,34 @@ def test_the_matrix():
     assert {(c.arch, c.batch, c.segment_s) for c in checkpointed} == {("musicgen-small", 4, 30.0)}
     assert not any(c.checkpointing for c in matrix.matrix("cpu", quick=False))
     assert all((c.warmup, c.steps) == (1, 2) for c in matrix.matrix("cpu", quick=False))
+
+
+def test_the_plan_against_the_published_a100_figures_and_a_gpu_row():
+    """make bench's plan section: AudioCraft's published full fine-tuning of musicgen-small (one A100, 30 s, fp16,
+    EMA on the GPU: 13.4 GB at batch 1, 27.5 GB at 8, out of memory at 16 on a 40 GB card) against the plan of the
+    same settings; and a GPU row of this bench beside the plan of the same step."""
+    from musicgen_finetune.bench import predicted
+
+    published = predicted.published_rows((1, 8, 16))
+    for row in published[:2]:
+        assert row["predicted_total_gb"] == pytest.approx(row["published_gb"], rel=0.15), row
+        assert row["parts_gib"]["ema"] > 1.5  # EMA on the GPU, as published
+    assert published[2]["published_gb"] is None and published[2]["predicted_total_gb"] > 40
+    gpu_row = {
+        "device": "cuda",
+        "arch": "musicgen-small",
+        "mode": "lora",
+        "tokens": "cached",
+        "batch": 2,
+        "segment_s": 10.0,
+        "checkpointing": False,
+        "precision": "bf16 autocast",
+        "error": None,
+        "peak_gib": 5.1,
+        "peak_reserved_gib": 5.6,
+    }
+    measured = predicted.measured_rows([gpu_row, {**gpu_row, "device": "cpu"}, {**gpu_row, "arch": "tiny"}])
+    assert len(measured) == 1 and measured[0]["measured_allocated_gib"] == 5.1
+    assert 0 < measured[0]["predicted_peak_gib"] < measured[0]["predicted_reserved_gib"]
+    text = "\n".join(results.plan_markdown({"published_a100": published, "measured": measured}))
+    assert "| 1 | 13.4 |" in text and "| 16 | out of memory |" in text and "| musicgen-small | lora | cached |" in text

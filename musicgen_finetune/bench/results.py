@@ -304,6 +304,45 @@ def goals_markdown(goal_list: tp.List[dict]) -> tp.List[str]:
     return lines + [""]
 
 
+def plan_markdown(plan: dict) -> tp.List[str]:
+    """The plan's predictions (musicgen_finetune.planning) against the published A100 figures and, on a GPU,
+    against this run's measurements."""
+    lines = [
+        "## Predicted (make plan) against measured",
+        "",
+        "Full fine-tuning of musicgen-small, 30 s segments, one A100, as published (AudioCraft's musicgen_base_32khz "
+        "solver: fp16 autocast, AdamW, EMA on the GPU, tokens encoded every step), against the plan of the same "
+        "settings traced on fake tensors. Predicted peak: max_memory_allocated with cuBLAS and attention "
+        "workspaces; predicted total: with the allocator's reserve and the CUDA context (what nvidia-smi shows).",
+        "",
+        "| batch | published (GB) | predicted peak (GB) | predicted total (GB) | total / published |",
+        "|---|---|---|---|---|",
+    ]
+    for r in plan["published_a100"]:
+        published = f"{r['published_gb']:g}" if r["published_gb"] is not None else "out of memory"
+        ratio = f"{r['predicted_total_gb'] / r['published_gb']:.2f}" if r["published_gb"] else "-"
+        lines.append(
+            f"| {r['batch']} | {published} | {r['predicted_peak_gb']:.1f} | {r['predicted_total_gb']:.1f} | {ratio} |"
+        )
+    if plan["measured"]:
+        lines += [
+            "",
+            "This run's GPU rows against the plan of the same step:",
+            "",
+            "| model | mode | tokens | batch x segment | checkpointing | allocated (GiB) | predicted (GiB) | "
+            "reserved (GiB) | predicted reserved (GiB) |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['arch']} | {r['mode']} | {r['tokens']} | {r['batch']} x {r['segment_s']:g} s | "
+            f"{'torch' if r['checkpointing'] else 'none'} | {fmt(r['measured_allocated_gib'])} | "
+            f"{fmt(r['predicted_peak_gib'])} | {fmt(r['measured_reserved_gib'])} | "
+            f"{fmt(r['predicted_reserved_gib'])} |"
+            for r in plan["measured"]
+        ]
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     lines = [
         f"# Benchmark ({time.strftime('%Y-%m-%d', time.gmtime(results['time']))}"
@@ -318,6 +357,8 @@ def markdown(results: dict) -> str:
         lines += ratios_markdown(results["ratios"])
     if results.get("goals"):
         lines += goals_markdown(results["goals"])
+    if results.get("plan"):
+        lines += plan_markdown(results["plan"])
     demo = results.get("demo")
     if demo:
         result = f"{demo['wall_s']} s end to end" if demo["wall_s"] is not None else demo["error"]

@@ -15,6 +15,7 @@ from .flops import FLOPS_FORMULA, gpu_peak_tflops
 from .isolation import ForkServer, describe_failure, measure_in_subprocess
 from .matrix import ARCHITECTURES, MODES, TOKENS, StepConfig, matrix, memory_skip_reason
 from .pipeline import bench_demo, bench_manifests
+from .predicted import section as plan_section
 from .results import cache_speedups, goals, lora_memory_ratios, make_row, markdown
 from .step import step_measurement, write_text_encoder
 
@@ -70,6 +71,9 @@ def parse_options(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namesp
     parser.add_argument("--out", type=Path, help="folder for bench.json and bench.md (default: <output>/bench)")
     parser.add_argument("--no-demo", action="store_true", help="do not time `make demo`")
     parser.add_argument("--no-manifests", action="store_true", help="skip the manifests section")
+    parser.add_argument(
+        "--no-plan", action="store_true", help="skip the plan's predictions against measurements (quick skips them)"
+    )
     parser.add_argument(
         "--checkpointing",
         action=argparse.BooleanOptionalAction,
@@ -145,6 +149,9 @@ def run(options: argparse.Namespace) -> Path:
     rows = results["training"]["rows"]
     results["ratios"] = {"cache_speedup": cache_speedups(rows), "lora_memory": lora_memory_ratios(rows)}
     results["goals"] = goals(rows, device)
+    if not (options.quick or options.no_plan):
+        print("make plan's predictions ...", flush=True)
+        results["plan"] = plan_section(rows)
     if not (options.quick or options.no_demo):
         print("make demo ...", flush=True)
         results["demo"] = bench_demo()
