@@ -383,11 +383,11 @@ def test_musicgen_small_shapes_map_both_ways():
     lm_shapes = hf_bridge.audiocraft_lm_shapes(small_lm, t5_width=768)
     assert len(lm_shapes) == 300
     source = {
-        **hf_bridge._prefixed(meta_state(lm_shapes), hf_bridge.LM_PREFIX),
-        **hf_bridge._prefixed(
+        **hf_bridge.prefixed(meta_state(lm_shapes), hf_bridge.LM_PREFIX),
+        **hf_bridge.prefixed(
             meta_state(hf_bridge.audiocraft_compression_shapes(small_encodec)), hf_bridge.COMPRESSION_PREFIX
         ),
-        **hf_bridge._prefixed(meta_state(hf_bridge.t5_shapes(hf_config.text_encoder)), hf_bridge.T5_PREFIX),
+        **hf_bridge.prefixed(meta_state(hf_bridge.t5_shapes(hf_config.text_encoder)), hf_bridge.T5_PREFIX),
     }
     export = hf_bridge.plan_export(small_lm, small_encodec, hf_config.text_encoder, meta_state(lm_shapes))
     back = hf_bridge.apply_rules(export.rules, source, export.expected, "musicgen-small")

@@ -378,9 +378,9 @@ def export_hf(
     source: tp.Dict[str, torch.Tensor] = {}
     if base is None:
         files = model_dir.check(root)
-        lm_package = model_dir.loadxp_cfg.package(files.lm)
+        lm_package = model_dir.load_package(files.lm)
         lm_cfg = files.xp_cfg
-        compression_package = model_dir.loadxp_cfg.package(files.compression)
+        compression_package = model_dir.load_package(files.compression)
         compression_cfg = OmegaConf.create(compression_package["xp.cfg"])
         if files.t5 is None:
             raise UnsupportedModelError(
@@ -396,7 +396,7 @@ def export_hf(
         lm_path = root / model_dir.LM_FILE
         if not lm_path.is_file():
             raise model_dir.ModelDirError(f"{root} lacks {model_dir.LM_FILE}.")
-        lm_package = model_dir.loadxp_cfg.package(lm_path)
+        lm_package = model_dir.load_package(lm_path)
         if "xp.cfg" not in lm_package:
             raise model_dir.ModelDirError(f"{lm_path} has no 'xp.cfg': the LM's architecture cannot be known.")
         lm_cfg = OmegaConf.create(lm_package["xp.cfg"])
