@@ -131,13 +131,13 @@ def test_our_adapter_exported_gives_our_logits_in_peft(hf_model, imported, seque
     path = lora.save_adapters(lm, tmp_path / "adapters.safetensors", config)
     ours = audiocraft_logits(lm.eval(), sequence)
     folder = peft_lora.export_peft(path, tmp_path / "peft", base_hf=hf_model)
-    written = json.loads((folder / "adapter_config.json").read_text())
-    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (4, 6, 0.1)
-    assert written["base_model_name_or_path"] == str(hf_model)
     model = peft_model(hf_model, folder)
     theirs = transformers_logits(model, hf_model, sequence)
     assert (theirs - ours).abs().max() <= LOGITS_ATOL
     assert (theirs - transformers_logits(plain_model(hf_model), hf_model, sequence)).abs().max() > 0.05
+    written = json.loads((folder / "adapter_config.json").read_text())
+    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (4, 6, 0.1)
+    assert written["base_model_name_or_path"] == str(hf_model)
     # PEFT put LoRA on exactly the adapted modules (target_modules names nothing else), each with the file's tensors
     adapted = [name for name, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer)]
     assert len(adapted) == len(names)
@@ -152,6 +152,23 @@ def test_a_peft_adapter_made_on_transformers_loads_as_adapter(hf_model, user_ada
     assert (ours - theirs).abs().max() <= LOGITS_ATOL
     assert (ours - transformers_logits(plain_model(hf_model), hf_model, sequence)).abs().max() > 0.05
     assert "records no base model hash; checked by name and shape only" in capsys.readouterr().out
+
+
+def test_peft_layer_selection_converts_to_lora_layers(hf_model, imported, sequence, tmp_path):
+    """layers_to_transform (PEFT's own layer filter) on q and v: ours adapts q and v of both attentions in layer 1."""
+    folder = peft_adapter(
+        hf_model, tmp_path / "layer-1", r=2, lora_alpha=3, target_modules=["q_proj", "v_proj"], layers_to_transform=[1]
+    )
+    adapter = peft_lora.read_adapter(folder, base_state(imported))
+    assert adapter.config.layers == [1] and set(adapter.config.targets) == {
+        "self_attn.q",
+        "self_attn.v",
+        "cross_attention.q",
+        "cross_attention.v",
+    }
+    theirs = transformers_logits(peft_model(hf_model, folder), hf_model, sequence)
+    ours = audiocraft_logits(load(imported, adapter=folder, device="cpu").lm, sequence)
+    assert (ours - theirs).abs().max() <= LOGITS_ATOL
 
 
 def test_round_trips_are_bit_equal(hf_model, imported, user_adapter, tmp_path):
@@ -179,6 +196,23 @@ def test_round_trips_are_bit_equal(hf_model, imported, user_adapter, tmp_path):
     assert converted.keys() == original.keys() and all(torch.equal(converted[k], original[k]) for k in original)
 
 
+def test_the_recorded_base_hash_is_checked(hf_model, imported, tiny_model, tmp_path):
+    """Our adapters know their base: BASE_HF= of another model is refused, and so is a PEFT folder written here on
+    another base, though every shape fits."""
+    lm = unmerged_lm(imported)
+    config = lora.LoraConfig(enabled=True, rank=2, alpha=4.0, targets="attention")
+    lora.inject(lm, config)
+    path = lora.save_adapters(lm, tmp_path / "adapters.safetensors", config)
+    other = build_hf_model(tmp_path / "other-hf", seed=1)
+    with pytest.raises(lora.AdapterMismatchError, match=f"BASE_HF={other} is not the base"):
+        peft_lora.export_peft(path, tmp_path / "refused", base_hf=other)
+    assert not (tmp_path / "refused").exists()
+    folder = peft_lora.export_peft(path, tmp_path / "peft", base_hf=hf_model)
+    assert lora.adapter_shapes(config, base_state(tiny_model)) == lora.adapter_shapes(config, base_state(imported))
+    with pytest.raises(lora.AdapterMismatchError, match="was trained on base model"):
+        peft_lora.read_adapter(folder, base_state(tiny_model))
+
+
 def test_rslora_converts_exactly(hf_model, imported, sequence, tmp_path):
     """rsLoRA scales by alpha / sqrt(r): rank 6 and alpha 8 become an alpha' with alpha' / 6 the same float."""
     folder = peft_adapter(hf_model, tmp_path / "rslora", r=6, lora_alpha=8, use_rslora=True, target_modules=["fc1"])
@@ -189,14 +223,24 @@ def test_rslora_converts_exactly(hf_model, imported, sequence, tmp_path):
     assert (ours - theirs).abs().max() <= LOGITS_ATOL
 
 
-def edited(user_adapter: Path, out: Path, config=None, tensors=None) -> Path:
-    """A copy of the user's adapter with its config and tensors changed by the given functions."""
-    shutil.copytree(user_adapter, out)
-    raw = json.loads((out / "adapter_config.json").read_text())
-    (out / "adapter_config.json").write_text(json.dumps(config(raw) if config else raw))
-    state = load_file(out / "adapter_model.safetensors")
-    save_file(tensors(state) if tensors else state, out / "adapter_model.safetensors")
-    return out
+def made_by_peft(**settings):
+    """An adapter made with peft's own API on the transformers model (rank 4, alpha 8, and `settings`)."""
+    return lambda hf_model, user_adapter, out: peft_adapter(hf_model, out, r=4, lora_alpha=8, **settings)
+
+
+def edited(config=None, tensors=None):
+    """A copy of the user's adapter with `config` merged into its adapter_config.json and its tensors passed
+    through `tensors`."""
+
+    def make(hf_model: Path, user_adapter: Path, out: Path) -> Path:
+        shutil.copytree(user_adapter, out)
+        raw = json.loads((out / "adapter_config.json").read_text())
+        (out / "adapter_config.json").write_text(json.dumps({**raw, **(config or {})}))
+        state = load_file(out / "adapter_model.safetensors")
+        save_file(tensors(state) if tensors else state, out / "adapter_model.safetensors")
+        return out
+
+    return make
 
 
 Q0 = "base_model.model.decoder.model.decoder.layers.0.self_attn.q_proj"
@@ -206,57 +250,58 @@ def without(*keys):
     return lambda state: {k: v for k, v in state.items() if k not in keys}
 
 
-def plus(**extra):
-    return lambda state: {**state, **{k.replace("__", "."): v for k, v in extra.items()}}
+def plus(key: str, tensor: torch.Tensor):
+    return lambda state: {**state, key: tensor}
 
 
 REFUSALS = {  # what a transformers user can bring that has no exact equivalent here, and the words naming it
-    "dora": ({"use_dora": True, "target_modules": ["fc1"]}, None, "DoRA"),
-    "t5": ({"target_modules": r"text_encoder.*\.(q|v)"}, None, "T5 modules"),
-    "embeddings": ({"target_modules": ["embed_tokens.0"]}, None, "embeddings"),
-    "some heads": ({"target_modules": ["lm_heads.0", "fc1"]}, None, "1 of the 4 output heads"),
+    "dora": (made_by_peft(use_dora=True, target_modules=["fc1"]), "DoRA"),
+    "t5": (made_by_peft(target_modules=r"text_encoder.*\.(q|v)"), "T5 modules"),
+    "embeddings": (made_by_peft(target_modules=["embed_tokens.0"]), "embeddings"),
+    "some heads": (made_by_peft(target_modules=["lm_heads.0", "fc1"]), "1 of the 4 output heads"),
     "per-layer subsets": (
-        {"target_modules": r"decoder\.model\.decoder\.layers\.(0\.self_attn\.q_proj|1\.fc1)"},
-        None,
+        made_by_peft(target_modules=r"decoder\.model\.decoder\.layers\.(0\.self_attn\.q_proj|1\.fc1)"),
         "different layers",
     ),
-    "two ranks": ({"target_modules": ["fc1", "fc2"], "rank_pattern": {"fc2": 2}}, None, "ranks and alphas differ"),
+    "two ranks": (made_by_peft(target_modules=["fc1", "fc2"], rank_pattern={"fc2": 2}), "ranks and alphas differ"),
     "encodec": (
-        None,
-        plus(base_model__model__audio_encoder__encoder__layers__0__conv__lora_A__weight=torch.zeros(4, 1, 7)),
+        edited(
+            tensors=plus("base_model.model.audio_encoder.encoder.layers.0.conv.lora_A.weight", torch.zeros(4, 1, 7))
+        ),
         "EnCodec modules",
     ),
     "another size": (
-        None,
-        lambda state: {k: torch.zeros(4, 96) if k == f"{Q0}.lora_A.weight" else v for k, v in state.items()},
+        edited(tensors=lambda state: {**state, f"{Q0}.lora_A.weight": torch.zeros(4, 96)}),
         "another size",
     ),
     "more layers": (
-        None,
-        plus(**{"base_model.model.decoder.model.decoder.layers.7.fc1.lora_A.weight": torch.zeros(4, 64)}),
+        edited(tensors=plus("base_model.model.decoder.model.decoder.layers.7.fc1.lora_A.weight", torch.zeros(4, 64))),
         "another size",
     ),
-    "a missing tensor": (None, without(f"{Q0}.lora_B.weight"), f"{Q0}.lora_B.weight"),
-    "a module without tensors": (None, without(f"{Q0}.lora_A.weight", f"{Q0}.lora_B.weight"), "have no tensors"),
-    "pissa": ({"init_lora_weights": "pissa"}, None, "changes the base weights"),
-    "trained biases": ({"bias": "lora_only"}, None, "trained biases"),
-    "an unknown setting": ({"use_magic": True}, None, "use_magic=True, which this converter does not know"),
-    "ia3": ({"peft_type": "IA3"}, None, "only LoRA"),
+    "a missing tensor": (edited(tensors=without(f"{Q0}.lora_B.weight")), f"{Q0}.lora_B.weight"),
+    "a module without tensors": (
+        edited(tensors=without(f"{Q0}.lora_A.weight", f"{Q0}.lora_B.weight")),
+        "have no tensors",
+    ),
+    "tensors of a module not selected": (
+        edited(config={"target_modules": [t for t in DREAMBOOTH_TARGETS if t != "fc2"]}),
+        "which it does not select (PEFT would ignore them)",
+    ),
+    "pissa": (edited(config={"init_lora_weights": "pissa"}), "changes the base weights"),
+    "trained biases": (edited(config={"bias": "lora_only"}), "trained biases"),
+    "an unknown setting": (edited(config={"use_magic": True}), "use_magic=True, which this converter does not know"),
+    "ia3": (edited(config={"peft_type": "IA3"}), "only LoRA"),
 }
 
 
 @pytest.mark.parametrize("case", list(REFUSALS))
 def test_what_cannot_map_is_refused_by_name(case, hf_model, imported, user_adapter, tmp_path):
-    settings, tensors, named = REFUSALS[case]
-    made_by_peft = settings and "target_modules" in settings
-    if made_by_peft:  # peft's own API makes the adapter
-        folder = peft_adapter(hf_model, tmp_path / case, r=4, lora_alpha=8, **settings)
-    else:
-        folder = edited(user_adapter, tmp_path / case, (lambda raw: {**raw, **settings}) if settings else None, tensors)
+    make, named = REFUSALS[case]
+    folder = make(hf_model, user_adapter, tmp_path / case)
     with pytest.raises(UserError) as error:
         peft_lora.read_adapter(folder, base_state(imported))
     assert named in str(error.value) and str(folder) in str(error.value)
-    if case == "a missing tensor":  # what the import guards against: PEFT itself loads it and only warns
+    if case in ("a missing tensor", "tensors of a module not selected"):  # PEFT itself loads these, only warning
         peft_model(hf_model, folder)
 
 
