@@ -77,7 +77,7 @@ PYTEST_ARGS ?=
 # make bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test lint manifests plan train grid eval listen export generate import-hf export-hf doctor bench tiny-model demo-data \
+.PHONY: help setup demo test lint manifests plan train grid eval listen export generate import-hf export-hf export-peft doctor bench tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -139,8 +139,8 @@ grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on th
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
 	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" --gpus $(GPUS)
 
-eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
-	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors>]"; exit 2; }
+eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=<ours or a PEFT folder>] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
+	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors or PEFT folder>]"; exit 2; }
 	$(PY) tools/eval.py --base "$(BASE)" --name "$(NAME)" $(if $(TUNED),--tuned "$(TUNED)") \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(GENERAL),--general "$(GENERAL)") \
 		$(if $(PROMPTS),--prompts "$(PROMPTS)") $(if $(DURATION),--duration $(DURATION)) --seed $(SEED) \
@@ -151,11 +151,11 @@ listen: setup  ## REPORT=output/reports/<name> [PORT=8000]: serve a report; its 
 	@test -n "$(REPORT)" || { echo "usage: make listen REPORT=output/reports/<name>"; exit 2; }
 	$(PY) tools/listen.py "$(REPORT)" --port $(PORT)
 
-export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout
+export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model folder in the musicgen-small layout (LoRA: + adapters, peft/)
 	@test -n "$(XP)" || { echo "usage: make export XP=<signature> [OUT=<folder>] [WHICH=best|last]"; exit 2; }
 	$(PY) tools/export.py --xp "$(XP)" --which $(WHICH) $(if $(OUT),--out "$(OUT)")
 
-generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=] [DURATION=10] [SEED=0,1] [OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]
+generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=<ours or a PEFT folder>] [DURATION=10] [SEED=0,1] [OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]
 	@test -n "$(MODEL)" -a -n "$(PROMPTS)" || { echo "usage: make generate MODEL=<folder> PROMPTS=<file or text>"; exit 2; }
 	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --seeds $(SEED) \
 		$(if $(DURATION),--duration $(DURATION)) $(if $(TOP_K),--top-k $(TOP_K)) $(if $(TOP_P),--top-p $(TOP_P)) \
@@ -169,6 +169,10 @@ import-hf: setup  ## HF=<transformers MusicGen folder> [OUT=] [PAD_MODE=constant
 export-hf: setup  ## MODEL=<AudioCraft model folder> [OUT=] [BASE_HF=]: the transformers format (from_pretrained)
 	@test -n "$(MODEL)" || { echo "usage: make export-hf MODEL=<folder> [OUT=<folder>] [BASE_HF=<transformers folder>]"; exit 2; }
 	$(PY) tools/export_hf.py --model "$(MODEL)" $(if $(OUT),--out "$(OUT)") $(if $(BASE_HF),--base-hf "$(BASE_HF)")
+
+export-peft: setup  ## ADAPTER=<adapters.safetensors> [OUT=] [BASE_HF=]: a PEFT LoRA folder for transformers' MusicGen
+	@test -n "$(ADAPTER)" || { echo "usage: make export-peft ADAPTER=<adapters.safetensors> [OUT=<folder>] [BASE_HF=<transformers folder>]"; exit 2; }
+	$(PY) tools/export_peft.py --adapter "$(ADAPTER)" $(if $(OUT),--out "$(OUT)") $(if $(BASE_HF),--base-hf "$(BASE_HF)")
 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")

@@ -3,6 +3,7 @@
     <out>/state_dict.bin               {'best_state', 'xp.cfg' (yaml), 'version', 'exported'}: AudioCraft's format
     <out>/compression_state_dict.bin   the base model's own file, copied (never a pointer to a hub name)
     <out>/adapters.safetensors(.json)  LoRA runs: the adapters alone (the state_dict.bin holds them merged)
+    <out>/peft/                        LoRA runs: the same adapters for transformers + PEFT (models/hf/peft_lora.py)
     <out>/export.json, README.md       base model, dataset, LoRA settings, epoch, validation loss
     <out>/history.json                 the run's history (losses per epoch), for reports made from the export
 
@@ -26,6 +27,7 @@ from .experiments import HISTORY_FILE, best_epoch, find_experiment, valid_value
 from .files import replaced_when_complete
 from .models import folder as model_dir
 from .models import xp_cfg
+from .models.hf import peft_lora
 from .patches import safe_load
 from .paths import output_dir
 
@@ -69,6 +71,29 @@ def merged_lora_state(cfg, checkpoint: dict, which: str, base: dict, out: Path) 
     return {k: v for k, v in lm.state_dict().items() if not lora.is_adapter_key(k)}
 
 
+def write_peft_folder(staging: Path, out: Path, base_dir: Path, base_hash: str) -> tp.Optional[str]:
+    """<export>/peft/: the adapters as a PEFT LoRA folder on the transformers form of the base (found, or converted
+    once). None when written, else why not: printed, and the rest of the export stands."""
+    try:
+        hf_base = peft_lora.transformers_base(base_dir, base_hash)
+        config, metadata, tensors = lora.read_adapters(staging / "adapters.safetensors")
+        (staging / "peft").mkdir()
+        peft_lora.write_peft(
+            staging / "peft",
+            config,
+            tensors,
+            metadata["adapted"],
+            base_hash,
+            hf_base,
+            str(out / "adapters.safetensors"),
+        )
+        return None
+    except UserError as err:
+        shutil.rmtree(staging / "peft", ignore_errors=True)
+        print(f"peft/ not written (the rest of the export is): {err}", flush=True)
+        return str(err)
+
+
 def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "best") -> Path:
     """`make export`: the experiment `xp` (signature or folder) as a model folder at `out` (default
     <output>/exports/<sig>-<which>), its best state (lowest validation loss) or its last; returns the folder."""
@@ -90,6 +115,7 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
                     f"{base_hash[:16]}, expected {checkpoint['lora']['hash'][:16]})."
                 )
             state = merged_lora_state(cfg, checkpoint, which, {k: v.float() for k, v in base.items()}, staging)
+            peft_skipped = write_peft_folder(staging, out, base_dir, base_hash)
         else:
             state = checkpoint["best_state"]["model"] if which == "best" else checkpoint["model"]
         torch.save(
@@ -111,6 +137,8 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
             "segment_duration": OmegaConf.select(cfg, "dataset.segment_duration"),
             "lora": checkpoint["lora"]["config"] if "lora" in checkpoint else None,
         }
+        if "lora" in checkpoint:
+            info["peft"] = {"folder": "peft"} if peft_skipped is None else {"skipped": peft_skipped}
         (staging / "export.json").write_text(json.dumps(info, indent=2) + "\n")
         (staging / "README.md").write_text(
             f"# Fine-tuned MusicGen ({folder.name}, {which} state)\n\n"
@@ -118,8 +146,13 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
             f"validation cross-entropy {info['valid_ce']}.\n"
             + (
                 f"LoRA rank {info['lora']['rank']}, alpha {info['lora']['alpha']}, targets "
-                f"{', '.join(info['lora']['targets'])}: merged into state_dict.bin, and alone in "
-                "adapters.safetensors.\n"
+                f"{', '.join(info['lora']['targets'])}: merged into state_dict.bin, alone in "
+                "adapters.safetensors, and "
+                + (
+                    "for transformers + PEFT in peft/ (its README says how).\n"
+                    if peft_skipped is None
+                    else f"not for PEFT ({peft_skipped}).\n"
+                )
                 if info["lora"]
                 else ""
             )

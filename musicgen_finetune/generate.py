@@ -6,8 +6,8 @@
     wav = model.generate(["hip hop 808 beat, 140 bpm"])  # AudioCraft's own MusicGen, unchanged
 
 `load` takes any folder in the musicgen-small layout (the real one, the tiny one, an export, or a transformers
-MusicGen converted once), optionally with LoRA adapters on top, and works offline whatever segment length the
-model was trained on.
+MusicGen converted once), optionally with LoRA adapters on top (ours, or a PEFT LoRA folder made on transformers'
+MusicGen, converted on the fly), and works offline whatever segment length the model was trained on.
 """
 
 import dataclasses
@@ -25,6 +25,7 @@ from . import lora, patches
 from .errors import UserError
 from .files import write_text_atomically
 from .models import xp_cfg
+from .models.hf.peft_lora import read_adapter
 from .models.open import open_model
 
 MAX_DURATION = 30.0  # one generation window, as musicgen-small; longer audio is extended window by window
@@ -96,7 +97,8 @@ def load(
 
     Args:
         folder: a model folder in the musicgen-small layout, or a transformers MusicGen folder.
-        adapter: an adapters.safetensors written by `make export` for a LoRA run on this base.
+        adapter: an adapters.safetensors written by `make export` for a LoRA run on this base, or a PEFT LoRA
+            folder (adapter_config.json + adapter_model.safetensors) made on transformers' MusicGen of this base.
         device: cuda when available, else cpu, by default.
         t5: a local T5 folder (default: found beside the model, as `make train` finds it).
     Returns:
@@ -104,15 +106,18 @@ def load(
     """
     files = open_model(folder, t5)  # every file and the T5 are checked before anything is built
     adapter_path = Path(adapter).expanduser().resolve() if adapter else None
-    if adapter_path is not None and not adapter_path.is_file():
+    if adapter_path is not None and not adapter_path.exists():
         raise GenerationError(
-            f"ADAPTER={adapter}: {adapter_path} does not exist (make export writes adapters.safetensors for LoRA runs)."
+            f"ADAPTER={adapter}: {adapter_path} does not exist (make export writes adapters.safetensors for LoRA "
+            "runs, and a PEFT folder in peft/)."
         )
     patches.apply()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    lm = xp_cfg.build_lm(files.xp_cfg, patches.safe_load(files.lm)["best_state"], t5=files.t5)
+    base = patches.safe_load(files.lm)["best_state"]
+    lm = xp_cfg.build_lm(files.xp_cfg, base, t5=files.t5)
     if adapter_path is not None:
-        lora.load_adapters(lm, adapter_path)  # refuses adapters trained on another base
+        found = read_adapter(adapter_path, base)  # refuses adapters trained on another base, or of other shapes
+        lora.apply_adapters(lm, found.config, found.tensors, str(found.source), found.adapted)
         lora.merge(lm)
     lm.eval()
     compression = loaders.load_compression_model(str(files.root), device=device)

@@ -22,9 +22,10 @@ from .config import OverrideError, check_override_keys, check_values, hydra_valu
 from .data.dataset import PreparedDataset
 from .errors import UserError
 from .experiments import CHECKPOINT_FILE, LOG_FILE, RunLock
-from .lora import LoraConfig
+from .lora import LoraConfig, check_continuable
 from .models import folder as model_dir
 from .models import xp_cfg
+from .models.hf.peft_lora import read_adapter
 from .models.open import open_model
 from .paths import CONFIG_DIR, upstream_config_dir
 from .planning.fit import check_fits, is_auto
@@ -194,7 +195,12 @@ def plan(
         check_device(xp.cfg, how)
     check_values(xp.cfg)
     if xp.cfg.get("lora") and xp.cfg.lora.enabled:
-        LoraConfig.from_dict(xp.cfg.lora)  # its own checks: targets, layers
+        lora_config = LoraConfig.from_dict(xp.cfg.lora)  # its own checks: targets, layers
+        if lora_config.init_from:  # the adapters to continue fit the model and this run's settings
+            adapter = read_adapter(
+                lora_config.init_from, model_dir.load_package(files.lm)["best_state"], what="lora.init_from"
+            )
+            check_continuable(adapter.config, lora_config, lora_config.init_from)
     print(f"Model: {files.describe()}")
     return overrides, xp
 

@@ -18,6 +18,7 @@ optimizer, then loads `continue_from`). Adapters get new keys:
     transformer.layers.{i}.{self_attn,cross_attention}.out_proj.lora_{A,B}
     transformer.layers.{i}.{linear1,linear2}.lora_{A,B}
     linears.{k}.lora_{A,B}
+    condition_provider.conditioners.description.output_proj.lora_{A,B}    (T5's projection into the LM)
 
 `lora_A` is (rank, in_features), kaiming-uniform; `lora_B` is (out_features, rank), zero: at injection the model's
 output is bit-identical to the base model's.
@@ -30,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import typing as tp
 from pathlib import Path
 
@@ -38,6 +40,7 @@ import torch.nn.functional as F
 from audiocraft.modules.transformer import StreamingMultiheadAttention, StreamingTransformer
 from torch import nn
 
+from .config import hydra_value
 from .errors import UserError
 
 ATTENTION_TARGETS = (
@@ -52,12 +55,17 @@ ATTENTION_TARGETS = (
 )
 FEED_FORWARD_TARGETS = ("linear1", "linear2")
 OUTPUT_HEADS_TARGET = "linears"
-ALLOWED_TARGETS = ATTENTION_TARGETS + FEED_FORWARD_TARGETS + (OUTPUT_HEADS_TARGET,)
+# The text conditioner's projection of T5's output to the LM's width (transformers: enc_to_dec_proj), which PEFT
+# scripts for transformers' MusicGen often adapt too. In no preset: it acts before every layer, on the text alone.
+TEXT_PROJECTION_TARGET = "description.output_proj"
+TEXT_PROJECTION = "condition_provider.conditioners.description.output_proj"
+MODEL_TARGETS = (OUTPUT_HEADS_TARGET, TEXT_PROJECTION_TARGET)  # the others are per transformer layer
+ALLOWED_TARGETS = ATTENTION_TARGETS + FEED_FORWARD_TARGETS + MODEL_TARGETS
 PRESETS: tp.Dict[str, tp.Tuple[str, ...]] = {
     "self_attention": ATTENTION_TARGETS[:4],
     "attention": ATTENTION_TARGETS,
     "attention_ff": ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
-    "all": ALLOWED_TARGETS,
+    "all": ATTENTION_TARGETS + FEED_FORWARD_TARGETS + (OUTPUT_HEADS_TARGET,),
 }
 ADAPTER_PARAMETER_NAMES = ("lora_A", "lora_B")
 FUSED_PROJECTIONS = ("q", "k", "v")
@@ -86,6 +94,8 @@ class LoraConfig:
     dropout: float = 0.1
     targets: tp.Tuple[str, ...] = ATTENTION_TARGETS
     layers: tp.Optional[tp.List[int]] = None  # transformer layer indices; None = all
+    # training only: adapters to start from (ours or a PEFT folder), read by the solver; not part of the shape
+    init_from: tp.Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.targets, str):
@@ -122,6 +132,11 @@ class LoraConfig:
                     f"layer indices >= 0; bad: {bad or 'empty list'}."
                 )
             self.layers = sorted(set(layers))
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from.strip()):
+            raise LoraConfigError(
+                f"lora.init_from={self.init_from!r} must be null or the path of an adapters.safetensors (make "
+                "export) or of a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors)."
+            )
 
     @property
     def scale(self) -> float:
@@ -156,6 +171,30 @@ class LoraConfig:
             "targets": list(self.targets),
             "layers": self.layers,
         }
+
+
+CONTINUED_KEYS = ("rank", "alpha", "targets", "layers")  # what adapters to continue must share with the run
+
+
+def check_continuable(saved: LoraConfig, config: LoraConfig, source: str) -> None:
+    """A run continues adapters `saved` (lora.init_from) only with their shape and scale: the same rank, alpha,
+    targets and layers as its own `config`, else LoraConfigError giving the settings that match."""
+
+    def same(key: str) -> bool:
+        mine, theirs = getattr(config, key), getattr(saved, key)
+        return set(mine) == set(theirs) if key == "targets" else mine == theirs
+
+    differ = [key for key in CONTINUED_KEYS if not same(key)]
+    if differ:
+        found = ", ".join(
+            f"{key} {hydra_value(getattr(saved, key))} (this run: {hydra_value(getattr(config, key))})"
+            for key in differ
+        )
+        matching = " ".join(f"lora.{key}={hydra_value(getattr(saved, key))}" for key in CONTINUED_KEYS)
+        raise LoraConfigError(
+            f"lora.init_from={source} has {found}: add ARGS='{matching}' to continue it, or leave lora.init_from out "
+            "to train new adapters."
+        )
 
 
 def is_adapter_key(name: str) -> bool:
@@ -324,7 +363,7 @@ def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Modu
     for i in layers:
         layer = transformer.layers[i]
         for target in config.targets:
-            if target == OUTPUT_HEADS_TARGET:
+            if target in MODEL_TARGETS:
                 continue
             attribute, _, projection = target.partition(".")
             module = getattr(layer, attribute, None)
@@ -346,12 +385,21 @@ def _plan(model: nn.Module, config: LoraConfig) -> tp.List[tp.Tuple[str, nn.Modu
                 if isinstance(head, nn.Linear):
                     plan.append((f"{OUTPUT_HEADS_TARGET}.{k}", head, ""))
                     matched[OUTPUT_HEADS_TARGET] += 1
+    if TEXT_PROJECTION_TARGET in config.targets:
+        try:
+            projection = model.get_submodule(TEXT_PROJECTION)
+        except AttributeError:  # a bare transformer, or no text conditioner
+            projection = None
+        if isinstance(projection, nn.Linear):
+            plan.append((TEXT_PROJECTION, projection, ""))
+            matched[TEXT_PROJECTION_TARGET] += 1
     unmatched = [t for t, count in matched.items() if count == 0]
     if unmatched:
         raise LoraConfigError(
             f"LoRA target(s) {', '.join(map(repr, unmatched))} match nothing in this "
             f"{type(model).__name__} (layers {layers}); remove them from lora.targets (a model "
-            "without text conditioning has no cross_attention, `linears` needs the LMModel)."
+            f"without text conditioning has no cross_attention, `linears` and {TEXT_PROJECTION_TARGET} need the "
+            "LMModel)."
         )
     return plan
 
@@ -519,15 +567,9 @@ def save_adapters(
     return path
 
 
-def load_adapters(
-    model: nn.Module, path: tp.Union[str, Path], expected_base_hash: tp.Optional[str] = None
-) -> LoraConfig:
-    """Inject adapters into `model` per `<path>.json` and load their tensors from `path`; return their config.
-
-    Refuses (AdapterMismatchError) when the adapters were trained on another base: the saved base hash must
-    equal `base_model_hash(model)` and, when given, `expected_base_hash`. A model that already has adapters
-    must have exactly the saved ones; their values are replaced.
-    """
+def read_adapters(path: tp.Union[str, Path]) -> tp.Tuple[LoraConfig, dict, tp.Dict[str, torch.Tensor]]:
+    """An adapter file `save_adapters` wrote: its config, the JSON beside it (with `base_hash` and `adapted`), and
+    its tensors by name."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -541,6 +583,50 @@ def load_adapters(
         ) from err
     if metadata.get("format") != FORMAT:
         raise AdapterMismatchError(f"{meta_path} has format {metadata.get('format')!r}, expected {FORMAT!r}.")
+    config = LoraConfig.from_dict({k: metadata[k] for k in ("rank", "alpha", "dropout", "targets", "layers")})
+    config.enabled = True
+    return config, metadata, load_file(str(path), device="cpu")
+
+
+def apply_adapters(
+    model: nn.Module,
+    config: LoraConfig,
+    tensors: tp.Mapping[str, torch.Tensor],
+    source: str,
+    adapted: tp.Optional[tp.Sequence[str]] = None,
+) -> None:
+    """Inject adapters per `config` (unless `model` has them already) and copy `tensors` into them, every one
+    accounted for: AdapterMismatchError when a tensor is missing, unexpected or of another shape, or when the
+    adapted projections differ from `adapted` (the names the adapters were saved with, when known)."""
+    names = adapted_names(model) or inject(model, config)
+    if adapted is not None and names != list(adapted):
+        raise AdapterMismatchError(
+            f"{source} adapts {len(adapted)} projections ({', '.join(adapted[:3])}, ...), but the model has "
+            f"adapters on {len(names)} ({', '.join(names[:3])}, ...)."
+        )
+    params = adapter_parameters(model)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    mismatched = [k for k in set(params) & set(tensors) if params[k].shape != tensors[k].shape]
+    if missing or unexpected or mismatched:
+        raise AdapterMismatchError(
+            f"{source} does not fit the injected adapters: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, shape mismatch {sorted(mismatched)[:3]}."
+        )
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(tensors[name])
+
+
+def load_adapters(
+    model: nn.Module, path: tp.Union[str, Path], expected_base_hash: tp.Optional[str] = None
+) -> LoraConfig:
+    """Inject adapters into `model` per `<path>.json` and load their tensors from `path`; return their config.
+
+    Refuses (AdapterMismatchError) when the adapters were trained on another base: the saved base hash must
+    equal `base_model_hash(model)` and, when given, `expected_base_hash`. A model that already has adapters
+    must have exactly the saved ones; their values are replaced.
+    """
+    config, metadata, tensors = read_adapters(path)
     saved_hash = metadata["base_hash"]
     for label, actual in (("this model's base", base_model_hash(model)), ("expected_base_hash", expected_base_hash)):
         if actual is not None and actual != saved_hash:
@@ -548,25 +634,51 @@ def load_adapters(
                 f"{path} was trained on base model {saved_hash}, but {label} is {actual}. Load it onto the base "
                 "model it was trained from (the same snapshot), or retrain the adapters on this one."
             )
-    config = LoraConfig.from_dict({k: metadata[k] for k in ("rank", "alpha", "dropout", "targets", "layers")})
-    config.enabled = True
-    names = adapted_names(model) or inject(model, config)
-    if names != metadata["adapted"]:
-        raise AdapterMismatchError(
-            f"{path} adapts {len(metadata['adapted'])} projections "
-            f"({', '.join(metadata['adapted'][:3])}, ...), but the model has adapters on "
-            f"{len(names)} ({', '.join(names[:3])}, ...)."
-        )
-    tensors = load_file(str(path), device="cpu")
-    params = adapter_parameters(model)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
-    mismatched = [k for k in set(params) & set(tensors) if params[k].shape != tensors[k].shape]
-    if missing or unexpected or mismatched:
-        raise AdapterMismatchError(
-            f"{path} does not fit the injected adapters: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, shape mismatch {sorted(mismatched)[:3]}."
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[name])
+    apply_adapters(model, config, tensors, str(path), metadata["adapted"])
     return config
+
+
+def adapter_tensor_names(adapted: str) -> tp.Tuple[str, str]:
+    """The state-dict keys of lora_A and lora_B for an adapted name (`adapted_names`): `...self_attn.q` ->
+    `...self_attn.lora_in_proj.q.lora_A`, `linears.0` -> `linears.0.lora_A`."""
+    head, _, last = adapted.rpartition(".")
+    module = f"{head}.lora_in_proj.{last}" if last in FUSED_PROJECTIONS else adapted
+    return f"{module}.lora_A", f"{module}.lora_B"
+
+
+def adapter_shapes(config: LoraConfig, base: tp.Mapping[str, tp.Any]) -> tp.Dict[str, tp.Tuple[int, ...]]:
+    """The adapter tensors `inject(lm, config)` gives an LMModel whose base tensors are `base` (a state dict, or
+    names to shapes), by name and shape, without building it; LoraConfigError where `inject` would raise one."""
+    shape = {name: tuple(getattr(value, "shape", value)) for name, value in base.items()}
+    num_layers = 1 + max((int(n.split(".")[2]) for n in shape if n.startswith("transformer.layers.")), default=-1)
+    layers = config.layers if config.layers is not None else list(range(num_layers))
+    if any(i >= num_layers for i in layers):
+        raise LoraConfigError(f"lora.layers={layers}, but the model has {num_layers} transformer layers.")
+    heads = sum(1 for n in shape if re.fullmatch(rf"{OUTPUT_HEADS_TARGET}\.\d+\.weight", n))
+    candidates = [TEXT_PROJECTION, *(f"{OUTPUT_HEADS_TARGET}.{k}" for k in range(heads))]
+    candidates += [f"transformer.layers.{i}.{t}" for i in layers for t in config.targets if t not in MODEL_TARGETS]
+    modules: tp.Dict[str, tp.Tuple[int, int]] = {}  # adapted name -> (in, out)
+    for name in (n for n in candidates if _target_of(n) in config.targets):
+        head, _, last = name.rpartition(".")
+        fused, weight = shape.get(f"{head}.in_proj_weight"), shape.get(f"{name}.weight")
+        if last in FUSED_PROJECTIONS and fused is not None:  # rows as _lora_split_sizes splits them
+            modules[name] = (fused[1], fused[1] if last == "q" else (fused[0] - fused[1]) // 2)
+        elif last not in FUSED_PROJECTIONS and weight is not None:
+            modules[name] = (weight[1], weight[0])
+    unmatched = [t for t in config.targets if not any(_target_of(name) == t for name in modules)]
+    if unmatched:
+        raise LoraConfigError(f"LoRA target(s) {', '.join(map(repr, unmatched))} match nothing in this model.")
+    shapes = {}
+    for name, (in_features, out_features) in modules.items():
+        lora_a, lora_b = adapter_tensor_names(name)
+        shapes[lora_a], shapes[lora_b] = (config.rank, in_features), (out_features, config.rank)
+    return shapes
+
+
+def _target_of(adapted: str) -> str:
+    """The lora.targets entry an adapted name comes from: `transformer.layers.3.self_attn.q` -> `self_attn.q`."""
+    if adapted == TEXT_PROJECTION:
+        return TEXT_PROJECTION_TARGET
+    if adapted.startswith(f"{OUTPUT_HEADS_TARGET}."):
+        return OUTPUT_HEADS_TARGET
+    return adapted.split(".", 3)[3]

@@ -4,7 +4,7 @@
 - epochs sized from the dataset (`dataset.<split>.num_samples: null`), instead of upstream's fixed 1,000,000;
 - LoRA (`lora.enabled`): adapters injected into the LM before the optimizer is built, the base frozen, the
   optimizer over adapters only, checkpoints holding adapters (with the base model's path and hash) instead of
-  the whole LM;
+  the whole LM; `lora.init_from` starts them from saved adapters (ours or a PEFT folder);
 - a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go;
 - caches of EnCodec tokens (on disk) and frozen-T5 outputs (in memory), `token_cache.*`/`text_cache.*`
   (caches.py), so that epochs after the first do not encode the same audio and captions again.
@@ -13,6 +13,7 @@
 import contextlib
 import math
 import typing as tp
+from pathlib import Path
 from unittest import mock
 
 import flashy
@@ -30,6 +31,7 @@ from .data.dataset import count_segments, read_each_segment_once
 from .errors import UserError
 from .experiments import HISTORY_FILE, RunLock, best_epoch, write_done
 from .models import folder as model_dir
+from .models.hf.peft_lora import read_adapter
 from .paths import output_dir
 from .planning.fit import resolve_grad_accum_steps
 
@@ -342,6 +344,8 @@ class FinetuneSolver(MusicGenSolver):
             if report.missing
             else "",
         )
+        if self.lora_config.enabled and self.lora_config.init_from:
+            state["best_state"]["model"].update(self.adapters_to_start_from(state["best_state"]["model"]))
         return state
 
     def commit(self, save_checkpoints: bool = True) -> None:
@@ -365,6 +369,16 @@ class FinetuneSolver(MusicGenSolver):
                 "not averaged. This is a bug; please report it with the log."
             )
         self.logger.info("Weights identical on the %d processes after epoch %d", len(hashes), self.epoch)
+
+    def adapters_to_start_from(self, base: dict) -> tp.Dict[str, torch.Tensor]:
+        """`lora.init_from`: the adapters a new run starts from instead of fresh ones, checked against the base just
+        loaded and the run's own LoRA settings. They join the pretrained state, which upstream loads into the model,
+        its best state and EMA (a resumed run loads its checkpoint instead, solvers/base.py load_checkpoints)."""
+        path = git_save.to_absolute_path(Path(self.lora_config.init_from).expanduser())  # dora runs in the xp folder
+        adapter = read_adapter(path, base, what="lora.init_from")
+        lora.check_continuable(adapter.config, self.lora_config, str(path))
+        self.logger.info("LoRA adapters start from %s (%d tensors)", path, len(adapter.tensors))
+        return adapter.tensors
 
     def state_dict(self) -> dict:
         """Upstream's checkpoint plus the path and hash of the model the run continued from and the random state of

@@ -374,6 +374,58 @@ def test_inject_errors_name_the_target_or_layer(snapshot):
         lora.inject(lm, lora.LoraConfig())
 
 
+@pytest.mark.parametrize(
+    "targets, layers",
+    [("all", None), (list(lora.ALLOWED_TARGETS), [1]), ("self_attention", [0]), ([lora.TEXT_PROJECTION_TARGET], None)],
+)
+def test_adapter_shapes_are_those_inject_makes(snapshot, targets, layers):
+    """What converters check adapters against without building a model (lora.adapter_shapes, adapter_tensor_names)
+    is what inject builds."""
+    config = lora.LoraConfig(enabled=True, rank=3, targets=targets, layers=layers)
+    lm = build_lm(snapshot)
+    names = lora.inject(lm, config)
+    injected = {name: tuple(p.shape) for name, p in lora.adapter_parameters(lm).items()}
+    assert lora.adapter_shapes(config, snapshot[1]) == injected
+    assert {key for name in names for key in lora.adapter_tensor_names(name)} == set(injected)
+
+
+def test_the_text_projection_target(snapshot):
+    """description.output_proj (transformers' enc_to_dec_proj) acts on the conditions: exact at injection, then
+    changing them, and merged like the others."""
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    lm = build_lm(snapshot)
+    codes = torch.randint(0, lm.card, (1, lm.num_codebooks, 8), generator=torch.Generator().manual_seed(4))
+    tokens = lm.condition_provider.tokenize([ConditioningAttributes(text={"description": "808 beat"})])
+
+    def forward():
+        with torch.no_grad():
+            return lm(codes, [], condition_tensors=lm.condition_provider(tokens))
+
+    base = forward()
+    assert lora.inject(lm, lora.LoraConfig(enabled=True, targets=[lora.TEXT_PROJECTION_TARGET])) == [
+        lora.TEXT_PROJECTION
+    ]
+    assert torch.equal(forward(), base)
+    randomize_adapters(lm)
+    adapted = forward()
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    lora.merge(lm)
+    assert torch.allclose(forward(), adapted, atol=MERGE_ATOL, rtol=0)
+
+
+def test_continuing_adapters_needs_their_settings():
+    saved = lora.LoraConfig(enabled=True, rank=4, alpha=8, targets=["self_attn.q", "linear1"])
+    lora.check_continuable(
+        saved, lora.LoraConfig(enabled=True, rank=4, alpha=8, targets=["linear1", "self_attn.q"]), "x"
+    )
+    with pytest.raises(lora.LoraConfigError) as error:
+        lora.check_continuable(saved, lora.LoraConfig(enabled=True, rank=8, alpha=8, targets="attention"), "a/b")
+    message = str(error.value)
+    assert "lora.init_from=a/b has rank 4 (this run: 8), targets [self_attn.q,linear1]" in message
+    assert "ARGS='lora.rank=4 lora.alpha=8.0 lora.targets=[self_attn.q,linear1] lora.layers=null'" in message
+
+
 def test_fused_dropout_is_resampled_in_training_and_off_in_eval(snapshot):
     lm = build_lm(snapshot)
     lora.inject(lm, lora.LoraConfig(enabled=True, dropout=0.5))

@@ -1,5 +1,6 @@
-"""make eval BASE=<model> NAME=<dataset> [TUNED=<model>] [ADAPTER=<adapters.safetensors>] [GENERAL=<dataset>]
-[PROMPTS=] [DURATION=] [SEED=] [CLAP=<folder>] [OUT=]: the comparison report, output/reports/<NAME>/index.html."""
+"""make eval BASE=<model> NAME=<dataset> [TUNED=<model>] [ADAPTER=<adapters.safetensors or PEFT folder>]
+[GENERAL=<dataset>] [PROMPTS=] [DURATION=] [SEED=] [CLAP=<folder>] [OUT=]: the comparison report,
+output/reports/<NAME>/index.html."""
 
 import argparse
 import sys
@@ -15,7 +16,9 @@ def main(argv=None) -> None:
     parser.add_argument("--base", required=True, help="the model fine-tuning started from")
     parser.add_argument("--name", required=True, help="dataset (manifests/<name>): its valid split is the reference")
     parser.add_argument("--tuned", default=None, help="a fine-tuned model folder (make export)")
-    parser.add_argument("--adapter", default=None, help="LoRA adapters.safetensors, applied on --base")
+    parser.add_argument(
+        "--adapter", default=None, help="LoRA adapters.safetensors or a PEFT LoRA folder, applied on --base"
+    )
     parser.add_argument(
         "--general", default=None, help="a second dataset: cross-entropy on it shows what was forgotten"
     )

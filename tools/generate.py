@@ -19,7 +19,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
     parser.add_argument("--prompts", required=True, help="a text file, one prompt a line, or the prompt itself")
-    parser.add_argument("--adapter", default=None, help="LoRA adapters.safetensors to apply on the model")
+    parser.add_argument(
+        "--adapter", default=None, help="LoRA adapters.safetensors, or a PEFT LoRA folder, to apply on the model"
+    )
     parser.add_argument("--duration", type=float, default=Sampling.duration)
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, one wav per prompt and seed")
     parser.add_argument("--out", default=None)
@@ -33,7 +35,12 @@ def main(argv=None) -> None:
     seeds = seeds_of(opts.seeds)
     name = opts.model.rstrip("/").split("/")[-1]
     if opts.adapter:  # never overwrite the base model's samples with the adapted model's
-        name += "+" + opts.adapter.rstrip("/").split("/")[-2 if opts.adapter.endswith(".safetensors") else -1]
+        parts = opts.adapter.rstrip("/").split("/")  # <export>/adapters.safetensors, <export>/peft, <peft folder>
+        name += "+" + (
+            parts[-2]
+            if parts[-1].endswith(".safetensors")
+            else "-".join(parts[-2:] if parts[-1] == "peft" else parts[-1:])
+        )
     out = opts.out or output_dir() / "samples" / slug(name)
     sampling = Sampling(opts.duration, opts.top_k, opts.top_p, opts.temperature, opts.cfg, opts.batch)
     folder = generate(

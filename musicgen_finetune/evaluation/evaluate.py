@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 from audiocraft.models import loaders
 
-from .. import lora, machine, patches
+from .. import lora, machine
 from ..data.dataset import PreparedDataset
 from ..errors import UserError
 from ..experiments import best_epoch, read_history
 from ..files import replaced_when_complete
 from ..generate import Sampling, load, read_prompts, write_samples
 from ..models import folder as model_dir
+from ..models.hf.peft_lora import read_adapter
 from ..models.open import open_model
 from ..paths import output_dir
 from . import metrics, page, plots
@@ -59,7 +60,7 @@ class EvalOptions:
         base: the model fine-tuning started from.
         name: the dataset (manifests/<name>) whose valid split is the reference.
         tuned: a fully fine-tuned model folder (make export).
-        adapter: LoRA adapters.safetensors, applied on `base`.
+        adapter: LoRA adapters.safetensors, or a PEFT LoRA folder, applied on `base`.
         general: a second dataset; the cross-entropy on it shows what was forgotten.
         prompts: a file or a text; default: captions of the valid split.
         seed: the seed every model samples with.
@@ -141,7 +142,7 @@ def check_inputs(specs: tp.List[ModelSpec], options: EvalOptions) -> None:
     if len(specs) == 1:
         raise EvalError(
             "Nothing to compare the base model with: give TUNED=<exported model folder> and/or "
-            "ADAPTER=<adapters.safetensors>."
+            "ADAPTER=<adapters.safetensors or a PEFT LoRA folder>."
         )
     PreparedDataset(options.name, "NAME")
     if options.general:
@@ -155,7 +156,7 @@ def check_inputs(specs: tp.List[ModelSpec], options: EvalOptions) -> None:
             )
         open_model(spec.folder, options.t5)
         if spec.adapter is not None:
-            check_adapter(spec)
+            check_adapter(spec, options.t5)
     if options.clap:
         config = Path(options.clap).expanduser() / "config.json"
         model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
@@ -167,19 +168,21 @@ def check_inputs(specs: tp.List[ModelSpec], options: EvalOptions) -> None:
     options.sampling.check()
 
 
-def check_adapter(spec: ModelSpec) -> None:
-    if not spec.adapter.is_file():
+def check_adapter(spec: ModelSpec, t5: tp.Optional[str]) -> None:
+    """ADAPTER= fits BASE=: ours by the base hash it records, a PEFT folder by name and shape (`read_adapter`)."""
+    if not spec.adapter.exists():
         raise EvalError(
-            f"ADAPTER={spec.adapter} does not exist (make export writes adapters.safetensors for LoRA runs)."
+            f"ADAPTER={spec.adapter} does not exist (make export writes adapters.safetensors for LoRA runs, and a "
+            "PEFT folder in peft/)."
         )
-    saved = json.loads(lora.config_path(spec.adapter).read_text()).get("base_hash")
-    actual = lora.base_model_hash(patches.safe_load(model_dir.lm_file(str(spec.folder)))["best_state"])
-    if saved != actual:
+    base = model_dir.load_package(open_model(spec.folder, t5).lm)["best_state"]
+    try:
+        read_adapter(spec.adapter, base)
+    except lora.AdapterMismatchError as err:
         raise EvalError(
-            f"ADAPTER={spec.adapter} was trained on another base model than BASE={spec.folder} (base "
-            f"hash {str(saved)[:16]}, this one {actual[:16]}): give the base it was trained on (its "
-            "export.json names it)."
-        )
+            f"ADAPTER={spec.adapter} does not fit BASE={spec.folder} (trained on another base model?): {err} Give "
+            "the base it was trained on (its export.json names it)."
+        ) from err
 
 
 def references(dataset: PreparedDataset, out: Path, limit: int = REFERENCE_CLIPS) -> tp.List[dict]:
