@@ -3,7 +3,8 @@
 The pipeline, one folder or module a stage (each arrow owned by one part; nothing reaches back up the chain):
 
     data/         your folder -> manifests/<name>/        (make manifests)
-    models/       model folders: open, check, convert to and from transformers, the tiny model
+    models/       model folders: open, check, convert to and from transformers (and PEFT adapters), the tiny model
+    planning/     what fits a GPU before training: peak memory and time, traced on fake tensors (make plan)
     train.py      the dora entry; solver.py, lora.py, caches.py: what it trains with; launch.py: make train
     grid.py       make grid over grids/
     experiments   output/xps/<signature>/ as the stages after training read it
