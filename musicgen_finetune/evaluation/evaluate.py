@@ -109,7 +109,8 @@ class ModelSpec:
             "label": self.label,
             "xp": info.get("experiment"),
             "history": history,
-            "best_epoch": best_epoch(history),
+            # the export's own choice (it knows the run's metric and forgetting budget) when it is the best state
+            "best_epoch": info.get("epoch") if info.get("which") == "best" else best_epoch(history),
             "epochs": len(history),
             "exported_epoch": info.get("epoch"),
         }
