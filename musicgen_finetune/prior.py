@@ -178,7 +178,7 @@ def cache_root(solver, config: PriorConfig) -> Path:
 
     from .paths import output_dir
 
-    return git_save.to_absolute_path(config.path) if config.path else output_dir() / "cache" / "prior"
+    return Path(git_save.to_absolute_path(config.path)) if config.path else output_dir() / "cache" / "prior"
 
 
 @contextlib.contextmanager
@@ -279,17 +279,18 @@ def load_or_generate(
 
 def kl_from_teacher(student_logits: torch.Tensor, prior: PriorSet, rows: torch.Tensor, mask: torch.Tensor, teacher):
     """Mean over valid positions of KL(teacher || student). `teacher`: the base's full logits [B, K, T, card]
-    (LoRA, adapters off), or None for the stored top-k (renormalised over those codes)."""
-    student = student_logits.float().log_softmax(dim=-1)
+    (LoRA, adapters off), or None for the stored top-k (renormalised over those codes). Only valid positions are
+    read: the LM's logits are NaN elsewhere (models/lm.py compute_predictions, revert_pattern_logits)."""
+    valid = mask.bool()
+    student = student_logits[valid].float().log_softmax(dim=-1)  # [M, card]
     if teacher is not None:
-        teacher_logp = teacher.float().log_softmax(dim=-1)
+        teacher_logp = teacher[valid].float().log_softmax(dim=-1)
         per_position = (teacher_logp.exp() * (teacher_logp - student)).sum(dim=-1)
     else:
-        codes = prior.teacher_codes[rows].to(student.device)
-        teacher_logp = prior.teacher_logprobs[rows].to(student.device).log_softmax(dim=-1)  # renormalised top-k
+        codes = prior.teacher_codes[rows].to(student.device)[valid]  # [M, k]
+        teacher_logp = prior.teacher_logprobs[rows].to(student.device)[valid].log_softmax(dim=-1)  # renormalised
         per_position = (teacher_logp.exp() * (teacher_logp - student.gather(-1, codes))).sum(dim=-1)
-    mask = mask.to(per_position.dtype)
-    return (per_position * mask).sum() / mask.sum().clamp(min=1)
+    return per_position.mean()
 
 
 class PriorTerm:
