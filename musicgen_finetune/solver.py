@@ -108,6 +108,7 @@ class FinetuneSolver(MusicGenSolver):
     train.get_solver when the config says `solver: musicgen_finetune`."""
 
     NAME = "musicgen_finetune"
+    prior_term: tp.Optional[prior.PriorTerm] = None  # set by restore when prior.* or the forgetting budget asks
 
     def __init__(self, cfg):
         resolve_precision(cfg)
@@ -330,7 +331,7 @@ class FinetuneSolver(MusicGenSolver):
     def restore(self, *args: tp.Any, **kwargs: tp.Any) -> bool:
         """Upstream's restore, then the prior set (prior.py) of the base this run continues from."""
         restored = super().restore(*args, **kwargs)
-        self.prior_term: tp.Optional[prior.PriorTerm] = None
+        self.prior_term = None
         if prior.wanted(self.cfg):
             if self.base_model is None:
                 raise TrainingRefusedError(
