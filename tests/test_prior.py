@@ -178,3 +178,37 @@ def test_prior_preservation_forgets_less_and_the_budget_is_reported(runs):
     assert done["forgetting_budget"] == 0.5 and done["best_epoch"] == choose_best(with_prior, "ce", 0.5).epoch
     assert "forgetting budget" in done["best_reason"]
     assert "Prior preservation: loss kl" in (runs["prior"] / "solver.log.0").read_text()
+
+
+def test_replay_gives_the_general_rows_their_share_of_the_sampling_weight():
+    from musicgen_finetune.replay import mixed_rows
+
+    own = [{"path": f"own{i}.wav", "weight": w} for i, w in enumerate([1.0, 1.0, 0.5, None])]  # augmented: 0.5
+    general = [{"path": f"general{i}.wav", "weight": None} for i in range(5)]
+    rows = mixed_rows(own, general, 0.2)
+    assert rows[:4] == own
+    weights = [r["weight"] or 1.0 for r in rows]
+    assert sum(weights[4:]) / sum(weights) == pytest.approx(0.2)
+    assert len(set(weights[4:])) == 1
+
+
+def test_make_train_passes_prior_and_general_and_the_prompts_file_reaches_the_signature(tmp_path):
+    import subprocess
+
+    from conftest import REPO
+
+    from musicgen_finetune.launch import preservation_overrides
+
+    dry = subprocess.run(
+        ["make", "-n", "train", "MODEL=m", "NAME=n", "PRIOR=1", "PRIOR_PROMPTS=p.txt", "GENERAL=g"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert '--prior --prior-prompts "p.txt"' in dry.stdout and '--general "g"' in dry.stdout, dry.stdout + dry.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# mine\nsoft harp, calm\n\nbrass band march\n")
+    assert preservation_overrides(True, str(prompts)) == [
+        "prior.enabled=true",
+        "prior.prompts=['soft harp, calm','brass band march']",
+    ]
