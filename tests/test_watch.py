@@ -66,7 +66,7 @@ def test_update_curves_continue_across_a_resume_without_repeat_or_gap(watched):
 
 
 def test_epoch_scalars_are_history_at_the_update_count(watched):
-    folder, updates, _, _ = watched
+    folder, updates, killed, resumed = watched
     history = json.loads((folder / "history.json").read_text())
     assert len(history) == EPOCHS
     board = events(folder / "tensorboard")
@@ -84,8 +84,13 @@ def test_epoch_scalars_are_history_at_the_update_count(watched):
     assert [e.value for e in board.Scalars("time/train")] == pytest.approx(
         [h["train"]["duration"] for h in history], rel=1e-6
     )
-    # the token cache encodes every training segment in epoch 1, and answers all of them in epoch 2
-    assert [e.value for e in board.Scalars("cache/train_tokens")] == [0.0, 1.0]
+    # the token cache's hit rates, as the log counts them ("Cache hits, train epoch 1: tokens of 7/18 (39%) ...")
+    log = killed.stderr + resumed.stderr
+    counted = {
+        int(e): int(h) / int(n) for e, h, n in re.findall(r"Cache hits, train epoch (\d+): tokens of (\d+)/(\d+)", log)
+    }
+    assert [e.value for e in board.Scalars("cache/train_tokens")] == pytest.approx([counted[1], counted[2]], rel=1e-6)
+    assert steps(board, "cache/valid_tokens") == [updates, EPOCHS * updates]
     assert "lora/adapter_norm" not in tags  # a full fine-tune
 
 
@@ -110,7 +115,7 @@ def test_samples_are_in_the_audio_tab_with_their_prompts(watched, tiny_model):
 def test_each_epoch_says_how_long_the_run_has_left(watched):
     _, _, killed, resumed = watched
     assert re.search(r"Epoch 1/2 done in \d+ s; ETA \d+ s \(run\), 1 epoch to go", killed.stderr)
-    assert re.search(r"Epoch 2/2 done in \d+ s; ETA 0 s \(run\)$", resumed.stderr, re.MULTILINE)
+    assert re.search(r"Epoch 2/2 done in \d+ s; ETA 0 s \(run\)\x1b\[0m$", resumed.stderr, re.MULTILINE)
 
 
 def test_logging_switches_leave_the_signature_alone():
@@ -164,7 +169,7 @@ def test_runs_table_shows_how_each_run_stands(watched, tmp_path, workdir):
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["signature", "model", "dataset", "kind", "epochs", "best", "valid", "state", "folder"]
     line = next(line for line in lines if line.startswith("aaaa0001"))
-    assert line.split() == ["aaaa0001", "tiny", "beats", "LoRA", "r4", "2/5", "2", "ce", "4.0000", "running"] + [
+    assert line.split() == ["aaaa0001", "tiny", "beats", "LoRA", "r4", "3/5", "2", "ce", "4.0000", "running"] + [
         str(running)
     ]
 
