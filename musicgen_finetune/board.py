@@ -47,7 +47,7 @@ def serve(xp: tp.Optional[str] = None, port: int = 6006, host: str = "127.0.0.1"
     try:
         url = board.launch()  # binds the port now and serves from a thread
     except program.TensorBoardServerException as err:
-        raise BoardError(f"TensorBoard cannot listen on {host}:{port} ({err}): pick another with BOARD_PORT=.") from None
+        raise BoardError(f"TensorBoard cannot listen on {host}:{port} ({err}): use another, BOARD_PORT=.") from None
     print(f"TensorBoard over {logdir}: {url} (Ctrl-C to stop)", flush=True)
     threading.Event().wait()
     raise AssertionError("unreachable")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATASET, REPO, TRAIN, run_tool, xp_folder
+from conftest import DATASET, PROCESS_HOOKS, REPO, TRAIN, run_tool, xp_folder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from musicgen_finetune import runs
@@ -190,11 +190,19 @@ def free_port() -> int:
 def test_board_serves_the_runs_on_localhost(watched, workdir):
     folder, _, _, _ = watched
     port = free_port()
-    env = {"AUDIOCRAFT_DORA_DIR": str(folder.parent.parent), "PYTHONPATH": str(REPO)}
+    guard = workdir / "board_network_attempts.log"
+    out = str(folder.parent.parent)
+    env = {
+        **os.environ,
+        "MUSICGEN_FT_OUTPUT": out,
+        "AUDIOCRAFT_DORA_DIR": out,
+        "PYTHONPATH": os.pathsep.join([str(PROCESS_HOOKS), str(REPO)]),  # the network guard (conftest.run_tool)
+        "NETWORK_GUARD_LOG": str(guard),
+    }
     board = subprocess.Popen(
         [sys.executable, "tools/board.py", "--port", str(port)],
         cwd=REPO,
-        env={**os.environ, **env},
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -214,3 +222,4 @@ def test_board_serves_the_runs_on_localhost(watched, workdir):
     finally:
         board.kill()
         board.wait()
+    assert not guard.exists() or guard.read_text() == ""  # offline
