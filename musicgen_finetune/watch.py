@@ -96,8 +96,8 @@ def format_duration(seconds: float) -> str:
 
 
 def adapter_norm(model: torch.nn.Module) -> float:
-    """The L2 norm of all LoRA adapter weights together: 0 at a fresh start of the up-projections, growing as
-    the adapters learn."""
+    """The L2 norm of all LoRA adapter weights (lora_A and lora_B) together: B starts at zero (lora.py), so its
+    growth is the adapters' departure from the base model."""
     squares = sum(float(p.detach().float().pow(2).sum()) for p in lora.adapter_parameters(model).values())
     return math.sqrt(squares)
 

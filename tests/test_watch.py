@@ -129,6 +129,20 @@ def test_logging_switches_leave_the_signature_alone():
     assert main.get_xp([*base, "tensorboard.with_media_logging=false"]).sig == plain
 
 
+def test_lora_runs_log_the_adapter_norm(workdir, tiny_model, dataset):
+    out = workdir / "watch-lora-output"
+    env = {"MUSICGEN_FT_OUTPUT": str(out), "AUDIOCRAFT_DORA_DIR": str(out)}
+    command = [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny_lora"]
+    result = run_tool([*command, "--args", "optim.epochs=1"], workdir, extra_env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = xp_folder(result)
+    updates = int(re.search(r"(\d+) updates per epoch", result.stderr).group(1))
+    adapters = torch.load(folder / "checkpoint.th", weights_only=True)["model"]  # a LoRA checkpoint: adapters only
+    norm = torch.cat([tensor.flatten().double() for tensor in adapters.values()]).norm().item()
+    (logged,) = events(folder / "tensorboard").Scalars("lora/adapter_norm")
+    assert logged.step == updates and logged.value == pytest.approx(norm, rel=1e-6)
+
+
 def fake_experiment(root: Path, name: str, state: str, epochs=(3, 5), lora=None) -> Path:
     folder = root / name
     folder.mkdir(parents=True)
@@ -188,6 +202,7 @@ def free_port() -> int:
 
 
 def test_board_serves_the_runs_on_localhost(watched, workdir):
+    """make board: TensorBoard on a free port of localhost lists the run, and nothing reaches the network."""
     folder, _, _, _ = watched
     port = free_port()
     guard = workdir / "board_network_attempts.log"
@@ -204,11 +219,11 @@ def test_board_serves_the_runs_on_localhost(watched, workdir):
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=subprocess.DEVNULL,  # TensorBoard's own warnings (the purged steps of the killed run)
         text=True,
     )
     try:
-        line = board.stdout.readline()  # TensorBoard's own warnings go after it
+        line = board.stdout.readline()
         assert line.startswith("TensorBoard over ") and f"http://127.0.0.1:{port}/" in line, line
         page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
         assert "<title>TensorBoard</title>" in page
