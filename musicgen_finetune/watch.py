@@ -78,8 +78,13 @@ class UpdateStepTensorboardLogger(TensorboardLogger):
 
 def epoch_scalars(entry: dict) -> tp.Dict[str, tp.Dict[str, float]]:
     """The scalars of one history.json entry by stage, with the stages' durations moved under `time`:
-    the solver's own `time` breakdown when the entry has one, else flashy's `duration` of each stage."""
-    stages = {stage: dict(metrics) for stage, metrics in entry.items() if isinstance(metrics, dict)}
+    the solver's own `time` breakdown when the entry has one, else flashy's `duration` of each stage. Numbers only:
+    flashy's logger writes a dict value as add_scalars, into folders TensorBoard lists as runs of their own."""
+    stages = {
+        stage: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        for stage, metrics in entry.items()
+        if isinstance(metrics, dict)
+    }
     durations = {stage: metrics.pop("duration") for stage, metrics in stages.items() if "duration" in metrics}
     if "time" not in stages:
         stages["time"] = durations
