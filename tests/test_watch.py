@@ -118,6 +118,17 @@ def test_each_epoch_says_how_long_the_run_has_left(watched):
     assert re.search(r"Epoch 2/2 done in \d+ s; ETA 0 s \(run\)\x1b\[0m$", resumed.stderr, re.MULTILINE)
 
 
+def test_time_scalars_come_from_the_epochs_time_breakdown_when_it_has_one():
+    """time/<stage>: a `time` entry of the epoch (train, valid, generate, checkpoint) when the solver records one,
+    else the `duration` flashy measures for each stage; never a stage's duration as a metric of its own."""
+    from musicgen_finetune.watch import epoch_scalars
+
+    entry = {"train": {"ce": 3.5, "duration": 2.0}, "valid": {"ce": 4.0, "duration": 0.5}}
+    assert epoch_scalars(entry) == {"train": {"ce": 3.5}, "valid": {"ce": 4.0}, "time": {"train": 2.0, "valid": 0.5}}
+    breakdown = {"train": 2.1, "valid": 0.6, "checkpoint": 0.3}
+    assert epoch_scalars({**entry, "time": breakdown})["time"] == breakdown
+
+
 def test_logging_switches_leave_the_signature_alone():
     """Turning TensorBoard on or off is not another experiment (upstream's dora.exclude has logging.*,
     tensorboard.*: audiocraft config/config.yaml)."""
