@@ -5,6 +5,7 @@
     done.json       written when a run ended for good: how (completed, early_stop) and its best epoch
     solver.log.0    the training log
     run.lock        held (flock) by the process training it: one run of an experiment at a time
+    run.json        how the run stands, for `make runs` (runs.py); tensorboard/: its curves and samples (watch.py)
 
 The best epoch is the one with the lowest validation metric (`ce` unless the run's `early_stop.metric` says
 otherwise); `make export WHICH=best` exports its state.

@@ -7,7 +7,8 @@
   the whole LM; `lora.init_from` starts them from saved adapters (ours or a PEFT folder);
 - a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go;
 - caches of EnCodec tokens (on disk) and frozen-T5 outputs (in memory), `token_cache.*`/`text_cache.*`
-  (caches.py), so that epochs after the first do not encode the same audio and captions again.
+  (caches.py), so that epochs after the first do not encode the same audio and captions again;
+- a run you can watch (watch.py): TensorBoard with optimizer updates as steps, an ETA per epoch, `<xp>/run.json`.
 """
 
 import contextlib
@@ -26,7 +27,7 @@ from dora import git_save
 
 from audiocraft import models
 
-from . import caches, lora, patches, random_state
+from . import caches, lora, patches, random_state, watch
 from .data.dataset import count_segments, read_each_segment_once
 from .errors import UserError
 from .experiments import HISTORY_FILE, RunLock, best_epoch, write_done
@@ -111,8 +112,13 @@ class FinetuneSolver(MusicGenSolver):
         resolve_precision(cfg)
         # optim.grad_accum_steps=auto: micro-batches (and checkpointing) planned for this GPU before anything is built
         self.accumulation_plan = resolve_grad_accum_steps(cfg)
+        self.watch = watch.RunWatch(self)
         super().__init__(cfg)
         self.fit_top_k_to_codebook()
+
+    def init_tensorboard(self, **options: tp.Any) -> None:
+        """Upstream's __init__ calls this for `logging.log_tensorboard` (solvers/base.py:51) before the updates per
+        epoch and the restored checkpoint are known; watch.py opens the writer when training starts instead."""
 
     def fit_top_k_to_codebook(self) -> None:
         """Upstream samples among the `generate.lm.top_k` likeliest codes (solvers/musicgen.py:41), and torch.topk
@@ -318,9 +324,13 @@ class FinetuneSolver(MusicGenSolver):
     def log_cache_use(self, stage: str) -> None:
         parts = []
         if isinstance(self.compression_model, caches.CachedCompressionModel):
-            parts.append(f"tokens of {caches.hit_rate(*self.compression_model.counter.take())} segments")
+            counts = self.compression_model.counter.take()
+            self.watch.cache_used(stage, "tokens", *counts)
+            parts.append(f"tokens of {caches.hit_rate(*counts)} segments")
         for name, cache in self.text_caches.items():
-            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*cache.counter.take())} texts ({cache.describe()})")
+            counts = cache.counter.take()
+            self.watch.cache_used(stage, f"t5_{name}", *counts)
+            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*counts)} texts ({cache.describe()})")
         if parts:
             self.logger.info("Cache hits, %s epoch %d: %s", stage, self.epoch, "; ".join(parts))
 
@@ -355,6 +365,12 @@ class FinetuneSolver(MusicGenSolver):
         self.random_states = all_processes(random_state.capture(self.model))
         self.check_processes_agree()
         super().commit(save_checkpoints)
+        if save_checkpoints:  # an epoch of training (run_one_stage commits without checkpoints)
+            self.watch.epoch_done()
+
+    def run_epoch(self) -> None:
+        self.watch.epoch_started()
+        super().run_epoch()
 
     def check_processes_agree(self) -> None:
         """In a multi-process run, every process must hold the same weights after each epoch (the gradients are
@@ -506,11 +522,17 @@ class FinetuneSolver(MusicGenSolver):
         if self.stop_reason and flashy.distrib.is_rank_zero():
             metric = (self.cfg.get("early_stop") or {}).get("metric", "ce")
             write_done(self.folder, self.stop_reason, self.history, metric)
+        self.watch.run_ended(self.stop_reason)
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
-        if not self.is_training or self.grad_accum_steps == 1:
+        if not self.is_training:
             return super().run_step(idx, batch, metrics)
-        return self._accumulated_train_step(batch, metrics)
+        if self.grad_accum_steps == 1:
+            metrics = super().run_step(idx, batch, metrics)
+        else:
+            metrics = self._accumulated_train_step(batch, metrics)
+        self.watch.update_done(idx, metrics)
+        return metrics
 
     def _accumulated_train_step(self, batch: tp.Any, metrics: dict) -> dict:
         """Upstream's train step (solvers/musicgen.py run_step), one backward per micro-batch, one update."""
