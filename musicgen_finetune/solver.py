@@ -295,9 +295,9 @@ class FinetuneSolver(MusicGenSolver):
         if not flashy.distrib.is_rank_zero():
             return None
         begin, entry, epoch = time.time(), self.history[-1], len(self.history)
-        interval = self.cfg.checkpoint.get("save_last_interval_s") or 0
+        interval, last = self.cfg.checkpoint.get("save_last_interval_s") or 0, self.ends_after_this_epoch()
         if not self.cfg.checkpoint.save_last or (
-            interval and begin - self.last_checkpoint_time < interval and not self.ends_after_this_epoch()
+            interval and begin - self.last_checkpoint_time < interval and not last
         ):
             entry["checkpoint"] = {"bytes": 0}
             self.log_epoch_time(entry, 0.0, "no checkpoint this epoch (checkpoint.save_last_interval_s)")
@@ -312,7 +312,7 @@ class FinetuneSolver(MusicGenSolver):
             self.best_file_epoch = ref["epoch"]
         files.append((self.checkpoint_path(), state))
         entry["checkpoint"] = {"bytes": sum(checkpoints.tensor_bytes(s) for _, s in files)}  # before the snapshot
-        files = [(path, checkpoints.snapshot(s)) for path, s in files]
+        files = [(path, checkpoints.snapshot(s, copy_tensors=not last)) for path, s in files]
         if self.cfg.checkpoint.save_every and epoch % self.cfg.checkpoint.save_every == 0:
             # an epoch's own copy outlives the best-state files: it holds its best state in full, as upstream's
             best_copy = checkpoints.snapshot(self.best_state.state_dict())

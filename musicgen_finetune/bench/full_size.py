@@ -22,7 +22,7 @@ UTILISATION = 1 / 3  # of the dense bf16 peak: the issue's stated assumption, be
 TEXT_TOKENS = 32  # a caption's T5 tokens (their share of the FLOPs is small)
 # Estimates for what cannot be measured without that GPU, each stated in the report:
 GPU_DECODE_STEP_S = 0.015  # one autoregressive step of musicgen-small at batch 4 (2 prompts x CFG): ~15 ms
-HOST_COPY_GBPS = 12.0  # GPU -> host copy of the checkpoint snapshot (PCIe 4.0 x16, pinned: ~12-25 GB/s)
+HOST_COPY_GBPS = 4.0  # GPU -> pageable host memory, the snapshot of a checkpoint that is not the run's last
 DISK_WRITE_GBPS = 2.0  # the background write on an NVMe disk; measured here as well (this machine's disk)
 ENCODE_S = 5.0  # EnCodec encoding of the 50 clips once (the token cache serves later epochs), and T5 of captions
 STARTUP_S = 20.0  # imports, reading the 841 MB model and T5, building: measured start-up of the tiny model is ~5 s
@@ -32,8 +32,10 @@ def build(mode: str, t5: Path):
     """musicgen-small's LM (LoRA-injected in lora mode) and its AdamW after one step: what a checkpoint holds."""
     import torch
 
+    from .. import patches
     from .step import build_lm
 
+    patches.apply()  # a local T5 folder (modules/conditioners.py:393)
     lm, params, trainable, total = build_lm(StepConfig(ARCH, mode, "cached", 1, 1.0, False, "cpu", t5=str(t5)), t5)
     optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
     for p in params:
@@ -115,8 +117,10 @@ def projection(full: dict, lm) -> dict:
     generate_s = generate_epochs * 5.0 * 50 * GPU_DECODE_STEP_S  # 2 prompts x 5 s in one batch: 250 steps
     upstream_generate_s = generate_epochs * 30.0 * 50 * GPU_DECODE_STEP_S  # 4 prompts x 30 s: 1,500 steps
     gb = full["lean_bytes"] / 1e9
-    # one lean checkpoint (save_last_interval_s=600 > the run): its snapshot, then the run waits for the write
-    checkpoint_s = gb / HOST_COPY_GBPS + (full["lean_bytes"] + full["best_file_bytes"]) / 1e9 / DISK_WRITE_GBPS
+    # one lean checkpoint (save_last_interval_s=600 > the run), after the last epoch: no snapshot, the run waits for
+    # the write (and a best-state file, when the last epoch is not the best)
+    checkpoint_s = (full["lean_bytes"] + full["best_file_bytes"]) / 1e9 / DISK_WRITE_GBPS
+    every_epoch_checkpoint_s = (JOB["epochs"] - 1) * gb / HOST_COPY_GBPS + checkpoint_s  # snapshots on the loop
     upstream_checkpoint_s = JOB["epochs"] * full["upstream_bytes"] / 1e9 / DISK_WRITE_GBPS
     overhead = {"startup_s": STARTUP_S, "encode_s": ENCODE_S, "valid_s": valid_s, "generate_s": generate_s}
     overhead["checkpoint_s"] = checkpoint_s
@@ -131,6 +135,11 @@ def projection(full: dict, lm) -> dict:
         **{k: round(v, 1) for k, v in overhead.items()},
         "wall_s": round(wall, 1),
         "overhead_share": round(1 - train_s / wall, 3),
+        # the same without start-up and the first epoch's encoding: what the training loop adds to training
+        "loop_overhead_share": round(
+            (valid_s + generate_s + checkpoint_s) / (train_s + valid_s + generate_s + checkpoint_s), 3
+        ),
+        "every_epoch_checkpoint_s": round(every_epoch_checkpoint_s, 1),
         "upstream_wall_s": round(upstream_wall, 1),
         "estimates": {
             "gpu_decode_step_s": GPU_DECODE_STEP_S,
@@ -184,7 +193,8 @@ def goals(full_size: dict) -> tp.List[dict]:
         goal(
             "projected non-compute overhead of the 50-clip job <= 20% of its wall time",
             p["overhead_share"],
-            f"{100 * p['overhead_share']:.0f}% of {p['wall_s']:.0f} s",
+            f"{100 * p['overhead_share']:.0f}% of {p['wall_s']:.0f} s, start-up included; "
+            f"{100 * p['loop_overhead_share']:.0f}% in the training loop (validation, samples, checkpoint)",
             p["overhead_share"] <= 0.2,
         ),
         goal(
@@ -220,8 +230,10 @@ def markdown(full_size: dict) -> tp.List[str]:
         f"(est.), validation {p['valid_s']} s, samples {p['generate_s']} s (2 x 5 s at epochs 5 and 10, "
         f"{p['estimates']['gpu_decode_step_s'] * 1000:g} ms per step, est.), checkpoint {p['checkpoint_s']} s "
         f"(one lean write, {p['estimates']['disk_write_gbps']:g} GB/s est.; this machine's disk wrote "
-        f"{full_size['disk_write_gbps_here']} GB/s): **{p['wall_s']} s**, {100 * p['overhead_share']:.0f}% "
-        f"overhead; with upstream's checkpoints and samples: {p['upstream_wall_s']} s.",
+        f"{full_size['disk_write_gbps_here']} GB/s; {p['every_epoch_checkpoint_s']} s with one every epoch, "
+        f"{p['estimates']['host_copy_gbps']:g} GB/s host copies est.): **{p['wall_s']} s**, "
+        f"{100 * p['overhead_share']:.0f}% overhead; with upstream's checkpoints and samples: "
+        f"{p['upstream_wall_s']} s.",
         "",
     ]
     return lines
