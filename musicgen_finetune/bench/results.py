@@ -357,10 +357,6 @@ def markdown(results: dict) -> str:
         lines += ratios_markdown(results["ratios"])
     if results.get("goals"):
         lines += goals_markdown(results["goals"])
-    if results.get("full_size"):
-        from .full_size import markdown as full_size_markdown
-
-        lines += full_size_markdown(results["full_size"])
     if results.get("plan"):
         lines += plan_markdown(results["plan"])
     demo = results.get("demo")

@@ -112,7 +112,15 @@ def numbers(text: tp.Optional[str], kind: type) -> tp.Tuple:
 def write_results(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(results) + "\n")
+    (out / "bench.md").write_text(report(results) + "\n")
+
+
+def report(results: dict) -> str:
+    """The markdown report: results.markdown's sections, then the full-size one."""
+    text = markdown(results)
+    if results.get("full_size"):
+        text += "\n" + "\n".join(full_size.markdown(results["full_size"]))
+    return text
 
 
 def progress(row: dict) -> None:
@@ -167,7 +175,7 @@ def run(options: argparse.Namespace) -> Path:
     if not (options.quick or options.no_full_size):
         return run_full_size(results, out)
     write_results(results, out)
-    print(markdown(results))
+    print(report(results))
     return out
 
 
@@ -177,7 +185,7 @@ def run_full_size(results: dict, out: Path) -> Path:
     results["full_size"] = full_size.section()
     results["goals"] = results.get("goals", []) + full_size.goals(results["full_size"])
     write_results(results, out)
-    print(markdown(results))
+    print(report(results))
     return out
 
 
