@@ -100,7 +100,7 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
     if which not in WHICH:
         raise ExportError(f"WHICH={which!r}: use best (lowest validation loss) or last.")
     folder = find_experiment(xp)
-    checkpoint = safe_load(folder / "checkpoint.th", mmap=True)  # a full checkpoint is ~8.8 GB: map, don't copy
+    checkpoint = safe_load(folder / "checkpoint.th", mmap=True)  # a full checkpoint is ~5 GB: map, don't copy
     cfg = checkpoint["xp.cfg"]
     if which == "best":  # a lean checkpoint refers to its best state (checkpoints.py)
         checkpoint["best_state"] = checkpoints.resolve_best_state(folder, checkpoint)
