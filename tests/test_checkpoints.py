@@ -102,3 +102,12 @@ def test_a_failed_write_leaves_the_previous_file_and_no_partial(tmp_path, monkey
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.th"]
+
+
+def test_bytes_per_epoch_count_one_checkpoint_and_one_best_file_per_write():
+    from musicgen_finetune.bench.full_size import bytes_per_epoch
+
+    row = {"upstream_bytes": 1000, "lean_bytes": 600, "best_file_bytes": 100}
+    # upstream: 1000 every epoch; ours: (600 + 100) per write, 1 write (default interval) or 10 over 10 epochs
+    assert bytes_per_epoch(row, 10, 1) == {"upstream": 1000, "lean": 70, "ratio": 0.07}
+    assert bytes_per_epoch(row, 10, 10) == {"upstream": 1000, "lean": 700, "ratio": 0.7}
