@@ -187,7 +187,7 @@ export-peft: setup  ## ADAPTER=<adapters.safetensors> [OUT=] [BASE_HF=]: a PEFT 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")
 
-bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...']: speed and memory table to output/bench/
+bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...' or '--full-size-only']: speed, memory, full-size checkpoint and 50-clip projection to output/bench/
 	$(PY) tools/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 tiny-model: demo-data  ## the demo's tiny model in DEMO_MODEL, its codec trained on the demo's clips (kept when up to date)

@@ -1,6 +1,7 @@
 """An experiment folder, `output/xps/<signature>/`, as the stages after training read it.
 
-    checkpoint.th   dora/flashy's checkpoint: weights, optimizer, history, the run's config (xp.cfg)
+    checkpoint.th   dora/flashy's checkpoint: weights, optimizer, history, the run's config (xp.cfg); its best state
+                    a reference to its own weights or to best_state_<epoch>.th (checkpoints.py)
     history.json    one entry per epoch: {"train": {...}, "valid": {"ce": ...}, ...}
     done.json       written when a run ended for good: how (completed, early_stop) and its best epoch
     solver.log.0    the training log
