@@ -49,7 +49,10 @@ GENERAL ?=
 CLAP ?=
 REPORT ?=
 PORT ?= 8000
-# make export / generate
+# make board / runs
+BOARD_PORT ?= 6006
+JSON ?=
+# make export / generate (XP: also make board)
 XP ?=
 OUT ?=
 WHICH ?= best
@@ -80,7 +83,7 @@ PYTEST_ARGS ?=
 # make bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test lint manifests plan train grid eval listen export generate import-hf export-hf export-peft doctor bench tiny-model demo-data \
+.PHONY: help setup demo test lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -115,6 +118,7 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 		--prompts egs/hiphop808/prompts.txt --duration 2 --top-k 50 --out $(DEMO_OUT)/report
 	@echo "Demo done: models in $(DEMO_OUT)/models/{general,full,lora,prior}; the comparison is" \
 		"$(DEMO_OUT)/report/index.html (make listen REPORT=$(DEMO_OUT)/report for the blind A/B test)."
+	@echo "Training curves and samples of every run: make board (TensorBoard); the runs' table: make runs."
 
 test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; minutes on 2 CPU cores)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
@@ -147,6 +151,12 @@ train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=]
 grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on this machine, then its table
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
 	MODEL="$(MODEL)" NAME="$(NAME)" T5="$(T5)" PRESET="$(PRESET)" $(PY) tools/grid.py "$(GRID)" --gpus $(GPUS)
+
+runs: setup  ## [JSON=1]: every experiment in output/xps: model, dataset, full/LoRA, epochs, best epoch and CE, state
+	$(PY) tools/runs.py $(if $(filter 1 true yes,$(JSON)),--json)
+
+board: setup  ## [XP=<signature>] [BOARD_PORT=6006]: TensorBoard over output/xps (or one run) on localhost: curves, samples
+	$(PY) tools/board.py $(if $(XP),--xp "$(XP)") --port $(BOARD_PORT)
 
 eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=<ours or a PEFT folder>] [TUNED_PRIOR=] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
 	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors or PEFT folder>]"; exit 2; }
@@ -186,7 +196,7 @@ export-peft: setup  ## ADAPTER=<adapters.safetensors> [OUT=] [BASE_HF=]: a PEFT 
 doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, write access; says what to fix
 	$(PY) tools/doctor.py $(if $(MODEL),--model "$(MODEL)") $(if $(T5),--t5 "$(T5)")
 
-bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...']: speed and memory table to output/bench/
+bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...' or '--full-size-only']: speed, memory, full-size checkpoint and 50-clip projection to output/bench/
 	$(PY) tools/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
 
 tiny-model: demo-data  ## the demo's tiny model in DEMO_MODEL, its codec trained on the demo's clips (kept when up to date)

@@ -1,10 +1,12 @@
 """An experiment folder, `output/xps/<signature>/`, as the stages after training read it.
 
-    checkpoint.th   dora/flashy's checkpoint: weights, optimizer, history, the run's config (xp.cfg)
+    checkpoint.th   dora/flashy's checkpoint: weights, optimizer, history, the run's config (xp.cfg); its best state
+                    a reference to its own weights or to best_state_<epoch>.th (checkpoints.py)
     history.json    one entry per epoch: {"train": {...}, "valid": {"ce": ...}, ...}
     done.json       written when a run ended for good: how (completed, early_stop) and its best epoch
     solver.log.0    the training log
     run.lock        held (flock) by the process training it: one run of an experiment at a time
+    run.json        how the run stands, for `make runs` (runs.py); tensorboard/: its curves and samples (watch.py)
 
 The best epoch is the one with the lowest validation metric (`ce` unless the run's `early_stop.metric` says
 otherwise); with `early_stop.forgetting_budget`, the lowest among the epochs whose cross-entropy on the prior set

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 import audiocraft
 
-from . import lora
+from . import checkpoints, lora
 from .errors import UserError
 from .experiments import HISTORY_FILE, find_experiment, run_choice, valid_value
 from .files import replaced_when_complete
@@ -100,8 +100,10 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
     if which not in WHICH:
         raise ExportError(f"WHICH={which!r}: use best (lowest validation loss) or last.")
     folder = find_experiment(xp)
-    checkpoint = safe_load(folder / "checkpoint.th", mmap=True)  # a full checkpoint is ~8.8 GB: map, don't copy
+    checkpoint = safe_load(folder / "checkpoint.th", mmap=True)  # a full checkpoint is ~5 GB: map, don't copy
     cfg = checkpoint["xp.cfg"]
+    if which == "best":  # a lean checkpoint refers to its best state (checkpoints.py)
+        checkpoint["best_state"] = checkpoints.resolve_best_state(folder, checkpoint)
     base_dir = base_folder(cfg)
     out = Path(out).expanduser().resolve() if out else output_dir() / "exports" / f"{folder.name}-{which}"
     base_package = safe_load(base_dir / model_dir.LM_FILE)

@@ -242,6 +242,8 @@ def run(
         print(f"FRESH: removing {xp.folder} and starting this experiment again", flush=True)
     command = dora_command(overrides, processes, fresh)
     print("Running: " + shlex.join(command), flush=True)
+    if xp.cfg.logging.get("log_tensorboard"):
+        print(f"Watch it: make board XP={xp.sig} (TensorBoard), make runs (every experiment)", flush=True)
     checkpoint, log = xp.folder / CHECKPOINT_FILE, xp.folder / LOG_FILE
     try:
         returncode = run_dora(command)

@@ -8,12 +8,17 @@
 - a log that says which weights were loaded and how many tensors matched, what trains, and where outputs go;
 - caches of EnCodec tokens (on disk) and frozen-T5 outputs (in memory), `token_cache.*`/`text_cache.*`
   (caches.py), so that epochs after the first do not encode the same audio and captions again;
+- lean checkpoints written in the background (checkpoints.py), at most every `checkpoint.save_last_interval_s`;
+  each epoch's history entry says where its time went (`time`: seconds per stage and for the checkpoint) and
+  what the checkpoint wrote (`checkpoint.bytes`);
+- a run you can watch (watch.py): TensorBoard with optimizer updates as steps, an ETA per epoch, `<xp>/run.json`;
 - prior preservation, replay of a general dataset and a forgetting budget (`prior.*`, `replay.*`,
   `early_stop.forgetting_budget`): hooks here, the logic in prior.py and replay.py.
 """
 
 import contextlib
 import math
+import time
 import typing as tp
 from pathlib import Path
 from unittest import mock
@@ -28,7 +33,7 @@ from dora import git_save
 
 from audiocraft import models
 
-from . import caches, lora, patches, prior, random_state, replay
+from . import caches, checkpoints, lora, patches, prior, random_state, replay, watch
 from .data.dataset import count_segments, read_each_segment_once
 from .errors import UserError
 from .experiments import HISTORY_FILE, RunLock, choose_best, write_done
@@ -114,8 +119,13 @@ class FinetuneSolver(MusicGenSolver):
         resolve_precision(cfg)
         # optim.grad_accum_steps=auto: micro-batches (and checkpointing) planned for this GPU before anything is built
         self.accumulation_plan = resolve_grad_accum_steps(cfg)
+        self.watch = watch.RunWatch(self)
         super().__init__(cfg)
         self.fit_top_k_to_codebook()
+
+    def init_tensorboard(self, **options: tp.Any) -> None:
+        """Upstream's __init__ calls this for `logging.log_tensorboard` (solvers/base.py:51) before the updates per
+        epoch and the restored checkpoint are known; watch.py opens the writer when training starts instead."""
 
     def fit_top_k_to_codebook(self) -> None:
         """Upstream samples among the `generate.lm.top_k` likeliest codes (solvers/musicgen.py:41), and torch.topk
@@ -227,6 +237,7 @@ class FinetuneSolver(MusicGenSolver):
             self.logger.info("optim.grad_accum_steps=auto: %s", self.accumulation_plan)
         self.fit_warmup_to_run()
         self.base_model: tp.Optional[dict] = None  # {"path", "hash"} of the model this run continued from
+        self.prepare_lean_checkpoints()
         with self.lm_with_adapters():
             super().build_model()
         if self.lora_config.enabled:  # upstream built the optimizer over every parameter: adapters only
@@ -263,6 +274,73 @@ class FinetuneSolver(MusicGenSolver):
             describe_precision(self.cfg),
             self.cfg.transformer_lm.get("checkpointing", "none"),
             self.cfg.optim.adam.get("fused"),
+        )
+
+    @property
+    def lean_checkpoints(self) -> bool:
+        """checkpoints.py's checkpoints; FSDP runs keep upstream's (sharded) ones."""
+        return not self.cfg.fsdp.use
+
+    def prepare_lean_checkpoints(self) -> None:
+        """Before upstream's build_model registers the best state (solvers/musicgen.py register_best_state): keep it
+        in fp16, which a lean checkpoint restores exactly (checkpoints.py)."""
+        self.best_state_epoch: tp.Optional[int] = None  # the epoch whose weights the best state holds
+        self.best_file_epoch: tp.Optional[int] = None  # the epoch whose best-state file is on disk
+        self.checkpoint_writer = checkpoints.BackgroundWriter(self.logger)
+        self.last_checkpoint_time = time.time()
+        if self.lean_checkpoints:
+            self.best_state.dtype = checkpoints.BEST_DTYPE
+
+    def update_best_state_from_stage(self, stage_name: str = "valid") -> None:
+        self.update_best_state_within_budget(stage_name)
+        if self._new_best_state:
+            self.best_state_epoch = self.epoch
+
+    def save_checkpoints(self) -> None:
+        """Upstream's (solvers/base.py:282), lean and written in the background (checkpoints.py), skipped while the
+        last one is less than `checkpoint.save_last_interval_s` old (the epoch that ends the run always writes).
+        Records the seconds the training loop spent on it and the bytes it writes in the epoch's history entry."""
+        if not self.lean_checkpoints:
+            return super().save_checkpoints()
+        if not flashy.distrib.is_rank_zero():
+            return None
+        begin, entry, epoch = time.time(), self.history[-1], len(self.history)
+        interval, last = self.cfg.checkpoint.get("save_last_interval_s") or 0, self.ends_after_this_epoch()
+        if not self.cfg.checkpoint.save_last or (
+            interval and begin - self.last_checkpoint_time < interval and not last
+        ):
+            entry["checkpoint"] = {"bytes": 0}
+            self.log_epoch_time(entry, 0.0, "no checkpoint this epoch (checkpoint.save_last_interval_s)")
+            return None
+        self.checkpoint_writer.wait()  # one write in flight at a time
+        state = self.state_dict()
+        ref = checkpoints.referenced(state["best_state"])
+        files = []
+        if ref and ref["file"] and self.best_file_epoch != ref["epoch"]:
+            best = {"epoch": ref["epoch"], "best_state": self.best_state.state_dict()}
+            files.append((self.folder / ref["file"], best))
+            self.best_file_epoch = ref["epoch"]
+        files.append((self.checkpoint_path(), state))
+        entry["checkpoint"] = {"bytes": sum(checkpoints.tensor_bytes(s) for _, s in files)}  # before the snapshot
+        files = [(path, checkpoints.snapshot(s, copy_tensors=not last)) for path, s in files]
+        if self.cfg.checkpoint.save_every and epoch % self.cfg.checkpoint.save_every == 0:
+            # an epoch's own copy outlives the best-state files: it holds its best state in full, as upstream's
+            best_copy = checkpoints.snapshot(self.best_state.state_dict())
+            files.append((self.epoch_checkpoint_path(epoch), {**files[-1][1], "best_state": best_copy}))
+        self.checkpoint_writer.start(files, keep_best=ref["file"] if ref else None)
+        self.last_checkpoint_time = time.time()
+        self.log_epoch_time(
+            entry, time.time() - begin, f"{entry['checkpoint']['bytes'] / 1e6:,.1f} MB written in the background"
+        )
+        return None
+
+    def log_epoch_time(self, entry: dict, checkpoint_seconds: float, note: str) -> None:
+        entry.setdefault("time", {})["checkpoint"] = checkpoint_seconds
+        self.logger.info(
+            "Epoch %d time: %s; %s",
+            len(self.history),
+            ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in entry["time"].items()),
+            note,
         )
 
     def install_caches(self) -> None:
@@ -322,9 +400,13 @@ class FinetuneSolver(MusicGenSolver):
     def log_cache_use(self, stage: str) -> None:
         parts = []
         if isinstance(self.compression_model, caches.CachedCompressionModel):
-            parts.append(f"tokens of {caches.hit_rate(*self.compression_model.counter.take())} segments")
+            counts = self.compression_model.counter.take()
+            self.watch.cache_used(stage, "tokens", *counts)
+            parts.append(f"tokens of {caches.hit_rate(*counts)} segments")
         for name, cache in self.text_caches.items():
-            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*cache.counter.take())} texts ({cache.describe()})")
+            counts = cache.counter.take()
+            self.watch.cache_used(stage, f"t5_{name}", *counts)
+            parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*counts)} texts ({cache.describe()})")
         if parts:
             self.logger.info("Cache hits, %s epoch %d: %s", stage, self.epoch, "; ".join(parts))
 
@@ -371,7 +453,7 @@ class FinetuneSolver(MusicGenSolver):
     def forgetting_budget(self) -> tp.Optional[float]:
         return (self.cfg.get("early_stop") or {}).get("forgetting_budget")
 
-    def update_best_state_from_stage(self, stage_name: str = "valid") -> None:
+    def update_best_state_within_budget(self, stage_name: str = "valid") -> None:
         """With `early_stop.forgetting_budget`, the best state is experiments.choose_best's epoch (lowest valid
         loss among the epochs within the budget) instead of upstream's lowest loss (solvers/base.py:147)."""
         if self.forgetting_budget is None or stage_name != "valid":
@@ -419,7 +501,16 @@ class FinetuneSolver(MusicGenSolver):
         collective: every process reaches it, while only rank 0 writes."""
         self.random_states = all_processes(random_state.capture(self.model))
         self.check_processes_agree()
+        self._pending_metrics["time"] = {  # where the epoch's time went; save_checkpoints adds its own
+            stage: self._pending_metrics.get(stage, {}).get("duration", 0.0) for stage in ("train", "valid", "generate")
+        }
         super().commit(save_checkpoints)
+        if save_checkpoints:  # an epoch of training (run_one_stage commits without checkpoints)
+            self.watch.epoch_done()
+
+    def run_epoch(self) -> None:
+        self.watch.epoch_started()
+        super().run_epoch()
 
     def check_processes_agree(self) -> None:
         """In a multi-process run, every process must hold the same weights after each epoch (the gradients are
@@ -453,18 +544,30 @@ class FinetuneSolver(MusicGenSolver):
         base = self.base_model or {"path": None, "hash": None}
         if not self.lora_config.enabled:
             state["base_model"] = base
-            return state
+            return self.with_lean_best_state(state)
         state["model"] = {k: v for k, v in state["model"].items() if lora.is_adapter_key(k)}
         state["best_state"] = {
             name: {k: v for k, v in values.items() if lora.is_adapter_key(k)}
             for name, values in state["best_state"].items()
         }
         state["lora"] = {**base, "config": self.lora_config.to_dict()}
+        return self.with_lean_best_state(state)
+
+    def with_lean_best_state(self, state: dict) -> dict:
+        """`best_state` as a reference (checkpoints.py): to the checkpoint's own weights when this epoch is the best
+        (and no EMA, whose weights the best state would hold), else to the best epoch's file."""
+        if self.lean_checkpoints and self.best_state_epoch is not None:
+            current = self.best_state_epoch == len(self.history) and self.ema is None
+            state["best_state"] = checkpoints.reference(self.best_state_epoch, in_file=not current)
         return state
 
     def load_state_dict(self, state: dict) -> None:
         saved_base = state.pop("base_model", None)  # ours, not stateful sources of upstream's solver
         saved_random = state.pop("random_states", None)
+        ref = checkpoints.referenced(state.get("best_state"))
+        if ref is not None:  # a lean checkpoint of this experiment
+            state["best_state"] = checkpoints.resolve_best_state(self.folder, state)
+            self.best_state_epoch, self.best_file_epoch = ref["epoch"], ref["epoch"] if ref["file"] else None
         if "lora" in state:
             self.load_lora_checkpoint_base(state)
         elif saved_base and saved_base["hash"]:
@@ -551,11 +654,26 @@ class FinetuneSolver(MusicGenSolver):
             return True
         return False
 
+    def ends_after_this_epoch(self) -> bool:
+        """Whether should_stop_training will stop the run before the next epoch (asked once the epoch is in the
+        history), without its messages."""
+        early_stop = self.cfg.get("early_stop") or {}
+        best = choose_best(self.history, early_stop.get("metric", "ce"), self.forgetting_budget).epoch
+        patience, stop_after = early_stop.get("patience"), self.cfg.get("stop_after_epoch")
+        return (
+            self.epoch > self.cfg.optim.epochs
+            or bool(patience and best is not None and len(self.history) - best >= patience)
+            or bool(stop_after and self.epoch > stop_after)
+        )
+
     def run(self):
         """Upstream's training loop, one run of an experiment at a time (a lock its rank 0 holds), then done.json
         when the run ended for good."""
         with RunLock(self.folder) if flashy.distrib.is_rank_zero() else contextlib.nullcontext():
-            self.run_locked()
+            try:
+                self.run_locked()
+            finally:
+                self.checkpoint_writer.wait()  # never return (or raise) with a checkpoint half written
 
     def run_locked(self) -> None:
         self.logger.info("Experiment %s in %s", self.xp.sig, self.folder)
@@ -566,7 +684,10 @@ class FinetuneSolver(MusicGenSolver):
             self.folder / HISTORY_FILE,
         )
         self.stop_reason: tp.Optional[str] = None
+        if flashy.distrib.is_rank_zero():
+            checkpoints.remove_partials(self.folder)
         super().run()
+        self.checkpoint_writer.wait()  # the last checkpoint is on disk before done.json says the run ended
         if self.stop_reason is None and self.epoch > self.cfg.optim.epochs:
             self.stop_reason = "completed"  # the loop ran out without asking (last epoch just committed)
         if self.stop_reason and flashy.distrib.is_rank_zero():
@@ -574,12 +695,17 @@ class FinetuneSolver(MusicGenSolver):
             choice = choose_best(self.history, metric, self.forgetting_budget)
             self.logger.info("Best epoch %s: %s", choice.epoch, choice.reason)
             write_done(self.folder, self.stop_reason, self.history, metric, self.forgetting_budget)
+        self.watch.run_ended(self.stop_reason)
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
-        prior_term = self.prior_term is not None and self.prior_term.train
-        if not self.is_training or (self.grad_accum_steps == 1 and not prior_term):
+        if not self.is_training:
             return super().run_step(idx, batch, metrics)
-        return self._accumulated_train_step(idx, batch, metrics)
+        if self.grad_accum_steps == 1 and not (self.prior_term is not None and self.prior_term.train):
+            metrics = super().run_step(idx, batch, metrics)
+        else:
+            metrics = self._accumulated_train_step(idx, batch, metrics)
+        self.watch.update_done(idx, metrics)
+        return metrics
 
     def _accumulated_train_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
         """Upstream's train step (solvers/musicgen.py run_step), one backward per micro-batch, one update; the

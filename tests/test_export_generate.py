@@ -9,6 +9,7 @@ import torch
 from conftest import run_tool, xp_folder
 
 from musicgen_finetune import export, generate, lora
+from musicgen_finetune.checkpoints import resolve_best_state
 from musicgen_finetune.experiments import ExperimentNotFoundError
 from musicgen_finetune.models import folder as model_dir
 from musicgen_finetune.patches import safe_load
@@ -30,7 +31,7 @@ def test_full_export_has_the_snapshot_layout_and_the_best_state(full_export, fir
     checkpoint = safe_load(xp_folder(first_run) / "checkpoint.th")
     package = torch.load(full_export / "state_dict.bin", weights_only=True)
     assert set(package) == {"best_state", "xp.cfg", "version", "exported"} and isinstance(package["xp.cfg"], str)
-    for key, value in checkpoint["best_state"]["model"].items():
+    for key, value in resolve_best_state(xp_folder(first_run), checkpoint)["model"].items():
         assert torch.equal(package["best_state"][key], value), key
     assert (full_export / "compression_state_dict.bin").read_bytes() == (
         tiny_model / "compression_state_dict.bin"
@@ -63,7 +64,7 @@ def test_export_loads_with_audiocraft_own_loaders(full_export, first_run):
     # longer than the tiny model's 1 s segments, so the test calls them directly): the weights are the run's
     checkpoint = safe_load(xp_folder(first_run) / "checkpoint.th")
     loaded = lm.state_dict()
-    for key, value in checkpoint["best_state"]["model"].items():
+    for key, value in resolve_best_state(xp_folder(first_run), checkpoint)["model"].items():
         assert torch.equal(loaded[key].float(), value.float()), key
 
 

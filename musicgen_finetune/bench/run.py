@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..machine import describe as machine
 from ..paths import output_dir
+from . import full_size
 from .flops import FLOPS_FORMULA, gpu_peak_tflops
 from .isolation import ForkServer, describe_failure, measure_in_subprocess
 from .matrix import ARCHITECTURES, MODES, TOKENS, StepConfig, matrix, memory_skip_reason
@@ -70,6 +71,12 @@ def parse_options(argv: tp.Optional[tp.Sequence[str]] = None) -> argparse.Namesp
     )
     parser.add_argument("--out", type=Path, help="folder for bench.json and bench.md (default: <output>/bench)")
     parser.add_argument("--no-demo", action="store_true", help="do not time `make demo`")
+    parser.add_argument(
+        "--full-size-only",
+        action="store_true",
+        help="only musicgen-small's checkpoint (full and LoRA) and the projected 50-clip job (~13 GB of RAM)",
+    )
+    parser.add_argument("--no-full-size", action="store_true", help="skip the full-size checkpoint and projection")
     parser.add_argument("--no-manifests", action="store_true", help="skip the manifests section")
     parser.add_argument(
         "--no-plan", action="store_true", help="skip the plan's predictions against measurements (quick skips them)"
@@ -105,7 +112,15 @@ def numbers(text: tp.Optional[str], kind: type) -> tp.Tuple:
 def write_results(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "bench.md").write_text(markdown(results) + "\n")
+    (out / "bench.md").write_text(report(results) + "\n")
+
+
+def report(results: dict) -> str:
+    """The markdown report: results.markdown's sections, then the full-size one."""
+    text = markdown(results)
+    if results.get("full_size"):
+        text += "\n" + "\n".join(full_size.markdown(results["full_size"]))
+    return text
 
 
 def progress(row: dict) -> None:
@@ -124,6 +139,8 @@ def run(options: argparse.Namespace) -> Path:
     out = options.out or output_dir() / "bench"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results: tp.Dict[str, tp.Any] = {"machine": machine(), "time": time.time(), "quick": options.quick}
+    if options.full_size_only:
+        return run_full_size(results, out)
     if not options.no_manifests:
         print("make manifests ...", flush=True)
         results["manifests"] = bench_manifests(files=20 if options.quick else 1000)
@@ -155,8 +172,20 @@ def run(options: argparse.Namespace) -> Path:
     if not (options.quick or options.no_demo):
         print("make demo ...", flush=True)
         results["demo"] = bench_demo()
+    if not (options.quick or options.no_full_size):
+        return run_full_size(results, out)
     write_results(results, out)
-    print(markdown(results))
+    print(report(results))
+    return out
+
+
+def run_full_size(results: dict, out: Path) -> Path:
+    """The full-size section (bench/full_size.py) and its goals, added to `results`."""
+    print("Full size: musicgen-small's checkpoint, full and LoRA, and the projected 50-clip job ...", flush=True)
+    results["full_size"] = full_size.section()
+    results["goals"] = results.get("goals", []) + full_size.goals(results["full_size"])
+    write_results(results, out)
+    print(report(results))
     return out
 
 

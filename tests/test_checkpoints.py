@@ -1,0 +1,113 @@
+"""Lean checkpoints (musicgen_finetune/checkpoints.py) and where an epoch's time goes, on one tiny run whose last
+epoch validates worse than an earlier one (so its best state lives in a file), killed before its last update and
+resumed from the checkpoint that refers to that file."""
+
+import json
+import signal
+
+import pytest
+import torch
+from conftest import DATASET, TRAIN, run_tool, xp_folder
+
+from musicgen_finetune import checkpoints, export
+from musicgen_finetune.patches import safe_load
+
+# the learning rate x10 after each epoch's 5 updates (18 segments, batch 4): epoch 1 improves, then the run validates
+# worse, so the best state (epoch 1) is kept in a file
+ARGS = "schedule.lr_scheduler=step schedule.step.step_size=5 schedule.step.gamma=10"
+
+
+def tensors_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensors_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensors_bytes(v) for v in value)
+    return 0
+
+
+@pytest.fixture(scope="module")
+def worse_run(workdir, tiny_model, dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lean")
+    env = {"MUSICGEN_FT_OUTPUT": str(out), "AUDIOCRAFT_DORA_DIR": str(out)}
+    command = [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny", "--args", ARGS]
+    killed = run_tool(command, workdir, extra_env={**env, "MUSICGEN_FT_TEST_KILL_AT": "train:3:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    finished = run_tool(command, workdir, extra_env=env)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    folder = xp_folder(finished)
+    history = json.loads((folder / "history.json").read_text())
+    scores = [epoch["valid"]["ce"] for epoch in history]
+    best = scores.index(min(scores)) + 1
+    assert best < len(history), f"precondition: the last epoch must not be the best ({scores}); raise the lr in ARGS"
+    return folder, history, best
+
+
+def test_the_best_state_is_one_fp16_file_the_checkpoint_refers_to(worse_run):
+    folder, history, best = worse_run
+    checkpoint = safe_load(folder / "checkpoint.th")
+    assert checkpoint["best_state"] == {"lean": {"epoch": best, "file": f"best_state_{best}.th"}}
+    assert sorted(p.name for p in folder.glob("best_state_*")) == [f"best_state_{best}.th"]
+    assert not list(folder.glob(".*.partial"))
+    saved = safe_load(folder / f"best_state_{best}.th")
+    assert saved["epoch"] == best
+    weights = saved["best_state"]["model"]
+    assert weights.keys() == checkpoint["model"].keys()
+    assert all(v.dtype == torch.float16 for v in weights.values() if v.is_floating_point())
+    assert not all(torch.equal(v.float(), checkpoint["model"][k].float()) for k, v in weights.items())
+
+
+def test_each_epoch_says_where_its_time_went_and_what_it_wrote(worse_run):
+    folder, history, best = worse_run
+    for entry in history:
+        assert set(entry["time"]) >= {"train", "valid", "generate"}
+        assert entry["time"]["train"] == entry["train"]["duration"]
+    assert history[-1]["time"]["generate"] > 0 and history[-1]["time"]["checkpoint"] >= 0
+    checkpoint_bytes = tensors_bytes(safe_load(folder / "checkpoint.th"))
+    best_bytes = tensors_bytes(safe_load(folder / f"best_state_{best}.th"))
+    # the best-state file is written with the first checkpoint after the best epoch, and only then
+    expected = [checkpoint_bytes + (best_bytes if epoch == best + 1 else 0) for epoch in range(1, len(history) + 1)]
+    assert [entry["checkpoint"]["bytes"] for entry in history] == expected
+    log = (folder / "solver.log.0").read_text()
+    assert f"Epoch {len(history)} time: train" in log and "written in the background" in log
+
+
+def test_export_best_exports_the_best_epoch_from_its_file(worse_run, tmp_path):
+    folder, history, best = worse_run
+    out = export.export(str(folder), tmp_path / "best", which="best")
+    package = torch.load(out / "state_dict.bin", weights_only=True)
+    weights = safe_load(folder / f"best_state_{best}.th")["best_state"]["model"]
+    for key, value in weights.items():
+        assert torch.equal(package["best_state"][key], value), key
+    assert json.loads((out / "export.json").read_text())["epoch"] == best
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_partial(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.th"
+    writer = checkpoints.BackgroundWriter(logger=__import__("logging").getLogger("test"))
+    writer.start([(path, {"w": torch.ones(3)})], keep_best=None)
+    writer.wait()
+    real_save = torch.save
+
+    def half_then_fail(obj, file, *args, **kwargs):
+        real_save(obj, file, *args, **kwargs)
+        file.truncate(file.tell() // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_then_fail)
+    writer.start([(path, {"w": torch.zeros(3)})], keep_best=None)
+    with pytest.raises(OSError, match="disk full"):
+        writer.wait()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.th"]
+
+
+def test_bytes_per_epoch_count_one_checkpoint_and_one_best_file_per_write():
+    from musicgen_finetune.bench.full_size import bytes_per_epoch
+
+    row = {"upstream_bytes": 1000, "lean_bytes": 600, "best_file_bytes": 100}
+    # upstream: 1000 every epoch; ours: (600 + 100) per write, 1 write (default interval) or 10 over 10 epochs
+    assert bytes_per_epoch(row, 10, 1) == {"upstream": 1000, "lean": 70, "ratio": 0.07}
+    assert bytes_per_epoch(row, 10, 10) == {"upstream": 1000, "lean": 700, "ratio": 0.7}

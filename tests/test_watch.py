@@ -1,0 +1,251 @@
+"""Watching a run: TensorBoard events read back with TensorBoard's own reader, the epoch line with its ETA,
+`make runs` (run.json, the run lock) and `make board` (TensorBoard served on localhost).
+
+One tiny run (cpu_tiny, 2 epochs, samples at the last) is killed in the middle of epoch 2 and resumed by the same
+command, as a preempted job would be: its curves must continue without a repeated or missing step."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATASET, PROCESS_HOOKS, REPO, TRAIN, run_tool, xp_folder
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from musicgen_finetune import runs
+from musicgen_finetune.experiments import RunLock
+
+EPOCHS = 2
+EVERYTHING = {"scalars": 0, "audio": 0, "tensors": 0}  # 0: keep every event (the default samples them)
+
+
+@pytest.fixture(scope="module")
+def watched(workdir, tiny_model, dataset):
+    """(experiment folder, updates per epoch, the killed run, the resumed run)."""
+    out = workdir / "watch-output"
+    env = {"MUSICGEN_FT_OUTPUT": str(out), "AUDIOCRAFT_DORA_DIR": str(out)}
+    command = [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny"]
+    command += ["--args", f"optim.epochs={EPOCHS}"]
+    # before the second update of epoch 2: the first update of epoch 2 was logged by the run that dies
+    killed = run_tool(command, workdir, extra_env={**env, "MUSICGEN_FT_TEST_KILL_AT": "train:2:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = run_tool(command, workdir, extra_env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    updates = int(re.search(r"(\d+) updates per epoch", resumed.stderr).group(1))
+    return xp_folder(resumed), updates, killed, resumed
+
+
+def events(path: Path) -> EventAccumulator:
+    return EventAccumulator(str(path), size_guidance=EVERYTHING).Reload()
+
+
+def steps(accumulator: EventAccumulator, tag: str) -> list:
+    return [event.step for event in accumulator.Scalars(tag)]
+
+
+def test_update_curves_continue_across_a_resume_without_repeat_or_gap(watched):
+    folder, updates, _, _ = watched
+    files = sorted((folder / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2  # one per process: the killed run and the one that resumed it
+    killed_file = events(files[0])
+    # the killed run got past the end of epoch 1 (its checkpoint) before dying: what the resume must purge
+    assert steps(killed_file, "update/loss") == list(range(1, updates + 2))
+    board = events(folder / "tensorboard")
+    expected = list(range(1, EPOCHS * updates + 1))
+    assert steps(board, "update/loss") == expected
+    assert steps(board, "update/lr") == expected
+    assert steps(board, "update/grad_norm") == expected
+
+
+def test_epoch_scalars_are_history_at_the_update_count(watched):
+    folder, updates, killed, resumed = watched
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == EPOCHS
+    board = events(folder / "tensorboard")
+    tags = set(board.Tags()["scalars"])
+    for stage in ("train", "valid"):
+        for metric in ("ce", "ppl", "ce_q1", "ce_q2", "ce_q3", "ce_q4"):
+            logged = board.Scalars(f"{stage}/{metric}")
+            assert [e.step for e in logged] == [updates * (epoch + 1) for epoch in range(EPOCHS)]
+            assert [e.value for e in logged] == pytest.approx([h[stage][metric] for h in history], rel=1e-6)
+    # samples only at the last epoch (cpu_tiny: generate.every=1000)
+    assert steps(board, "generate/rtf") == [EPOCHS * updates]
+    assert board.Scalars("generate/rtf")[0].value == pytest.approx(history[-1]["generate"]["rtf"], rel=1e-6)
+    for stage in ("train", "valid", "generate"):  # the stages' durations, under time/
+        assert f"{stage}/duration" not in tags
+    assert [e.value for e in board.Scalars("time/train")] == pytest.approx(
+        [h["train"]["duration"] for h in history], rel=1e-6
+    )
+    # the token cache's hit rates, as the log counts them ("Cache hits, train epoch 1: tokens of 7/18 (39%) ...")
+    log = killed.stderr + resumed.stderr
+    counted = {
+        int(e): int(h) / int(n) for e, h, n in re.findall(r"Cache hits, train epoch (\d+): tokens of (\d+)/(\d+)", log)
+    }
+    assert [e.value for e in board.Scalars("cache/train_tokens")] == pytest.approx([counted[1], counted[2]], rel=1e-6)
+    assert steps(board, "cache/valid_tokens") == [updates, EPOCHS * updates]
+    assert "lora/adapter_norm" not in tags  # a full fine-tune
+
+
+def test_samples_are_in_the_audio_tab_with_their_prompts(watched, tiny_model):
+    folder, updates, _, _ = watched
+    board = events(folder / "tensorboard")
+    wavs = sorted((folder / "samples" / str(EPOCHS)).glob("*.wav"))
+    assert len(wavs) == 2  # cpu_tiny: dataset.generate.num_samples
+    sample_rate = torch.load(tiny_model / "state_dict.bin", weights_only=False)["xp.cfg"]
+    sample_rate = int(re.search(r"^sample_rate: (\d+)$", sample_rate, re.MULTILINE).group(1))
+    assert sorted(board.Tags()["audio"]) == sorted(f"generate/{wav.stem}" for wav in wavs)
+    for wav in wavs:
+        (audio,) = board.Audio(f"generate/{wav.stem}")
+        assert audio.step == EPOCHS * updates and audio.sample_rate == sample_rate
+        assert audio.length_frames > 0
+        sidecar = json.loads(wav.with_suffix(".json").read_text())
+        (text,) = board.Tensors(f"generate/{wav.stem}/prompt/text_summary")
+        assert text.step == EPOCHS * updates
+        assert text.tensor_proto.string_val[0].decode() == sidecar["conditioning"]["description"]
+
+
+def test_each_epoch_says_how_long_the_run_has_left(watched):
+    _, _, killed, resumed = watched
+    assert re.search(r"Epoch 1/2 done in \d+ s; ETA \d+ s \(run\), 1 epoch to go", killed.stderr)
+    assert re.search(r"Epoch 2/2 done in \d+ s; ETA 0 s \(run\)\x1b\[0m$", resumed.stderr, re.MULTILINE)
+
+
+def test_time_scalars_come_from_the_epochs_time_breakdown_when_it_has_one():
+    """time/<stage>: a `time` entry of the epoch (train, valid, generate, checkpoint) when the solver records one,
+    else the `duration` flashy measures for each stage; never a stage's duration as a metric of its own."""
+    from musicgen_finetune.watch import epoch_scalars
+
+    entry = {"train": {"ce": 3.5, "duration": 2.0}, "valid": {"ce": 4.0, "duration": 0.5}}
+    assert epoch_scalars(entry) == {"train": {"ce": 3.5}, "valid": {"ce": 4.0}, "time": {"train": 2.0, "valid": 0.5}}
+    breakdown = {"train": 2.1, "valid": 0.6, "checkpoint": 0.3}
+    assert epoch_scalars({**entry, "time": breakdown})["time"] == breakdown
+
+
+def test_logging_switches_leave_the_signature_alone():
+    """Turning TensorBoard on or off is not another experiment (upstream's dora.exclude has logging.*,
+    tensorboard.*: audiocraft config/config.yaml)."""
+    from musicgen_finetune.train import main
+
+    base = ["solver=finetune/cpu_tiny", "datasource.train=/d/train", "datasource.valid=/d/valid"]
+    plain = main.get_xp(base).sig
+    assert main.get_xp([*base, "logging.log_tensorboard=false"]).sig == plain
+    assert main.get_xp([*base, "tensorboard.with_media_logging=false"]).sig == plain
+
+
+def test_lora_runs_log_the_adapter_norm(workdir, tiny_model, dataset):
+    out = workdir / "watch-lora-output"
+    env = {"MUSICGEN_FT_OUTPUT": str(out), "AUDIOCRAFT_DORA_DIR": str(out)}
+    command = [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny_lora"]
+    result = run_tool([*command, "--args", "optim.epochs=1"], workdir, extra_env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = xp_folder(result)
+    updates = int(re.search(r"(\d+) updates per epoch", result.stderr).group(1))
+    adapters = torch.load(folder / "checkpoint.th", weights_only=True)["model"]  # a LoRA checkpoint: adapters only
+    norm = torch.cat([tensor.flatten().double() for tensor in adapters.values()]).norm().item()
+    (logged,) = events(folder / "tensorboard").Scalars("lora/adapter_norm")
+    assert logged.step == updates and logged.value == pytest.approx(norm, rel=1e-6)
+
+
+def fake_experiment(root: Path, name: str, state: str, epochs=(3, 5), lora=None) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    history = [{"valid": {"ce": ce}} for ce in (5.0, 4.0, 4.5)[: epochs[0]]]
+    runs.write_status(folder, state, history, epochs[1], "ce", "//pretrained//m/tiny", "/x/manifests/beats/train", lora)
+    return folder
+
+
+def test_runs_table_shows_how_each_run_stands(watched, tmp_path, workdir):
+    folder, _, _, _ = watched
+    root = tmp_path / "xps"
+    root.mkdir()
+    (root / folder.name).symlink_to(folder)  # the real run: completed
+    running = fake_experiment(root, "aaaa0001", "running", lora={"rank": 4})
+    fake_experiment(root, "aaaa0002", "running")  # says running, holds no lock: killed
+    fake_experiment(root, "aaaa0003", "early_stop")
+    fake_experiment(root, "aaaa0004", "paused", epochs=(1, 5))
+    (root / "notarun").mkdir()  # a folder no run wrote to is not listed
+    env = {"AUDIOCRAFT_DORA_DIR": str(tmp_path), "MUSICGEN_FT_OUTPUT": str(tmp_path)}
+    with RunLock(running):  # this process trains it, as far as anyone can tell
+        as_json = run_tool(["tools/runs.py", "--json"], workdir, extra_env=env)
+        table = run_tool(["tools/runs.py"], workdir, extra_env=env)
+    assert as_json.returncode == 0 and table.returncode == 0, as_json.stderr + table.stderr
+    rows = {row["signature"]: row for row in json.loads(as_json.stdout)}
+    assert {name: row["state"] for name, row in rows.items()} == {
+        folder.name: "completed",
+        "aaaa0001": "running",
+        "aaaa0002": "interrupted",
+        "aaaa0003": "early_stop",
+        "aaaa0004": "paused",
+    }
+    history = json.loads((folder / "history.json").read_text())
+    best = min(range(len(history)), key=lambda i: history[i]["valid"]["ce"])
+    real = rows[folder.name]
+    assert (real["epochs_done"], real["epochs_planned"], real["lora"], real["dataset"]) == (2, 2, None, DATASET)
+    assert (real["best_epoch"], real["best_valid"]) == (best + 1, history[best]["valid"]["ce"])
+    assert rows["aaaa0003"]["best_epoch"] == 2 and rows["aaaa0003"]["best_valid"] == 4.0
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["signature", "model", "dataset", "kind", "epochs", "best", "valid", "state", "folder"]
+    line = next(line for line in lines if line.startswith("aaaa0001"))
+    assert line.split() == ["aaaa0001", "tiny", "beats", "LoRA", "r4", "3/5", "2", "ce", "4.0000", "running"] + [
+        str(running)
+    ]
+
+
+def test_runs_reads_a_hundred_experiments(tmp_path):
+    for index in range(100):
+        fake_experiment(tmp_path, f"xp{index:04d}", "completed")
+    rows = runs.read_runs(tmp_path)
+    assert len(rows) == 100 and {row["state"] for row in rows} == {"completed"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_board_serves_the_runs_on_localhost(watched, workdir):
+    """make board: TensorBoard on a free port of localhost lists the run, and nothing reaches the network."""
+    folder, _, _, _ = watched
+    port = free_port()
+    guard = workdir / "board_network_attempts.log"
+    out = str(folder.parent.parent)
+    env = {
+        **os.environ,
+        "MUSICGEN_FT_OUTPUT": out,
+        "AUDIOCRAFT_DORA_DIR": out,
+        "PYTHONPATH": os.pathsep.join([str(PROCESS_HOOKS), str(REPO)]),  # the network guard (conftest.run_tool)
+        "NETWORK_GUARD_LOG": str(guard),
+    }
+    board = subprocess.Popen(
+        [sys.executable, "tools/board.py", "--port", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # TensorBoard's own warnings (the purged steps of the killed run)
+        text=True,
+    )
+    try:
+        line = board.stdout.readline()
+        assert line.startswith("TensorBoard over ") and f"http://127.0.0.1:{port}/" in line, line
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read().decode()
+        assert "<title>TensorBoard</title>" in page
+        deadline = time.time() + 60
+        while time.time() < deadline:  # TensorBoard finds the event files in the background after it starts
+            listed = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=30).read())
+            if listed:
+                break
+            time.sleep(0.5)
+        assert listed == [f"{folder.name}/tensorboard"]
+    finally:
+        board.kill()
+        board.wait()
+    assert not guard.exists() or guard.read_text() == ""  # offline
