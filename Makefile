@@ -80,6 +80,9 @@ DEMO_GENERAL_NAME ?= chiptune-demo
 DEMO_OUT ?= output/demo
 # make test
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): the suite is mostly tool subprocesses that start Python, torch and AudioCraft,
+# so two share two cores well; 0 runs it in this process
+TEST_WORKERS ?= 2
 # make bench
 BENCH_ARGS ?=
 
@@ -121,7 +124,7 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 	@echo "Training curves and samples of every run: make board (TensorBoard); the runs' table: make runs."
 
 test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; minutes on 2 CPU cores)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .
