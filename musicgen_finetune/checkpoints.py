@@ -66,8 +66,9 @@ def resolve_best_state(folder: tp.Union[str, Path], checkpoint: dict) -> dict:
     ref = referenced(checkpoint.get("best_state"))
     if ref is None:
         return checkpoint["best_state"]
-    if ref["file"] is None:
-        return {"model": in_best_precision(checkpoint["model"])}
+    if ref["file"] is None:  # LoRA runs keep their best adapters in fp32 (MB; fp16 would round what PEFT reads)
+        model = checkpoint["model"]
+        return {"model": dict(model) if checkpoint.get("lora") else in_best_precision(model)}
     path = Path(folder) / ref["file"]
     if not path.is_file():
         raise MissingBestStateError(

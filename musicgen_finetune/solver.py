@@ -288,7 +288,7 @@ class FinetuneSolver(MusicGenSolver):
         self.best_file_epoch: tp.Optional[int] = None  # the epoch whose best-state file is on disk
         self.checkpoint_writer = checkpoints.BackgroundWriter(self.logger)
         self.last_checkpoint_time = time.time()
-        if self.lean_checkpoints:
+        if self.lean_checkpoints and not self.lora_config.enabled:  # adapters: MB, kept in fp32 as trained
             self.best_state.dtype = checkpoints.BEST_DTYPE
 
     def update_best_state_from_stage(self, stage_name: str = "valid") -> None:

@@ -8,6 +8,8 @@ import pytest
 import torch
 from conftest import DATASET, TRAIN, one_error_line, run_tool, train, xp_folder
 
+from musicgen_finetune.checkpoints import resolve_best_state
+
 
 def test_fine_tune_writes_checkpoint_history_and_samples(first_run):
     folder = xp_folder(first_run)
@@ -187,7 +189,8 @@ def test_lora_trains_adapters_only_and_checkpoints_them(lora_run, first_run, lor
     assert trained < total / 10
     checkpoint = torch.load(xp_folder(lora_run) / "checkpoint.th", weights_only=True)
     assert checkpoint["model"] and all(lora.is_adapter_key(k) for k in checkpoint["model"])
-    assert all(lora.is_adapter_key(k) for k in checkpoint["best_state"]["model"])
+    best = resolve_best_state(xp_folder(lora_run), checkpoint)["model"]
+    assert best and all(lora.is_adapter_key(k) and v.dtype == torch.float32 for k, v in best.items())
     snapshot = torch.load(lora_model / "state_dict.bin", weights_only=True)["best_state"]
     assert checkpoint["lora"]["hash"] == lora.base_model_hash(snapshot)
     assert checkpoint["lora"]["path"] == str(lora_model / "state_dict.bin")
@@ -205,7 +208,7 @@ def test_lora_experiment_restores_base_and_adapters(lora_run, lora_model):
     solver = get_solver_from_sig(folder.name)
     checkpoint = torch.load(folder / "checkpoint.th", weights_only=True)
     state = solver.model.state_dict()
-    for key, value in checkpoint["best_state"]["model"].items():
+    for key, value in resolve_best_state(folder, checkpoint)["model"].items():
         assert torch.equal(state[key], value), key
     snapshot = torch.load(lora_model / "state_dict.bin", weights_only=True)["best_state"]
     for key, value in snapshot.items():
