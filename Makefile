@@ -22,6 +22,8 @@ T5 ?=
 PRESET ?= finetune/musicgen_small
 LORA ?=
 FRESH ?=
+PRIOR ?=
+PRIOR_PROMPTS ?=
 ARGS ?=
 GPUS ?= 1
 VALID ?= 0.2
@@ -42,6 +44,7 @@ GRID ?=
 # make eval / listen
 BASE ?=
 TUNED ?=
+TUNED_PRIOR ?=
 GENERAL ?=
 CLAP ?=
 REPORT ?=
@@ -77,6 +80,9 @@ DEMO_GENERAL_NAME ?= chiptune-demo
 DEMO_OUT ?= output/demo
 # make test
 PYTEST_ARGS ?=
+# test processes (pytest-xdist): the suite is mostly tool subprocesses that start Python, torch and AudioCraft,
+# so two share two cores well; 0 runs it in this process
+TEST_WORKERS ?= 2
 # make bench
 BENCH_ARGS ?=
 
@@ -96,25 +102,29 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_GENERAL_NAME) --preset finetune/cpu_tiny \
 		--args "optim.epochs=12 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp --fresh
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/general.xp) --out $(DEMO_OUT)/models/general
-	@echo "== 2. fine-tune it on 808 beats, fully and with LoRA"
+	@echo "== 2. fine-tune it on 808 beats: fully, with LoRA, and fully with prior preservation (PRIOR=1)"
 	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25 \
 		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny \
 		--args "$(ARGS)" --xp-file $(DEMO_OUT)/full.xp --fresh
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny_lora \
 		--args "$(ARGS)" --xp-file $(DEMO_OUT)/lora.xp --fresh
+	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny --prior \
+		--args "$(ARGS)" --xp-file $(DEMO_OUT)/prior.xp --fresh
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/full.xp) --out $(DEMO_OUT)/models/full
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/lora.xp) --out $(DEMO_OUT)/models/lora
-	@echo "== 3. compare base, full fine-tune and LoRA: numbers, loss curves, players, blind A/B"
+	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/prior.xp) --out $(DEMO_OUT)/models/prior
+	@echo "== 3. compare base, full fine-tune, LoRA and prior preservation: style gained, ability kept, loss curves, players, blind A/B"
 	$(PY) tools/eval.py --base $(DEMO_OUT)/models/general --tuned $(DEMO_OUT)/models/full \
-		--adapter $(DEMO_OUT)/models/lora/adapters.safetensors --name $(DEMO_NAME) --general $(DEMO_GENERAL_NAME) \
+		--adapter $(DEMO_OUT)/models/lora/adapters.safetensors --prior $(DEMO_OUT)/models/prior \
+		--name $(DEMO_NAME) --general $(DEMO_GENERAL_NAME) \
 		--prompts egs/hiphop808/prompts.txt --duration 2 --top-k 50 --out $(DEMO_OUT)/report
-	@echo "Demo done: models in $(DEMO_OUT)/models/{general,full,lora}; the comparison is" \
+	@echo "Demo done: models in $(DEMO_OUT)/models/{general,full,lora,prior}; the comparison is" \
 		"$(DEMO_OUT)/report/index.html (make listen REPORT=$(DEMO_OUT)/report for the blind A/B test)."
 	@echo "Training curves and samples of every run: make board (TensorBoard); the runs' table: make runs."
 
 test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; minutes on 2 CPU cores)
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .
@@ -134,10 +144,12 @@ plan: setup  ## MODEL=<folder|musicgen-small|-medium|-large> [NAME=] [LORA=1] [P
 		$(if $(BATCHES),--batches $(BATCHES)) $(if $(filter command line environment,$(origin SEGMENT)),--segment $(SEGMENT)) \
 		$(if $(OUT),--out "$(OUT)")
 
-train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=N|all] [FRESH=1]
+train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=N|all] [FRESH=1] [PRIOR=1] [PRIOR_PROMPTS=<file>] [GENERAL=<dataset>]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
 	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args "$(ARGS)" \
-		$(if $(T5),--t5 "$(T5)") --gpus $(GPUS) $(if $(filter 1 true yes,$(FRESH)),--fresh)
+		$(if $(T5),--t5 "$(T5)") --gpus $(GPUS) $(if $(filter 1 true yes,$(FRESH)),--fresh) \
+		$(if $(filter 1 true yes,$(PRIOR)),--prior) $(if $(PRIOR_PROMPTS),--prior-prompts "$(PRIOR_PROMPTS)") \
+		$(if $(GENERAL),--general "$(GENERAL)")
 
 grid: setup  ## GRID=<name> MODEL= NAME= [PRESET=] [GPUS=all]: a dora grid on this machine, then its table
 	@test -n "$(GRID)" || { echo "usage: make grid GRID=<full_vs_lora|lora_rank_lr|...> MODEL=<folder> NAME=<dataset>"; exit 2; }
@@ -149,11 +161,11 @@ runs: setup  ## [JSON=1]: every experiment in output/xps: model, dataset, full/L
 board: setup  ## [XP=<signature>] [BOARD_PORT=6006]: TensorBoard over output/xps (or one run) on localhost: curves, samples
 	$(PY) tools/board.py $(if $(XP),--xp "$(XP)") --port $(BOARD_PORT)
 
-eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=<ours or a PEFT folder>] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
+eval: setup  ## BASE= NAME= [TUNED=] [ADAPTER=<ours or a PEFT folder>] [TUNED_PRIOR=] [GENERAL=] [PROMPTS=] [SEED=0] [DURATION=10] [CLAP=]: report in output/reports/NAME/
 	@test -n "$(BASE)" -a -n "$(NAME)" || { echo "usage: make eval BASE=<model> NAME=<dataset> TUNED=<model> [ADAPTER=<adapters.safetensors or PEFT folder>]"; exit 2; }
 	$(PY) tools/eval.py --base "$(BASE)" --name "$(NAME)" $(if $(TUNED),--tuned "$(TUNED)") \
-		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(GENERAL),--general "$(GENERAL)") \
-		$(if $(PROMPTS),--prompts "$(PROMPTS)") $(if $(DURATION),--duration $(DURATION)) --seed $(SEED) \
+		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(TUNED_PRIOR),--prior "$(TUNED_PRIOR)") \
+		$(if $(GENERAL),--general "$(GENERAL)") $(if $(PROMPTS),--prompts "$(PROMPTS)") $(if $(DURATION),--duration $(DURATION)) --seed $(SEED) \
 		$(if $(TOP_K),--top-k $(TOP_K)) \
 		$(if $(CLAP),--clap "$(CLAP)") $(if $(T5),--t5 "$(T5)") $(if $(OUT),--out "$(OUT)")
 

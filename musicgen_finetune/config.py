@@ -116,6 +116,13 @@ ALLOWED = {
     "lora.alpha": Allowed(float, 0, low_open=True, what="the update is scaled by alpha / rank"),
     "lora.dropout": Allowed(float, 0, 1, what="0 turns it off"),
     "early_stop.patience": Allowed(int, 1, nullable=True, what="epochs without improvement; null: never stop early"),
+    "early_stop.forgetting_budget": Allowed(
+        float, 0, nullable=True, what="relative rise of the prior set's cross-entropy allowed, e.g. 0.1"
+    ),
+    "prior.ratio": Allowed(float, 0, low_open=True, what="prior sequences per real segment in each update"),
+    "prior.weight": Allowed(float, 0, what="the prior term's weight in the loss"),
+    "prior.teacher_top_k": Allowed(int, 1, what="the base's likeliest codes stored per position"),
+    "replay.share": Allowed(float, 0, 1, low_open=True, what="the share of each epoch's draws from replay.dataset"),
     "generate.every": Allowed(int, 1, what="epochs between samples"),
     "generate.lm.gen_duration": Allowed(float, 0, low_open=True, what="seconds per sample"),
     "generate.lm.top_k": Allowed(int, 0, what="0 turns top-k off"),

@@ -20,17 +20,23 @@ from .planning.fit import NothingFitsError, Planner, choose_micro_batch
 from .planning.gpu import training_device
 from .planning.trace import run_models
 
-# A full fine-tune's checkpoint.th holds the fp32 weights, best_state and AdamW's two moments: musicgen-small's
-# (419.6 M LM parameters) is about 8.8 GB, 21 bytes a parameter. flashy writes it to a temporary file and renames
-# it, so two exist for a moment; an export adds the fp32 weights once more.
-CHECKPOINT_BYTES_PER_PARAMETER = 21
+# A full fine-tune's lean checkpoint.th (checkpoints.py) holds the fp32 weights and AdamW's two moments, 12 bytes a
+# parameter: 5,044.8 MB for musicgen-small (make bench BENCH_ARGS=--full-size-only). It is written to a temporary file
+# and renamed, so two exist for a moment; the best epoch's state, when it is not the checkpoint's, is one more file
+# in fp16; an export adds the fp32 weights once more.
+CHECKPOINT_BYTES_PER_PARAMETER = 12
+BEST_STATE_BYTES_PER_PARAMETER = 2
 EXPORT_BYTES_PER_PARAMETER = 4
 MUSICGEN_SMALL_PARAMETERS = 419_617_792
 
 
 def disk_needed(parameters: int) -> float:
     """GiB a full fine-tune of a model of `parameters` LM parameters writes at its peak."""
-    return parameters * (2 * CHECKPOINT_BYTES_PER_PARAMETER + EXPORT_BYTES_PER_PARAMETER) / 2**30
+    return (
+        parameters
+        * (2 * CHECKPOINT_BYTES_PER_PARAMETER + BEST_STATE_BYTES_PER_PARAMETER + EXPORT_BYTES_PER_PARAMETER)
+        / 2**30
+    )
 
 
 class Check(tp.NamedTuple):

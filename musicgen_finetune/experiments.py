@@ -9,9 +9,12 @@
     run.json        how the run stands, for `make runs` (runs.py); tensorboard/: its curves and samples (watch.py)
 
 The best epoch is the one with the lowest validation metric (`ce` unless the run's `early_stop.metric` says
-otherwise); `make export WHICH=best` exports its state.
+otherwise); with `early_stop.forgetting_budget`, the lowest among the epochs whose cross-entropy on the prior set
+(`prior_ce`, prior.py) rose at most that fraction over the base's (`prior_ce_base`). `make export WHICH=best`
+exports its state; done.json says which epoch and why.
 """
 
+import dataclasses
 import datetime
 import fcntl
 import json
@@ -90,13 +93,66 @@ class ExperimentNotFoundError(UserError, FileNotFoundError):
     """XP= names no experiment with a checkpoint; the message lists those that exist."""
 
 
-def best_epoch(history: tp.Sequence[dict], metric: str = "ce") -> tp.Optional[int]:
-    """The 1-based epoch of the lowest validation `metric` in a dora history (None before any validation).
-    Ties go to the earlier epoch."""
-    scores = [
-        (epoch["valid"][metric], index + 1) for index, epoch in enumerate(history) if metric in epoch.get("valid", {})
-    ]
-    return min(scores)[1] if scores else None
+@dataclasses.dataclass
+class BestChoice:
+    """The best epoch (1-based; None before any validation) and why it is."""
+
+    epoch: tp.Optional[int]
+    reason: str
+
+
+def forgetting(valid: dict) -> tp.Optional[float]:
+    """Relative rise of the cross-entropy on the prior set over the base's, in one epoch's validation metrics."""
+    if valid.get("prior_ce") is None or not valid.get("prior_ce_base"):
+        return None
+    return valid["prior_ce"] / valid["prior_ce_base"] - 1
+
+
+def choose_best(
+    history: tp.Sequence[dict], metric: str = "ce", forgetting_budget: tp.Optional[float] = None
+) -> BestChoice:
+    """The epoch of the lowest validation `metric` (ties: the earlier); with a `forgetting_budget`, among the epochs
+    whose forgetting (prior_ce over prior_ce_base, minus 1) is at most the budget, or, when none is, the epoch
+    that forgot least."""
+    valid = [(index + 1, epoch.get("valid", {})) for index, epoch in enumerate(history)]
+    scores = [(v[metric], n) for n, v in valid if metric in v]
+    if not scores:
+        return BestChoice(None, "no validation yet")
+    if forgetting_budget is None:
+        return BestChoice(min(scores)[1], f"lowest valid {metric}")
+    rises = {n: forgetting(v) for n, v in valid if metric in v}
+    if any(rise is None for rise in rises.values()):
+        return BestChoice(min(scores)[1], f"lowest valid {metric} (no prior_ce to measure forgetting with)")
+    within = [(score, n) for score, n in scores if rises[n] <= forgetting_budget]
+    over = sorted(n for n in rises if rises[n] > forgetting_budget)
+    if within:
+        epoch = min(within)[1]
+        left_out = f"; over budget: epoch(s) {', '.join(map(str, over))}" if over else ""
+        return BestChoice(
+            epoch,
+            f"lowest valid {metric} among the {len(within)} epoch(s) within the forgetting budget "
+            f"(prior_ce at most {100 * forgetting_budget:g}% over the base's; epoch {epoch}: "
+            f"{100 * rises[epoch]:+.1f}%){left_out}",
+        )
+    epoch = min((rise, n) for n, rise in rises.items())[1]
+    return BestChoice(
+        epoch,
+        f"no epoch within the forgetting budget ({100 * forgetting_budget:g}%): the one that forgot least "
+        f"(prior_ce {100 * rises[epoch]:+.1f}% over the base's)",
+    )
+
+
+def best_epoch(
+    history: tp.Sequence[dict], metric: str = "ce", forgetting_budget: tp.Optional[float] = None
+) -> tp.Optional[int]:
+    """The 1-based best epoch of a dora history (choose_best), None before any validation."""
+    return choose_best(history, metric, forgetting_budget).epoch
+
+
+def run_choice(cfg: tp.Any, history: tp.Sequence[dict]) -> BestChoice:
+    """choose_best with a run's own `early_stop.metric` and `early_stop.forgetting_budget` (its xp.cfg)."""
+    early_stop = (cfg.get("early_stop") if cfg is not None else None) or {}
+    return choose_best(history, early_stop.get("metric", "ce"), early_stop.get("forgetting_budget"))
 
 
 def valid_value(history: tp.Sequence[dict], epoch: tp.Optional[int], metric: str = "ce") -> tp.Optional[float]:
@@ -106,9 +162,19 @@ def valid_value(history: tp.Sequence[dict], epoch: tp.Optional[int], metric: str
     return history[epoch - 1].get("valid", {}).get(metric)
 
 
-def write_done(folder: Path, reason: str, history: tp.Sequence[dict], metric: str) -> None:
+def write_done(
+    folder: Path, reason: str, history: tp.Sequence[dict], metric: str, forgetting_budget: tp.Optional[float] = None
+) -> None:
     """`<xp>/done.json`: the run ended for good (not a stop_after_epoch pause), for `make grid` and reports."""
-    done = {"reason": reason, "epochs": len(history), "best_epoch": best_epoch(history, metric), "metric": metric}
+    choice = choose_best(history, metric, forgetting_budget)
+    done = {
+        "reason": reason,
+        "epochs": len(history),
+        "best_epoch": choice.epoch,
+        "metric": metric,
+        "forgetting_budget": forgetting_budget,
+        "best_reason": choice.reason,
+    }
     write_text_atomically(Path(folder) / DONE_FILE, json.dumps(done, indent=2) + "\n")
 
 

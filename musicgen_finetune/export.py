@@ -23,7 +23,7 @@ import audiocraft
 
 from . import checkpoints, lora
 from .errors import UserError
-from .experiments import HISTORY_FILE, best_epoch, find_experiment, valid_value
+from .experiments import HISTORY_FILE, find_experiment, run_choice, valid_value
 from .files import replaced_when_complete
 from .models import folder as model_dir
 from .models import xp_cfg
@@ -125,14 +125,18 @@ def export(xp: str, out: tp.Optional[tp.Union[str, Path]] = None, which: str = "
         )
         shutil.copyfile(base_dir / model_dir.COMPRESSION_FILE, staging / model_dir.COMPRESSION_FILE)
         history = checkpoint.get("history") or []
-        epoch = best_epoch(history) if which == "best" else len(history)
+        choice = run_choice(cfg, history)  # the run's early_stop.metric and forgetting budget
+        epoch = choice.epoch if which == "best" else len(history)
         (staging / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
         info = {
             "experiment": folder.name,
             "which": which,
             "epoch": epoch,
             "epochs_trained": len(history),
+            "why": choice.reason if which == "best" else "the last epoch trained",
             "valid_ce": valid_value(history, epoch),
+            "prior_ce": valid_value(history, epoch, "prior_ce"),
+            "prior_ce_base": valid_value(history, epoch, "prior_ce_base"),
             "base_model": str(base_dir),
             "t5": str(OmegaConf.select(cfg, "conditioners.description.t5.name")),
             "dataset": str(OmegaConf.select(cfg, "datasource.train")),

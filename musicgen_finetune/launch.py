@@ -29,6 +29,7 @@ from .models.hf.peft_lora import read_adapter
 from .models.open import open_model
 from .paths import CONFIG_DIR, upstream_config_dir
 from .planning.fit import check_fits, is_auto
+from .prior import read_prompts_file
 from .train import main
 
 DEFAULT_PRESET = "finetune/musicgen_small"
@@ -50,6 +51,21 @@ def dataset_overrides(name: str, files: model_dir.ModelFiles) -> tp.List[str]:
             f"MODEL={files.root}`."
         )
     return dataset.overrides()
+
+
+def preservation_overrides(
+    prior: bool = False, prior_prompts: tp.Optional[str] = None, general: tp.Optional[str] = None
+) -> tp.List[str]:
+    """`make train PRIOR=1 [PRIOR_PROMPTS=<file>] [GENERAL=<dataset>]` as overrides: prior preservation on, the
+    file's prompts written into the override (so that they are in the experiment's signature, not only its path),
+    and the general dataset to replay (checked to exist)."""
+    overrides = ["prior.enabled=true"] if prior else []
+    if prior_prompts:
+        overrides.append(f"prior.prompts={hydra_value(read_prompts_file(prior_prompts))}")
+    if general:
+        PreparedDataset(general, "GENERAL")
+        overrides.append(f"replay.dataset={hydra_value(general)}")
+    return overrides
 
 
 def pretrained_overrides(files: model_dir.ModelFiles) -> tp.List[str]:

@@ -27,6 +27,7 @@ Typical use: `inject(lm, config)`, `freeze_base(lm)`, train `adapter_parameters(
 for inference `load_adapters(lm, path)` then `merge(lm)` (the fused delta is otherwise recomputed every forward).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -250,6 +251,7 @@ class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
 
     lora_in_proj: nn.ModuleDict
     lora_merged: bool
+    lora_active: bool = True  # False inside adapters_off: the base alone
 
     @property  # type: ignore[override]
     def in_proj_weight(self) -> torch.Tensor:
@@ -267,7 +269,7 @@ class LoRAStreamingMultiheadAttention(StreamingMultiheadAttention):
 
     def _lora_effective_in_proj_weight(self) -> torch.Tensor:
         base = self._parameters["in_proj_weight"]
-        if self.lora_merged:
+        if self.lora_merged or not self.lora_active:
             return base
         deltas = self._lora_deltas(use_dropout=True)
         slices = base.split(self._lora_split_sizes(), dim=0)
@@ -299,6 +301,7 @@ class LoRALinear(nn.Linear):
     lora_A: nn.Parameter
     lora_B: nn.Parameter
     lora_merged: bool
+    lora_active: bool = True  # False inside adapters_off: the base alone
 
     def _init_lora(self, rank: int, alpha: float, dropout: float) -> None:
         self.lora_rank, self.lora_alpha = rank, alpha
@@ -309,7 +312,7 @@ class LoRALinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias)
-        if self.lora_merged:
+        if self.lora_merged or not self.lora_active:
             return out
         return out + (self.lora_dropout(x) @ self.lora_A.T @ self.lora_B.T) * self.lora_scale
 
@@ -496,6 +499,22 @@ def unmerge(model: nn.Module) -> None:
         if module.lora_merged:
             module._lora_merge(-1.0)
             module.lora_merged = False
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> tp.Iterator[None]:
+    """The base model alone while inside: every adapter is skipped (no dropout drawn either), the base weights are
+    not touched, so the logits are exactly the base's. The teacher of prior preservation (prior.py) for LoRA runs."""
+    if is_merged(model):
+        raise ValueError("adapters_off on a model whose adapters are merged into its weights: unmerge it first.")
+    modules = [module for _, module in _lora_modules(model)]
+    for module in modules:
+        module.lora_active = False
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.lora_active = True
 
 
 def is_merged(model: nn.Module) -> bool:

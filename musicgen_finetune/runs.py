@@ -26,12 +26,12 @@ STATUS_FILE = "run.json"
 COLUMNS = ("signature", "model", "dataset", "kind", "epochs", "best", "valid", "state", "folder")
 
 
-def dataset_name(train_manifest: tp.Optional[str]) -> tp.Optional[str]:
-    """manifests/<name>/train(.jsonl) -> <name>."""
-    if not train_manifest:
+def dataset_name(split_manifest: tp.Optional[str]) -> tp.Optional[str]:
+    """manifests/<name>/{train,valid}(.jsonl) -> <name>."""
+    if not split_manifest:
         return None
-    path = Path(train_manifest)
-    return path.parent.name if path.name.startswith("train") else path.name
+    path = Path(split_manifest)
+    return path.parent.name if path.name.startswith(("train", "valid")) else path.name
 
 
 def write_status(
@@ -41,10 +41,11 @@ def write_status(
     epochs_planned: int,
     metric: str,
     model: tp.Optional[str],
-    train_manifest: tp.Optional[str],
+    valid_manifest: tp.Optional[str],
     lora: tp.Optional[dict],
+    forgetting_budget: tp.Optional[float] = None,
 ) -> None:
-    best = best_epoch(history, metric)
+    best = best_epoch(history, metric, forgetting_budget)  # the epoch `make export WHICH=best` takes
     if model and model.startswith(PRETRAINED_PREFIX):
         model = model[len(PRETRAINED_PREFIX) :]
     status = {
@@ -55,7 +56,7 @@ def write_status(
         "best_valid": valid_value(history, best, metric),
         "metric": metric,
         "model": model,
-        "dataset": dataset_name(train_manifest),
+        "dataset": dataset_name(valid_manifest),
         "lora": lora,
         "updated": datetime.datetime.now().isoformat(timespec="seconds"),
     }

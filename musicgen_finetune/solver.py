@@ -11,7 +11,9 @@
 - lean checkpoints written in the background (checkpoints.py), at most every `checkpoint.save_last_interval_s`;
   each epoch's history entry says where its time went (`time`: seconds per stage and for the checkpoint) and
   what the checkpoint wrote (`checkpoint.bytes`);
-- a run you can watch (watch.py): TensorBoard with optimizer updates as steps, an ETA per epoch, `<xp>/run.json`.
+- a run you can watch (watch.py): TensorBoard with optimizer updates as steps, an ETA per epoch, `<xp>/run.json`;
+- prior preservation, replay of a general dataset and a forgetting budget (`prior.*`, `replay.*`,
+  `early_stop.forgetting_budget`): hooks here, the logic in prior.py and replay.py.
 """
 
 import contextlib
@@ -31,10 +33,10 @@ from dora import git_save
 
 from audiocraft import models
 
-from . import caches, checkpoints, lora, patches, random_state, watch
+from . import caches, checkpoints, lora, patches, prior, random_state, replay, watch
 from .data.dataset import count_segments, read_each_segment_once
 from .errors import UserError
-from .experiments import HISTORY_FILE, RunLock, best_epoch, write_done
+from .experiments import HISTORY_FILE, RunLock, choose_best, write_done
 from .models import folder as model_dir
 from .models.hf.peft_lora import read_adapter
 from .paths import output_dir
@@ -111,6 +113,7 @@ class FinetuneSolver(MusicGenSolver):
     train.get_solver when the config says `solver: musicgen_finetune`."""
 
     NAME = "musicgen_finetune"
+    prior_term: tp.Optional[prior.PriorTerm] = None  # set by restore when prior.* or the forgetting budget asks
 
     def __init__(self, cfg):
         resolve_precision(cfg)
@@ -146,6 +149,7 @@ class FinetuneSolver(MusicGenSolver):
         return lora.LoraConfig.from_dict(self.cfg.get("lora") or {})
 
     def build_dataloaders(self) -> None:
+        replay.mix_into_train(self)  # replay.dataset: datasource.train becomes a manifest with it mixed in
         for split, path in self.cfg.datasource.items():
             if not isinstance(path, str) or split not in self.cfg.dataset:
                 continue
@@ -288,7 +292,7 @@ class FinetuneSolver(MusicGenSolver):
             self.best_state.dtype = checkpoints.BEST_DTYPE
 
     def update_best_state_from_stage(self, stage_name: str = "valid") -> None:
-        super().update_best_state_from_stage(stage_name)
+        self.update_best_state_within_budget(stage_name)
         if self._new_best_state:
             self.best_state_epoch = self.epoch
 
@@ -405,6 +409,67 @@ class FinetuneSolver(MusicGenSolver):
             parts.append(f"T5 outputs ({name}) of {caches.hit_rate(*counts)} texts ({cache.describe()})")
         if parts:
             self.logger.info("Cache hits, %s epoch %d: %s", stage, self.epoch, "; ".join(parts))
+
+    def restore(self, *args: tp.Any, **kwargs: tp.Any) -> bool:
+        """Upstream's restore, then the prior set (prior.py) of the base this run continues from."""
+        restored = super().restore(*args, **kwargs)
+        self.prior_term = None
+        if prior.wanted(self.cfg):
+            if self.base_model is None:
+                raise TrainingRefusedError(
+                    "prior.enabled / early_stop.forgetting_budget compare with a base model: set "
+                    "continue_from=//pretrained/<model folder> (make train MODEL=... does)."
+                )
+            self.prior_term = prior.setup(self, self.base_model["hash"], self.base_weights)
+        return restored
+
+    @contextlib.contextmanager
+    def base_weights(self) -> tp.Iterator[None]:
+        """While inside, the LM computes the base model's logits: adapters off for LoRA; for a resumed full
+        fine-tune, the base's weights swapped in and the run's put back after."""
+        if self.lora_config.enabled:
+            with lora.adapters_off(self.model):
+                yield
+            return
+        if not self.history:  # a run that has not trained yet holds the base's weights
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        name = self.cfg.continue_from[len(model_dir.PRETRAINED_PREFIX) :]
+        self.model.load_state_dict(MusicGenSolver.load_from_pretrained(self, name)["best_state"]["model"])
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
+
+    def valid(self) -> dict:
+        """Upstream's validation, plus the cross-entropy on the prior set (prior_ce, prior_ce_base)."""
+        metrics = super().valid()
+        if self.prior_term is not None:
+            metrics.update(self.prior_term.validate(self))
+        return metrics
+
+    @property
+    def forgetting_budget(self) -> tp.Optional[float]:
+        return (self.cfg.get("early_stop") or {}).get("forgetting_budget")
+
+    def update_best_state_within_budget(self, stage_name: str = "valid") -> None:
+        """With `early_stop.forgetting_budget`, the best state is experiments.choose_best's epoch (lowest valid
+        loss among the epochs within the budget) instead of upstream's lowest loss (solvers/base.py:147)."""
+        if self.forgetting_budget is None or stage_name != "valid":
+            return super().update_best_state_from_stage(stage_name)
+        history = [*self.history, {stage_name: self._pending_metrics[stage_name]}]
+        choice = choose_best(history, self.cfg.early_stop.metric, self.forgetting_budget)
+        if choice.epoch != len(history):
+            self._new_best_state = False
+            return None
+        self.logger.info("New best state, epoch %d: %s", choice.epoch, choice.reason)
+        # upstream takes the current state as the best when it has no best metric (solvers/base.py:152)
+        metric_name, self._best_metric_name = self._best_metric_name, None
+        try:
+            return super().update_best_state_from_stage(stage_name)
+        finally:
+            self._best_metric_name = metric_name
 
     def load_from_pretrained(self, name: str) -> dict:
         state = super().load_from_pretrained(name)
@@ -567,7 +632,8 @@ class FinetuneSolver(MusicGenSolver):
             self.stop_reason = "completed"
             return True
         patience = (self.cfg.get("early_stop") or {}).get("patience")
-        best = best_epoch(self.history, (self.cfg.get("early_stop") or {}).get("metric", "ce"))
+        metric = (self.cfg.get("early_stop") or {}).get("metric", "ce")
+        best = choose_best(self.history, metric, self.forgetting_budget).epoch
         if patience and best is not None and len(self.history) - best >= patience:
             self.logger.info(
                 "Early stop: valid %s has not improved for %d epochs since its best, epoch %d "
@@ -592,7 +658,7 @@ class FinetuneSolver(MusicGenSolver):
         """Whether should_stop_training will stop the run before the next epoch (asked once the epoch is in the
         history), without its messages."""
         early_stop = self.cfg.get("early_stop") or {}
-        best = best_epoch(self.history, early_stop.get("metric", "ce"))
+        best = choose_best(self.history, early_stop.get("metric", "ce"), self.forgetting_budget).epoch
         patience, stop_after = early_stop.get("patience"), self.cfg.get("stop_after_epoch")
         return (
             self.epoch > self.cfg.optim.epochs
@@ -626,21 +692,24 @@ class FinetuneSolver(MusicGenSolver):
             self.stop_reason = "completed"  # the loop ran out without asking (last epoch just committed)
         if self.stop_reason and flashy.distrib.is_rank_zero():
             metric = (self.cfg.get("early_stop") or {}).get("metric", "ce")
-            write_done(self.folder, self.stop_reason, self.history, metric)
+            choice = choose_best(self.history, metric, self.forgetting_budget)
+            self.logger.info("Best epoch %s: %s", choice.epoch, choice.reason)
+            write_done(self.folder, self.stop_reason, self.history, metric, self.forgetting_budget)
         self.watch.run_ended(self.stop_reason)
 
     def run_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
         if not self.is_training:
             return super().run_step(idx, batch, metrics)
-        if self.grad_accum_steps == 1:
+        if self.grad_accum_steps == 1 and not (self.prior_term is not None and self.prior_term.train):
             metrics = super().run_step(idx, batch, metrics)
         else:
-            metrics = self._accumulated_train_step(batch, metrics)
+            metrics = self._accumulated_train_step(idx, batch, metrics)
         self.watch.update_done(idx, metrics)
         return metrics
 
-    def _accumulated_train_step(self, batch: tp.Any, metrics: dict) -> dict:
-        """Upstream's train step (solvers/musicgen.py run_step), one backward per micro-batch, one update."""
+    def _accumulated_train_step(self, idx: int, batch: tp.Any, metrics: dict) -> dict:
+        """Upstream's train step (solvers/musicgen.py run_step), one backward per micro-batch, one update; the
+        prior term (prior.py), when on, backward into the same gradients before the update."""
         micro_batches = split_batch(batch, self.grad_accum_steps)
         batch_size = len(batch[-1])
         ce_total = torch.zeros([], device=self.device)
@@ -661,6 +730,8 @@ class FinetuneSolver(MusicGenSolver):
                 ce_per_codebook_total = [torch.zeros_like(c) for c in ce_per_codebook]
             for total, ce_q in zip(ce_per_codebook_total, ce_per_codebook, strict=True):
                 total += ce_q * weight
+        if self.prior_term is not None and self.prior_term.train:
+            metrics.update(self.prior_term.backward(self, idx, batch_size))
         flashy.distrib.sync_model(self.model)  # average gradients over GPUs once per update
 
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]

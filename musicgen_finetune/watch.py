@@ -202,16 +202,18 @@ class RunWatch:
 
     def write_status(self, state: str) -> None:
         solver = self.solver
-        metric = (solver.cfg.get("early_stop") or {}).get("metric", "ce")
+        early_stop = solver.cfg.get("early_stop") or {}
         runs.write_status(
             solver.folder,
             state=state,
             history=solver.history,
             epochs_planned=solver.cfg.optim.epochs,
-            metric=metric,
+            metric=early_stop.get("metric", "ce"),
             model=solver.cfg.get("continue_from"),
-            train_manifest=solver.cfg.datasource.get("train"),
+            # the run's own dataset: with replay (replay.py) datasource.train is a mixed manifest in the xp folder
+            valid_manifest=solver.cfg.datasource.get("valid"),
             lora=solver.lora_config.to_dict() if solver.lora_config.enabled else None,
+            forgetting_budget=early_stop.get("forgetting_budget"),
         )
 
     def run_ended(self, stop_reason: tp.Optional[str]) -> None:

@@ -312,7 +312,14 @@ def test_completed_run_is_marked_done_with_its_best_epoch(first_run):
     history = json.loads((folder / "history.json").read_text())
     done = json.loads((folder / "done.json").read_text())
     valid = [epoch["valid"]["ce"] for epoch in history]
-    assert done == {"reason": "completed", "epochs": 3, "best_epoch": valid.index(min(valid)) + 1, "metric": "ce"}
+    assert done == {
+        "reason": "completed",
+        "epochs": 3,
+        "best_epoch": valid.index(min(valid)) + 1,
+        "metric": "ce",
+        "forgetting_budget": None,
+        "best_reason": "lowest valid ce",
+    }
 
 
 def test_early_stop_ends_when_valid_loss_stops_improving(workdir, tiny_model, dataset):

@@ -22,6 +22,9 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--general", default=None, help="a second dataset: cross-entropy on it shows what was forgotten"
     )
+    parser.add_argument(
+        "--prior", default=None, help="a model folder fine-tuned with prior preservation (column `prior`)"
+    )
     parser.add_argument("--prompts", default=None, help="file or text; default: captions of the valid split")
     parser.add_argument("--duration", type=float, default=defaults.duration)
     parser.add_argument("--seed", type=int, default=0)
@@ -45,6 +48,7 @@ def main(argv=None) -> None:
             opts.t5,
             opts.out,
             progress=sys.stderr.isatty(),
+            prior=opts.prior,
         )
     )
     print(

@@ -1,4 +1,5 @@
-"""make train MODEL=<folder> NAME=<dataset> [T5=<folder>] [PRESET=finetune/musicgen_small] [ARGS='k=v ...']"""
+"""make train MODEL=<folder> NAME=<dataset> [T5=<folder>] [PRESET=finetune/musicgen_small] [ARGS='k=v ...']
+[PRIOR=1] [PRIOR_PROMPTS=<file>] [GENERAL=<dataset>]"""
 
 import argparse
 import shlex
@@ -24,8 +25,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="start the experiment again instead of resuming it (dora run --clear)"
     )
+    parser.add_argument("--prior", action="store_true", help="prior preservation on (prior.enabled=true)")
+    parser.add_argument("--prior-prompts", default=None, help="file of general prompts for the prior set, one a line")
+    parser.add_argument("--general", default=None, help="a dataset to replay into training at replay.share")
     opts = parser.parse_args(argv)
-    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, shlex.split(opts.args), opts.gpus, opts.fresh)
+    extra = [*launch.preservation_overrides(opts.prior, opts.prior_prompts, opts.general), *shlex.split(opts.args)]
+    folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, extra, opts.gpus, opts.fresh)
     if opts.xp_file:
         Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.xp_file).write_text(f"{folder}\n")

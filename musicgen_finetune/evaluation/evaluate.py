@@ -62,6 +62,8 @@ class EvalOptions:
         tuned: a fully fine-tuned model folder (make export).
         adapter: LoRA adapters.safetensors, or a PEFT LoRA folder, applied on `base`.
         general: a second dataset; the cross-entropy on it shows what was forgotten.
+        prior: a model folder fine-tuned with prior preservation (make train PRIOR=1, then make export), compared
+            as column `prior`.
         prompts: a file or a text; default: captions of the valid split.
         seed: the seed every model samples with.
         sampling: duration, top-k, ... (batch 1: each prompt's noise does not depend on the others).
@@ -82,6 +84,7 @@ class EvalOptions:
     t5: tp.Optional[str] = None
     out: tp.Optional[str] = None
     progress: bool = False
+    prior: tp.Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -109,7 +112,8 @@ class ModelSpec:
             "label": self.label,
             "xp": info.get("experiment"),
             "history": history,
-            "best_epoch": best_epoch(history),
+            # the export's own choice (it knows the run's metric and forgetting budget) when it is the best state
+            "best_epoch": info.get("epoch") if info.get("which") == "best" else best_epoch(history),
             "epochs": len(history),
             "exported_epoch": info.get("epoch"),
         }
@@ -134,6 +138,8 @@ def model_specs(options: EvalOptions) -> tp.List[ModelSpec]:
         specs.append(ModelSpec("full", "fine-tuned", Path(options.tuned).expanduser().resolve()))
     if options.adapter:
         specs.append(ModelSpec("lora", "LoRA", specs[0].folder, Path(options.adapter).expanduser().resolve()))
+    if options.prior:
+        specs.append(ModelSpec("prior", "prior preservation", Path(options.prior).expanduser().resolve()))
     return specs
 
 
@@ -147,7 +153,7 @@ def check_inputs(specs: tp.List[ModelSpec], options: EvalOptions) -> None:
     PreparedDataset(options.name, "NAME")
     if options.general:
         PreparedDataset(options.general, "GENERAL")
-    variables = {"base": "BASE", "full": "TUNED", "lora": "ADAPTER"}
+    variables = {"base": "BASE", "full": "TUNED", "lora": "ADAPTER", "prior": "TUNED_PRIOR"}
     for spec in specs:
         if (spec.folder / "checkpoint.th").is_file() and not (spec.folder / model_dir.LM_FILE).is_file():
             raise EvalError(
@@ -395,7 +401,8 @@ def metric_rows(
                 "note": "what the base could do; a rise is what fine-tuning forgot",
             }
         )
-    else:
+    rows.extend(gain_and_forgetting_rows(measured, name, general))
+    if not general:
         notes.append("No GENERAL=<dataset>: the cross-entropy on a general set (what was forgotten) is not measured.")
     rows.append(
         {
@@ -439,6 +446,43 @@ def metric_rows(
         "distance on EnCodec latents above is computed the same way on embeddings you already have."
     )
     return rows, notes
+
+
+def relative_change(value: float, base: float) -> float:
+    return 100 * (value / base - 1)
+
+
+def gain_and_forgetting_rows(measured: tp.Dict[str, Measured], name: str, general: tp.Optional[str]) -> tp.List[dict]:
+    """Style gained (the fall of the valid cross-entropy, % of the base's) against ability lost (the rise of the
+    general cross-entropy, % of the base's) for each fine-tune; the base has neither."""
+    tuned = [m for m in measured if m != "base"]
+    base_valid = measured["base"].valid_ce["ce"]
+    rows = [
+        {
+            "metric": f"style gain (% fall of the {name} valid cross-entropy)",
+            "better": "higher",
+            "values": {
+                "base": None,
+                **{m: -relative_change(measured[m].valid_ce["ce"], base_valid) for m in tuned},
+            },
+            "note": "how much of the base's validation loss on the new style each fine-tune removed",
+        }
+    ]
+    if general:
+        base_general = measured["base"].general_ce["ce"]
+        rows.append(
+            {
+                "metric": f"forgetting (% rise of the {general} cross-entropy)",
+                "better": "lower",
+                "values": {
+                    "base": None,
+                    **{m: relative_change(measured[m].general_ce["ce"], base_general) for m in tuned},
+                },
+                "note": "what the base could do and the fine-tune lost; issue 18's goal for prior preservation: "
+                "at most +15%",
+            }
+        )
+    return rows
 
 
 def tempo_errors(samples: tp.List[dict], prompt_rows: tp.List[dict]) -> None:

@@ -17,5 +17,7 @@ class FinetuneExplorer(LMExplorer):
         parts = super().process_sheep(sheep, history)
         done = read_done(sheep.xp.folder)
         status = done["reason"] if done else ("partial" if history else "not run")
-        parts["run"] = {"status": status, "best_epoch": best_epoch(history) or ""}
+        # done.json's choice knows the run's early_stop.metric and forgetting budget
+        best = done.get("best_epoch") if done else best_epoch(history)
+        parts["run"] = {"status": status, "best_epoch": best or ""}
         return parts

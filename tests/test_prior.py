@@ -1,0 +1,214 @@
+"""Prior preservation, the prior set's cache and the forgetting budget (musicgen_finetune/prior.py, issue 18)."""
+
+import contextlib
+import json
+import logging
+from unittest import mock
+
+import pytest
+import torch
+from audiocraft.solvers.musicgen import MusicGenSolver
+from conftest import train, xp_folder
+from omegaconf import OmegaConf
+
+from musicgen_finetune import lora, prior
+from musicgen_finetune.experiments import choose_best
+
+PROMPTS = ["calm solo piano ballad", "energetic rock with electric guitars"]
+
+
+@pytest.fixture(scope="module")
+def snapshot(tiny_model):
+    """The tiny model's LM config (T5 pointed at its folder) and its fp16 best_state."""
+    package = torch.load(tiny_model / "state_dict.bin", weights_only=True)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.conditioners.description.t5.name = str(tiny_model / "t5")
+    cfg.device = "cpu"
+    return cfg, package["best_state"]
+
+
+def build_lm(snapshot):
+    from audiocraft.models import builders
+
+    cfg, best_state = snapshot
+    torch.manual_seed(0)
+    lm = builders.get_lm_model(cfg)
+    lm.load_state_dict({k: v.float() for k, v in best_state.items()})
+    return lm.eval()
+
+
+class StandInSolver:
+    """What prior.py reads of the solver, around a real tiny LM: no dora run needed to make a prior set."""
+
+    def __init__(self, lm, cache, prompts=PROMPTS):
+        self.model, self.device, self.autocast = lm, "cpu", contextlib.nullcontext()
+        self.compression_model = type("Codec", (), {"frame_rate": 50})()
+        self.logger = logging.getLogger("test_prior")
+        self.cfg = OmegaConf.create(
+            {
+                "seed": 0,
+                "dataset": {"segment_duration": 0.2},
+                "conditioners": {"description": {"t5": {"name": "tiny-t5"}}},
+                "prior": {"enabled": True, "loss": "kl", "prompts": list(prompts), "seeds": [0, 1], "path": str(cache)},
+            }
+        )
+
+    def _compute_cross_entropy(self, logits, targets, mask):
+        return MusicGenSolver._compute_cross_entropy(self, logits, targets, mask)
+
+
+def make_set(solver, base_hash="base-a"):
+    return prior.load_or_generate(
+        solver, prior.PriorConfig.from_cfg(solver.cfg), base_hash, True, contextlib.nullcontext
+    )
+
+
+def test_prior_set_is_deterministic_cached_and_keyed_by_base_and_prompts(snapshot, tmp_path):
+    lm = build_lm(snapshot)
+    rng_before = torch.random.get_rng_state()
+    with mock.patch.object(prior, "generate_set", wraps=prior.generate_set) as generate:
+        first = make_set(StandInSolver(lm, tmp_path / "a"))
+        assert generate.call_count == 1
+        assert torch.equal(torch.random.get_rng_state(), rng_before), "generation leaves training's RNG alone"
+        again = make_set(StandInSolver(lm, tmp_path / "a"))
+        assert generate.call_count == 1, "the second run generates nothing: the set comes from the cache"
+        assert torch.equal(again.tokens, first.tokens) and again.folder == first.folder
+        elsewhere = make_set(StandInSolver(lm, tmp_path / "b"))  # generated again from scratch: same sequences
+        assert generate.call_count == 2
+        assert torch.equal(elsewhere.tokens, first.tokens)
+        assert torch.equal(elsewhere.teacher_codes, first.teacher_codes)
+        other_base = make_set(StandInSolver(lm, tmp_path / "a"), base_hash="base-b")
+        other_prompts = make_set(StandInSolver(lm, tmp_path / "a", prompts=[*PROMPTS, "reggae groove"]))
+        assert generate.call_count == 4, "a changed base or prompt list regenerates"
+    assert len({first.folder, other_base.folder, other_prompts.folder}) == 3
+    # 2 prompts x 2 seeds, 0.2 s at 50 frames/s; the seeds give different sequences
+    assert first.tokens.shape == (4, lm.num_codebooks, 10) and len(other_prompts) == 6
+    assert not torch.equal(first.tokens[:2], first.tokens[2:])
+    key = json.loads((first.folder / prior.KEY_FILE).read_text())
+    assert key["prompts"] == PROMPTS and key["seeds"] == [0, 1] and key["generate"]["cfg_coef"] == 3.0
+    # the stored teacher is the base's own top-k: its best code's log-probability is the largest
+    assert first.teacher_codes.shape == (4, lm.num_codebooks, 10, 32)
+    assert first.base_ce > 0
+
+
+def test_lora_with_adapters_off_reproduces_the_base_logits(snapshot):
+    from audiocraft.modules.conditioners import ConditioningAttributes
+
+    base, adapted = build_lm(snapshot), build_lm(snapshot)
+    lora.inject(adapted, lora.LoraConfig(enabled=True, rank=4, alpha=8, targets="all"))
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in lora.adapter_parameters(adapted).items():
+            if name.endswith("lora_B"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    adapted.eval()
+    torch.manual_seed(1)
+    codes = torch.randint(0, base.card, (2, base.num_codebooks, 12))
+    attributes = [ConditioningAttributes(text={"description": p}) for p in PROMPTS]
+    with torch.no_grad():
+        conditions = base.condition_provider(base.condition_provider.tokenize(attributes))
+        expected = base(codes, [], condition_tensors=conditions)
+        with lora.adapters_off(adapted):
+            teacher = adapted(codes, [], condition_tensors=conditions)
+        tuned = adapted(codes, [], condition_tensors=conditions)
+    assert torch.equal(teacher, expected)
+    assert not torch.allclose(tuned, expected), "outside the context the adapters act again"
+
+
+def epoch(ce, prior_ce, base=2.0):
+    return {"train": {"ce": ce}, "valid": {"ce": ce, "prior_ce": prior_ce, "prior_ce_base": base}}
+
+
+def test_forgetting_budget_picks_the_lowest_loss_within_budget():
+    # valid ce falls every epoch while the prior set's cross-entropy rises: +5%, +8%, +12%, +30% over 2.0
+    history = [epoch(5.0, 2.1), epoch(4.0, 2.16), epoch(3.0, 2.24), epoch(2.0, 2.6)]
+    assert choose_best(history).epoch == 4
+    choice = choose_best(history, "ce", 0.1)
+    assert choice.epoch == 2 and "within the forgetting budget" in choice.reason and "3, 4" in choice.reason
+    assert choose_best(history, "ce", 0.15).epoch == 3
+    nothing_within = choose_best(history, "ce", 0.01)
+    assert nothing_within.epoch == 1 and "forgot least" in nothing_within.reason
+    assert choose_best([], "ce", 0.1).epoch is None
+
+
+ARGS = (
+    "optim.epochs=1 dataset.generate.num_samples=1 "
+    f"prior.seeds=[0,1] prior.prompts=[{','.join(repr(p) for p in PROMPTS)}]"
+)
+
+
+@pytest.fixture(scope="module")
+def runs(workdir, tiny_model, dataset):
+    """Three full fine-tunes of the tiny model: without prior, with the prior term at weight 0 (computed, no
+    effect), and with it at weight 1 and a forgetting budget."""
+    folders = {}
+    for name, extra in (
+        ("plain", ""),
+        ("weight0", " prior.enabled=true prior.weight=0"),
+        ("prior", " prior.enabled=true prior.weight=1 early_stop.forgetting_budget=0.5"),
+    ):
+        result = train(workdir, tiny_model, ARGS + extra)
+        assert result.returncode == 0, result.stderr[-5000:]
+        folders[name] = xp_folder(result)
+    return folders
+
+
+def final_weights(folder):
+    return torch.load(folder / "checkpoint.th", weights_only=False)["model"]
+
+
+def test_prior_weight_zero_equals_no_prior(runs):
+    plain, weight0 = final_weights(runs["plain"]), final_weights(runs["weight0"])
+    assert plain.keys() == weight0.keys()
+    assert all(torch.equal(plain[k], weight0[k]) for k in plain)
+    history = json.loads((runs["weight0"] / "history.json").read_text())
+    assert all(e["train"]["prior_loss"] > 0 for e in history), "the prior term was computed"
+
+
+def test_prior_preservation_forgets_less_and_the_budget_is_reported(runs):
+    without = json.loads((runs["weight0"] / "history.json").read_text())
+    with_prior = json.loads((runs["prior"] / "history.json").read_text())
+    base = without[-1]["valid"]["prior_ce_base"]
+    assert with_prior[-1]["valid"]["prior_ce_base"] == base
+    rise_without = without[-1]["valid"]["prior_ce"] / base - 1
+    rise_with = with_prior[-1]["valid"]["prior_ce"] / base - 1
+    print(f"prior_ce rise over the base: {rise_without:+.1%} without prior, {rise_with:+.1%} with")
+    assert rise_with < rise_without / 2, (rise_with, rise_without)
+    done = json.loads((runs["prior"] / "done.json").read_text())
+    assert done["forgetting_budget"] == 0.5 and done["best_epoch"] == choose_best(with_prior, "ce", 0.5).epoch
+    assert "forgetting budget" in done["best_reason"]
+    assert "Prior preservation: loss kl" in (runs["prior"] / "solver.log.0").read_text()
+
+
+def test_replay_gives_the_general_rows_their_share_of_the_sampling_weight():
+    from musicgen_finetune.replay import mixed_rows
+
+    own = [{"path": f"own{i}.wav", "weight": w} for i, w in enumerate([1.0, 1.0, 0.5, None])]  # augmented: 0.5
+    general = [{"path": f"general{i}.wav", "weight": None} for i in range(5)]
+    rows = mixed_rows(own, general, 0.2)
+    assert rows[:4] == own
+    weights = [r["weight"] or 1.0 for r in rows]
+    assert sum(weights[4:]) / sum(weights) == pytest.approx(0.2)
+    assert len(set(weights[4:])) == 1
+
+
+def test_make_train_passes_prior_and_general_and_the_prompts_file_reaches_the_signature(tmp_path):
+    import subprocess
+
+    from conftest import REPO
+
+    from musicgen_finetune.launch import preservation_overrides
+
+    dry = subprocess.run(
+        ["make", "-n", "train", "MODEL=m", "NAME=n", "PRIOR=1", "PRIOR_PROMPTS=p.txt", "GENERAL=g"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert '--prior --prior-prompts "p.txt"' in dry.stdout and '--general "g"' in dry.stdout, dry.stdout + dry.stderr
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# mine\nsoft harp, calm\n\nbrass band march\n")
+    assert preservation_overrides(True, str(prompts)) == [
+        "prior.enabled=true",
+        "prior.prompts=['soft harp, calm','brass band march']",
+    ]
