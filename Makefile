@@ -86,7 +86,7 @@ TEST_WORKERS ?= 2
 # make bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench tiny-model demo-data \
+.PHONY: help setup demo test lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -201,6 +201,9 @@ doctor: setup  ## [MODEL=] [T5=]: checks GPU, ffmpeg, model files, T5, disk, wri
 
 bench: setup  ## [QUICK=1] [BENCH_ARGS='--arch tiny --batches 1,2,4 ...' or '--full-size-only']: speed, memory, full-size checkpoint and 50-clip projection to output/bench/
 	$(PY) tools/bench.py $(if $(QUICK),--quick) $(BENCH_ARGS)
+
+smoke-full: setup  ## every stage at musicgen-small's size on the CPU, random weights, offline: time and peak memory per stage
+	$(PY) tools/smoke_full.py
 
 tiny-model: demo-data  ## the demo's tiny model in DEMO_MODEL, its codec trained on the demo's clips (kept when up to date)
 	$(PY) tools/tiny_model.py --out $(DEMO_MODEL) --train-codec-on $(DEMO_DATA) $(DEMO_GENERAL_DATA)
