@@ -5,6 +5,7 @@ import dataclasses
 import typing as tp
 
 from ..machine import GIB, meminfo_gib
+from ..models.full_size import T5_BASE
 
 # -- the training-step matrix ------------------------------------------------------------------------------------
 
@@ -60,16 +61,7 @@ MODES = ("full", "lora")
 TOKENS = ("cached", "uncached")
 CAPTION = "hip hop 808 beat with trap drums, rolling hi hats and a snare, 140 bpm, F minor"
 CHECKPOINTING_CONFIG = ("musicgen-small", 4, 30.0)  # the extra rows of --checkpointing: arch, batch, segment
-T5_BASE_SHAPES = {
-    "vocab_size": 32128,
-    "d_model": 768,
-    "d_kv": 64,
-    "d_ff": 3072,
-    "num_layers": 12,
-    "num_heads": 12,
-    "relative_attention_num_buckets": 32,
-    "feed_forward_proj": "relu",
-}
+T5_BASE_SHAPES = T5_BASE  # models/full_size.py: transformers' T5Config of t5-base
 
 
 @dataclasses.dataclass
