@@ -120,3 +120,17 @@ def lora_run(workdir, lora_model, dataset):
     result = train(workdir, lora_model, preset="finetune/cpu_tiny_lora")
     assert result.returncode == 0, result.stderr[-5000:]
     return result
+
+
+@pytest.fixture(scope="session")
+def snapshot(tiny_model):
+    """The tiny model's LM config (T5 pointed at its folder) and its fp16 best_state (the LoRA and prior tests
+    build LMs from it)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    package = torch.load(tiny_model / "state_dict.bin", weights_only=True)
+    cfg = OmegaConf.create(package["xp.cfg"])
+    cfg.conditioners.description.t5.name = str(tiny_model / "t5")
+    cfg.device = "cpu"
+    return cfg, package["best_state"]

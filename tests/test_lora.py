@@ -23,16 +23,6 @@ UNMERGE_ATOL = 1e-6
 DEFAULT_RANK, DEFAULT_ALPHA = 12, 24.0  # LoraConfig's defaults, written out: the update is scaled by alpha / rank
 
 
-@pytest.fixture(scope="module")
-def snapshot(tiny_model):
-    """The tiny model's LM config (T5 pointed at its folder) and its fp16 best_state."""
-    package = torch.load(tiny_model / "state_dict.bin", weights_only=True)
-    cfg = OmegaConf.create(package["xp.cfg"])
-    cfg.conditioners.description.t5.name = str(tiny_model / "t5")
-    cfg.device = "cpu"
-    return cfg, package["best_state"]
-
-
 def build_lm(snapshot, pretrained=True, seed=0):
     from audiocraft.models import builders
 

@@ -17,16 +17,6 @@ from musicgen_finetune.experiments import choose_best
 PROMPTS = ["calm solo piano ballad", "energetic rock with electric guitars"]
 
 
-@pytest.fixture(scope="module")
-def snapshot(tiny_model):
-    """The tiny model's LM config (T5 pointed at its folder) and its fp16 best_state."""
-    package = torch.load(tiny_model / "state_dict.bin", weights_only=True)
-    cfg = OmegaConf.create(package["xp.cfg"])
-    cfg.conditioners.description.t5.name = str(tiny_model / "t5")
-    cfg.device = "cpu"
-    return cfg, package["best_state"]
-
-
 def build_lm(snapshot):
     from audiocraft.models import builders
 
