@@ -149,7 +149,7 @@ def midi_file(clips: tp.Sequence[Clip]) -> bytes:
     for clip, offset in zip(clips, starts_ms(clips)):
         beat_ms = 60_000 / clip.bpm
 
-        def note(channel: int, pitch: int, start_beats: float, beats: float, velocity: int) -> None:
+        def note(channel, pitch, start_beats, beats, velocity, offset=offset, beat_ms=beat_ms) -> None:
             start = offset + int(round(start_beats * beat_ms))
             stop = offset + int(round((start_beats + beats) * beat_ms))
             events.append((start, 1, bytes([0x90 | channel, pitch, velocity])))
