@@ -61,7 +61,8 @@ class Clip:
         return self.key.endswith("minor")
 
 
-# 70-100 bpm with a few faster; minor i-VI-III-VII most, flat keys among them; majors so that "always minor" fails.
+# 70-100 bpm with a few faster; minor i-VI-III-VII most, flat keys among them; majors so that "always minor" fails;
+# the last three dwell on the relative's chords (III, vi), where the mean chroma alone picks the relative.
 CORPUS = (
     Clip("am_90_i-VI-III-VII", "A minor", 90, ("i", "VI", "III", "VII"), 2),
     Clip("bbm_80_i-VI-III-VII", "Bb minor", 80, ("i", "VI", "III", "VII"), 2, "octaves", WARM_PAD, "clap"),
@@ -77,6 +78,9 @@ CORPUS = (
     Clip("abM_78_I-vi-IV-V", "Ab major", 78, ("I", "vi", "IV", "V"), 2, "octaves", WARM_PAD, "clap"),
     Clip("dM_140_I-V-vi-IV", "D major", 140, ("I", "V", "vi", "IV"), 4, keys=STRINGS),
     Clip("dbM_84_I-IV-vi-V", "Db major", 84, ("I", "IV", "vi", "V"), 2, "octaves", resolve=True),
+    Clip("bm_82_i-III-VII-III", "B minor", 82, ("i", "III", "VII", "III"), 2, keys=WARM_PAD),
+    Clip("gsm_90_i-VII-III-VI", "G# minor", 90, ("i", "VII", "III", "VI"), 2, "octaves", backbeat="clap"),
+    Clip("bbM_86_I-vi-iii-vi", "Bb major", 86, ("I", "vi", "iii", "vi"), 2),
 )
 
 

@@ -273,7 +273,9 @@ def test_tool_folds_into_tempo_range(folder, workdir):
 
 # Beats made from real recordings (tests/real_audio.py): Hydrogen's 808 kit, bass and keys from the FluidR3 GM
 # soundfont. Their keys are mostly i-VI-III-VII minors, which share their chords with the relative major.
-WRITTEN_AT_LEAST = 2 / 3  # leaving every key out would trivially write none wrong
+# leaving every key out would trivially write none wrong; 13 of the 17 are written (measured), 12 when the relative
+# is left to the profiles (they then read 4 minors as their relative major and those are left out)
+WRITTEN_AT_LEAST = 3 / 4
 
 
 def test_real_beats_get_their_own_tempo(real_corpus):
