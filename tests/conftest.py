@@ -44,6 +44,16 @@ def tiny_model(workdir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_corpus(tmp_path_factory) -> dict:
+    """Beats built from real recordings (tests/real_audio.py), once per session: name -> (Clip, wav path). Skipped
+    where Debian's packages are absent, failed instead under REQUIRE_REAL_AUDIO=1 (CI)."""
+    import real_audio
+
+    real_audio.skip_or_fail(pytest)
+    return real_audio.build(tmp_path_factory.getbasetemp() / "real_audio")
+
+
+@pytest.fixture(scope="session")
 def beats(workdir) -> Path:
     from musicgen_finetune.data.synthetic import write_dataset
 

@@ -13,12 +13,12 @@ import typing as tp
 import numpy as np
 
 from ..errors import UserError
-from .audio import NOTES, whole_bpm
+from .audio import key_name, whole_bpm
 from .captions import BPM_PATTERN, KEY_FIELD, KEY_PATTERN, as_number
 
 PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
-FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E"}
+NATURALS = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
 
 
 class AugmentSpecError(UserError, ValueError):
@@ -87,16 +87,18 @@ def render(audio: np.ndarray, rate: int, variant: Variant) -> np.ndarray:
 
 
 def transpose_key(key: tp.Optional[str], semitones: float) -> tp.Optional[str]:
-    """'F minor' + 2 -> 'G minor'; keys that cannot be read, or fractional shifts, give None (unknown)."""
+    """'F minor' + 2 -> 'G minor', 'A minor' + 1 -> 'Bb minor' (audio.MAJOR_KEYS / MINOR_KEYS spelling); keys that
+    cannot be read, or fractional shifts, give None (unknown)."""
     if not key or semitones != int(semitones):
         return None
     match = KEY_FIELD.fullmatch(str(key).strip())
     if not match:
         return None
     letter, accidental, mode = match.groups()
-    note = FLATS.get(letter.upper() + accidental, letter.upper() + accidental.replace("b", ""))
+    # either spelling is read ("A# minor", "Bb minor", "Fm", "E#"), the result spelled as musicians write it
+    tonic = NATURALS[letter.upper()] + {"#": 1, "b": -1, "B": -1}.get(accidental, 0)
     mode = "minor" if mode.lower() in ("m", "min", "minor") else "major"
-    return f"{NOTES[(NOTES.index(note) + int(semitones)) % 12]} {mode}"
+    return key_name(tonic + int(semitones), mode)
 
 
 def transformed_info(info: dict, variant: Variant) -> dict:

@@ -8,8 +8,8 @@ import typing as tp
 from ..errors import UserError
 from .audio import TARGET_LUFS
 
-CONVERSION_VERSION = 2  # bump when the conversion changes, so cached audio is rebuilt (2: tempo and key with
-# their confidence in source.json, issue 13)
+CONVERSION_VERSION = 3  # bump when the conversion changes, so cached audio is rebuilt (2: tempo and key with
+# their confidence in source.json, issue 13; 3: the key's tonic against its relative, spelled keys, issue 25)
 
 
 class DatasetError(UserError, ValueError):
