@@ -81,12 +81,17 @@ DEMO_OUT ?= output/demo
 # make test
 PYTEST_ARGS ?=
 # test processes (pytest-xdist): the suite is mostly tool subprocesses that start Python, torch and AudioCraft,
-# so two share two cores well; 0 runs it in this process
+# so two share two cores well; 0 runs it in this process. Each test file runs whole in one process (loadfile), so
+# a file's module fixtures (a trained base, a killed and resumed run) are made once, not once per process.
 TEST_WORKERS ?= 2
+# what make test runs: all but the `long` cases (the preset matrix, every kill point, two processes), which
+# make test-all adds (pyproject.toml's markers)
+TEST_SELECT ?= not long
+ONLY ?=
 # make bench
 BENCH_ARGS ?=
 
-.PHONY: help setup demo test lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
+.PHONY: help setup demo test test-long test-all breaks lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -123,8 +128,16 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 		"$(DEMO_OUT)/report/index.html (make listen REPORT=$(DEMO_OUT)/report for the blind A/B test)."
 	@echo "Training curves and samples of every run: make board (TensorBoard); the runs' table: make runs."
 
-test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; minutes on 2 CPU cores)
-	$(PY) -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
+test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; under 10 minutes on 2 CPU cores)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_SELECT)" $(PYTEST_ARGS)
+
+test-long: setup  ## only the long cases make test leaves out: every preset, every kill point, two processes
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m long $(PYTEST_ARGS)
+
+test-all: test test-long smoke-full  ## make test, its long cases and make smoke-full (what CI runs)
+
+breaks: setup  ## [ONLY=<words>]: every known one-line break (tests/planted_breaks.toml) must fail make test
+	$(PY) tests/planted_breaks.py --select "$(TEST_SELECT)" $(if $(ONLY),--only "$(ONLY)")
 
 lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .

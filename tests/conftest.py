@@ -115,6 +115,26 @@ def first_run(workdir, tiny_model, dataset):
     return result
 
 
+KILLED_AT = "train:2:1"  # mid-epoch 2, before its second update: past epoch 1's checkpoint, not yet at epoch 2's
+
+
+@pytest.fixture(scope="session")
+def resumed_run(workdir, tiny_model, dataset):
+    """first_run's command (cpu_tiny, 3 epochs) in an output folder of its own, killed with SIGKILL at KILLED_AT
+    and re-run to the end by the same command: (experiment folder, the killed run, the resumed run). test_resume
+    compares it with first_run; test_watch reads its TensorBoard files and log."""
+    import signal
+
+    out = workdir / "resumed-output"
+    env = {"MUSICGEN_FT_OUTPUT": str(out), "AUDIOCRAFT_DORA_DIR": str(out)}
+    command = [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny"]
+    killed = run_tool(command, workdir, extra_env={**env, "MUSICGEN_FT_TEST_KILL_AT": KILLED_AT})
+    assert killed.returncode == -signal.SIGKILL, f"not killed at {KILLED_AT}: {killed.stderr[-3000:]}"
+    resumed = run_tool(command, workdir, extra_env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return xp_folder(resumed), killed, resumed
+
+
 @pytest.fixture(scope="session")
 def lora_model(tiny_model, tmp_path_factory):
     """A copy of the tiny model, so that one test can change its weights under a LoRA experiment."""

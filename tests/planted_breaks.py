@@ -17,9 +17,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10: mutmut's dependency `toml` reads it too
+    import toml as tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 REGISTRY = Path(__file__).resolve().with_suffix(".toml")

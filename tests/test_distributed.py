@@ -4,9 +4,11 @@ they are CPU processes talking over gloo, the same code path as NCCL between GPU
 import json
 import subprocess
 
+import pytest
 from conftest import DATASET, REPO, TRAIN, run_tool, xp_folder
 
 
+@pytest.mark.long  # three interpreters (dora's launcher and two workers); each process's restore: test_resume.py
 def test_two_processes_train_as_one_at_the_same_global_batch(first_run, workdir, tiny_model, dataset, tmp_path):
     env = {"MUSICGEN_FT_OUTPUT": str(tmp_path), "AUDIOCRAFT_DORA_DIR": str(tmp_path)}
     result = run_tool(

@@ -26,6 +26,7 @@ def test_the_presets_are_found():
     assert {"finetune/musicgen_small", "finetune/musicgen_small_lora", "finetune/cpu_tiny"} <= set(PRESETS)
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("preset", GPU_PRESETS)
 def test_gpu_preset_trains_an_epoch_with_its_worker_processes(preset, workdir, tiny_model, dataset):
     cfg = compose([f"solver={preset}"])

@@ -60,6 +60,15 @@ def assert_same_run(resumed, uninterrupted, keys=None):
     assert len(resumed_history) == 3
 
 
+def test_full_run_killed_mid_epoch_ends_as_the_uninterrupted_one(first_run, resumed_run):
+    """Killed before epoch 2's second update (conftest.KILLED_AT): the resume restores epoch 1's weights, optimizer,
+    schedule, data order and every random state, and retrains epoch 2 exactly."""
+    folder, _, resumed = resumed_run
+    assert "Loading existing checkpoint" in resumed.stderr + resumed.stdout
+    assert_same_run(folder, xp_folder(first_run))
+
+
+@pytest.mark.long
 def test_full_run_killed_anywhere_ends_as_the_uninterrupted_one(first_run, workdir, tiny_model, dataset, tmp_path):
     # mid-epoch 2, then at epoch 2's validation, then halfway through writing epoch 2's checkpoint, then while the
     # last epoch generates its samples
@@ -69,6 +78,7 @@ def test_full_run_killed_anywhere_ends_as_the_uninterrupted_one(first_run, workd
     assert_same_run(resumed, xp_folder(first_run))
 
 
+@pytest.mark.long
 def test_lora_run_killed_anywhere_ends_as_the_uninterrupted_one(lora_run, workdir, lora_model, tmp_path):
     resumed = run_killed_and_resumed(
         workdir, tmp_path, lora_model, "finetune/cpu_tiny_lora", ["checkpoint:1", "train:3:1"]

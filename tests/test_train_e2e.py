@@ -290,6 +290,7 @@ def test_lora_with_ema_averages_the_adapters_only(workdir, lora_model, dataset):
     assert averaged.keys() == checkpoint["model"].keys()
 
 
+@pytest.mark.long  # the kill-and-resume tests (test_resume.py) cover the same restore; this is the graceful stop
 @pytest.mark.parametrize("preset", ["finetune/cpu_tiny", "finetune/cpu_tiny_lora"])
 def test_interrupted_run_resumes_where_it_stopped(workdir, lora_model, dataset, preset):
     """A run stopped after epoch 1 continues with epoch 2 from its checkpoint (weights, optimizer, schedule), in the

@@ -7,7 +7,6 @@ command, as a preempted job would be: its curves must continue without a repeate
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -23,24 +22,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from musicgen_finetune import runs
 from musicgen_finetune.experiments import RunLock
 
-EPOCHS = 2
+EPOCHS = 3  # conftest's resumed_run: cpu_tiny's epochs
 EVERYTHING = {"scalars": 0, "audio": 0, "tensors": 0}  # 0: keep every event (the default samples them)
 
 
 @pytest.fixture(scope="module")
-def watched(workdir, tiny_model, dataset):
-    """(experiment folder, updates per epoch, the killed run, the resumed run)."""
-    out = workdir / "watch-output"
-    env = {"MUSICGEN_FT_OUTPUT": str(out), "AUDIOCRAFT_DORA_DIR": str(out)}
-    command = [TRAIN, "--model", str(tiny_model), "--name", DATASET, "--preset", "finetune/cpu_tiny"]
-    command += ["--args", f"optim.epochs={EPOCHS}"]
-    # before the second update of epoch 2: the first update of epoch 2 was logged by the run that dies
-    killed = run_tool(command, workdir, extra_env={**env, "MUSICGEN_FT_TEST_KILL_AT": "train:2:1"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    resumed = run_tool(command, workdir, extra_env=env)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+def watched(resumed_run):
+    """(experiment folder, updates per epoch, the killed run, the resumed run): conftest's resumed_run, killed in
+    epoch 2 before its second update, so the first update of epoch 2 was logged by the run that died."""
+    folder, killed, resumed = resumed_run
     updates = int(re.search(r"(\d+) updates per epoch", resumed.stderr).group(1))
-    return xp_folder(resumed), updates, killed, resumed
+    return folder, updates, killed, resumed
 
 
 def events(path: Path) -> EventAccumulator:
@@ -89,8 +81,11 @@ def test_epoch_scalars_are_history_at_the_update_count(watched):
     counted = {
         int(e): int(h) / int(n) for e, h, n in re.findall(r"Cache hits, train epoch (\d+): tokens of (\d+)/(\d+)", log)
     }
-    assert [e.value for e in board.Scalars("cache/train_tokens")] == pytest.approx([counted[1], counted[2]], rel=1e-6)
-    assert steps(board, "cache/valid_tokens") == [updates, EPOCHS * updates]
+    assert sorted(counted) == list(range(1, EPOCHS + 1))
+    assert [e.value for e in board.Scalars("cache/train_tokens")] == pytest.approx(
+        [counted[epoch] for epoch in sorted(counted)], rel=1e-6
+    )
+    assert steps(board, "cache/valid_tokens") == [updates * epoch for epoch in range(1, EPOCHS + 1)]
     assert "lora/adapter_norm" not in tags  # a full fine-tune
 
 
@@ -114,8 +109,9 @@ def test_samples_are_in_the_audio_tab_with_their_prompts(watched, tiny_model):
 
 def test_each_epoch_says_how_long_the_run_has_left(watched):
     _, _, killed, resumed = watched
-    assert re.search(r"Epoch 1/2 done in \d+ s; ETA \d+ s \(run\), 1 epoch to go", killed.stderr)
-    assert re.search(r"Epoch 2/2 done in \d+ s; ETA 0 s \(run\)\x1b\[0m$", resumed.stderr, re.MULTILINE)
+    assert re.search(r"Epoch 1/3 done in \d+ s; ETA \d+ s \(run\), 2 epochs to go", killed.stderr)
+    assert re.search(r"Epoch 2/3 done in \d+ s; ETA \d+ s \(run\), 1 epoch to go", resumed.stderr)
+    assert re.search(r"Epoch 3/3 done in \d+ s; ETA 0 s \(run\)\x1b\[0m$", resumed.stderr, re.MULTILINE)
 
 
 def test_time_scalars_come_from_the_epochs_time_breakdown_when_it_has_one():
@@ -188,7 +184,8 @@ def test_runs_table_shows_how_each_run_stands(watched, tmp_path, workdir):
     history = json.loads((folder / "history.json").read_text())
     best = min(range(len(history)), key=lambda i: history[i]["valid"]["ce"])
     real = rows[folder.name]
-    assert (real["epochs_done"], real["epochs_planned"], real["lora"], real["dataset"]) == (2, 2, None, DATASET)
+    assert (real["epochs_done"], real["epochs_planned"]) == (EPOCHS, EPOCHS)
+    assert (real["lora"], real["dataset"]) == (None, DATASET)
     assert (real["best_epoch"], real["best_valid"]) == (best + 1, history[best]["valid"]["ce"])
     assert rows["aaaa0003"]["best_epoch"] == 2 and rows["aaaa0003"]["best_valid"] == 4.0
     lines = table.stdout.splitlines()
