@@ -28,7 +28,20 @@ atexit.register(shutil.rmtree, WORKDIR, ignore_errors=True)
 os.environ["MUSICGEN_FT_OUTPUT"] = str(WORKDIR / "output")
 os.environ["MUSICGEN_FT_MANIFESTS"] = str(WORKDIR / "manifests")
 os.environ["AUDIOCRAFT_DORA_DIR"] = str(WORKDIR / "output")
+# One share of the cores per test process (pytest-xdist runs TEST_WORKERS of them), for torch here and in every
+# process a test starts (process_hooks/sitecustomize.py caps the solver's num_threads too): more threads than
+# cores makes torch's OpenMP threads spin-wait on each other, many times the CPU time for the same work.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MUSICGEN_FT_TEST_THREADS"):
+    os.environ[variable] = str(THREADS)
 environment.prepare()  # the harness's environment (offline hub, our teams file), as every entry point sets it
+
+
+@pytest.fixture(scope="session", autouse=True)
+def torch_threads():
+    import torch
+
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,10 @@
   SIGKILL at that moment, as a preempted job or the OOM killer would: `train:2:1` before the second update of epoch
   2, `valid:2` at the first validation batch of epoch 2, `generate:3` when epoch 3's samples start, `checkpoint:1`
   halfway through writing epoch 1's checkpoint.
+- Thread cap ($MUSICGEN_FT_TEST_THREADS): torch's intra-op threads of the process, whatever `num_threads` the
+  preset asks for (cpu_tiny: 2). conftest.py sets it to the cores per test process: with two test processes on two
+  cores, two threads each oversubscribe the cores, and torch's OpenMP threads then spin-wait on each other (the
+  tiny codec's training took 15 times the CPU time with 2 threads than with 1 under that load).
 """
 
 import importlib.abc
@@ -103,8 +107,19 @@ def _install_kill_switch(solver_module) -> None:
     )
 
 
+_THREADS = os.environ.get("MUSICGEN_FT_TEST_THREADS")
+
+
+def _install_thread_cap(solver_module) -> None:
+    import torch
+
+    cap, set_num_threads = int(_THREADS), torch.set_num_threads
+    torch.set_num_threads = lambda threads: set_num_threads(min(threads, cap))  # train.py init_seed_and_system
+    set_num_threads(cap)
+
+
 class _AfterSolverImport(importlib.abc.MetaPathFinder):
-    """Installs the kill switch once musicgen_finetune.solver is imported."""
+    """Installs the kill switch and the thread cap once musicgen_finetune.solver is imported."""
 
     def find_spec(self, name, path, target=None):
         if name != "musicgen_finetune.solver":
@@ -115,11 +130,14 @@ class _AfterSolverImport(importlib.abc.MetaPathFinder):
 
         def exec_then_install(module):
             exec_module(module)
-            _install_kill_switch(module)
+            if _KILL_AT:
+                _install_kill_switch(module)
+            if _THREADS:
+                _install_thread_cap(module)
 
         spec.loader.exec_module = exec_then_install
         return spec
 
 
-if _KILL_AT:
+if _KILL_AT or _THREADS:
     sys.meta_path.insert(0, _AfterSolverImport())
