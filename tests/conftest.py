@@ -31,7 +31,11 @@ os.environ["AUDIOCRAFT_DORA_DIR"] = str(WORKDIR / "output")
 # One share of the cores per test process (pytest-xdist runs TEST_WORKERS of them), for torch here and in every
 # process a test starts (process_hooks/sitecustomize.py caps the solver's num_threads too): more threads than
 # cores makes torch's OpenMP threads spin-wait on each other, many times the CPU time for the same work.
-THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+# MUSICGEN_FT_TEST_THREADS, when set, decides (make mutate runs a test process per core of its own).
+THREADS = int(
+    os.environ.get("MUSICGEN_FT_TEST_THREADS")
+    or max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+)
 for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MUSICGEN_FT_TEST_THREADS"):
     os.environ[variable] = str(THREADS)
 environment.prepare()  # the harness's environment (offline hub, our teams file), as every entry point sets it
