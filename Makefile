@@ -84,6 +84,8 @@ PYTEST_ARGS ?=
 # so two share two cores well; 0 runs it in this process. Each test file runs whole in one process (loadfile), so
 # a file's module fixtures (a trained base, a killed and resumed run) are made once, not once per process.
 TEST_WORKERS ?= 2
+# the longest files first (tests/conftest.py SLOWEST_FIRST), not xdist's most-tests-first
+XDIST = -n $(TEST_WORKERS) $(if $(filter-out 0,$(TEST_WORKERS)),--dist loadfile --no-loadscope-reorder)
 # what make test runs: all but the `long` cases (the preset matrix, every kill point, two processes), which
 # make test-all adds (pyproject.toml's markers)
 TEST_SELECT ?= not long
@@ -129,10 +131,10 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 	@echo "Training curves and samples of every run: make board (TensorBoard); the runs' table: make runs."
 
 test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; under 10 minutes on 2 CPU cores)
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m "$(TEST_SELECT)" $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) -m "$(TEST_SELECT)" $(PYTEST_ARGS)
 
 test-long: setup  ## only the long cases make test leaves out: every preset, every kill point, two processes
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile -m long $(PYTEST_ARGS)
+	$(PY) -m pytest tests $(XDIST) -m long $(PYTEST_ARGS)
 
 test-all: test test-long smoke-full  ## make test, its long cases and make smoke-full (what CI runs)
 

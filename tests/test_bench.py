@@ -47,6 +47,7 @@ def quick(workdir, tmp_path_factory):
     return json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
 
 
+@pytest.mark.long  # make bench QUICK=1 end to end: a benchmark's run
 def test_quick_bench_has_every_row_measured(quick):
     results, _ = quick
     assert results["quick"] is True and results["machine"]["cpu"] and results["machine"]["cores"] >= 1
@@ -62,6 +63,7 @@ def test_quick_bench_has_every_row_measured(quick):
         assert row["step_s"] == pytest.approx(statistics.mean(row["step_times_s"]), rel=1e-4)
 
 
+@pytest.mark.long  # make bench QUICK=1 end to end: a benchmark's run
 def test_quick_bench_derived_fields_follow_from_the_measurements(quick):
     for row in quick[0]["training"]["rows"]:
         assert row["frames"] == math.ceil(row["segment_s"] * row["frame_rate"])
@@ -87,6 +89,7 @@ def test_quick_bench_derived_fields_follow_from_the_measurements(quick):
             assert row["precision"] == "fp32" and row["mfu"] is None and row["mfu_note"]
 
 
+@pytest.mark.long  # make bench QUICK=1 end to end: a benchmark's run
 def test_quick_bench_ratios_and_goals_come_from_the_rows(quick):
     results, _ = quick
     rows = {(r["mode"], r["tokens"], r["batch"]): r for r in results["training"]["rows"]}
@@ -110,6 +113,7 @@ def test_quick_bench_ratios_and_goals_come_from_the_rows(quick):
         assert sum(1 for g in results["goals"] if g["measured"] == "not measured: no GPU") == 3
 
 
+@pytest.mark.long  # make bench QUICK=1 end to end: a benchmark's run
 def test_quick_bench_markdown_names_the_machine_and_has_one_line_per_row(quick):
     results, text = quick
     lines = text.splitlines()

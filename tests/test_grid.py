@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 from conftest import DATASET, run_tool, xp_folder
 
@@ -22,6 +23,7 @@ def table_rows(stdout: str) -> dict:
     return rows
 
 
+@pytest.mark.long  # a dora grid of several runs
 def test_grid_runs_each_experiment_once_and_tables_both(first_run, workdir, tiny_model):
     result = run_grid(workdir, tiny_model)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -53,6 +55,7 @@ def test_grid_names_what_is_missing(monkeypatch):
         grid.run("no_such_grid")
 
 
+@pytest.mark.long  # a dora grid of several runs
 def test_grid_lists_on_a_machine_without_gpu_but_runs_only_where_it_can(workdir, tiny_model, dataset, monkeypatch):
     """`dora grid` lists a GPU grid on a Slurm login node (no GPU); `make grid` here refuses it before running."""
     env = {"MODEL": str(tiny_model), "NAME": DATASET, "PRESET": "finetune/musicgen_small"}

@@ -274,6 +274,7 @@ def test_full_resume_refuses_a_changed_base_until_fresh(workdir, tiny_model, dat
     assert checkpoint["base_model"]["hash"] == base_model_hash(package["best_state"])
 
 
+@pytest.mark.long  # EMA, an option off in every preset
 def test_lora_with_ema_averages_the_adapters_only(workdir, lora_model, dataset):
     from musicgen_finetune import lora
 

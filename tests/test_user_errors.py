@@ -193,6 +193,7 @@ def test_unsafe_model_refused_by_make_train(unsafe_model, workdir, dataset):
     assert_refused_as_unsafe(result, unsafe_model)
 
 
+@pytest.mark.long  # the safe loader again, through another tool (make train's: above)
 def test_unsafe_model_refused_by_make_generate(unsafe_model, workdir, tmp_path):
     result = run_tool(
         [
@@ -210,6 +211,7 @@ def test_unsafe_model_refused_by_make_generate(unsafe_model, workdir, tmp_path):
     assert not (tmp_path / "samples").exists()
 
 
+@pytest.mark.long  # the safe loader again, through another tool (make train's: above)
 def test_unsafe_model_refused_by_make_eval(unsafe_model, tiny_model, workdir, dataset, tmp_path):
     result = run_tool(
         [
@@ -229,6 +231,7 @@ def test_unsafe_model_refused_by_make_eval(unsafe_model, tiny_model, workdir, da
     assert not (tmp_path / "report").exists()
 
 
+@pytest.mark.long  # the safe loader again, through another tool (make train's: above)
 def test_unsafe_base_refused_by_make_export(tiny_model, workdir, dataset, tmp_path):
     """An experiment whose base model folder now holds an unsafe file: export reads it, and refuses it."""
     model = tmp_path / "base"
