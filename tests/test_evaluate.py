@@ -9,6 +9,8 @@ import pytest
 from conftest import DATASET, run_tool, train, xp_folder
 from test_report_page import Watched, browser, watched  # noqa: F401  (browser fixtures)
 
+from musicgen_finetune import export
+
 GENERAL = "chiptune-test"
 
 
@@ -38,18 +40,15 @@ def general_model(workdir, beats, dataset):
         workdir,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    out = workdir / "models" / "general"
-    assert run_tool(["tools/export.py", "--xp", xp_folder(result).name, "--out", str(out)], workdir).returncode == 0
-    return out
+    # exported in this process: `make export`'s tool is tested elsewhere, and each tool process starts torch anew
+    return export.export(xp_folder(result).name, workdir / "models" / "general")
 
 
 @pytest.fixture(scope="module")
 def tuned_model(workdir, general_model, dataset):
     result = train(workdir, general_model)
     assert result.returncode == 0, result.stderr[-3000:]
-    out = workdir / "models" / "tuned-from-general"
-    assert run_tool(["tools/export.py", "--xp", xp_folder(result).name, "--out", str(out)], workdir).returncode == 0
-    return out, xp_folder(result)
+    return export.export(xp_folder(result).name, workdir / "models" / "tuned-from-general"), xp_folder(result)
 
 
 @pytest.fixture(scope="module")
