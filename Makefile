@@ -85,8 +85,11 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 # make bench
 BENCH_ARGS ?=
+# make mutate: module names of tests/mutation/scope.toml, comma-separated (default: all); RECORD=1 records the scores
+MODULES ?=
+RECORD ?=
 
-.PHONY: help setup demo test lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
+.PHONY: help setup demo test mutate lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -125,6 +128,9 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 
 test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; minutes on 2 CPU cores)
 	$(PY) -m pytest tests -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+mutate: setup  ## [MODULES=config,prior,...] [RECORD=1]: mutation testing of the logic modules (mutmut); survivors by line, fails when a score drops
+	$(PY) tools/mutate.py $(if $(MODULES),--modules "$(MODULES)") $(if $(filter 1 true yes,$(RECORD)),--record)
 
 lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .

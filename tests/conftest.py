@@ -134,3 +134,25 @@ def snapshot(tiny_model):
     cfg.conditioners.description.t5.name = str(tiny_model / "t5")
     cfg.device = "cpu"
     return cfg, package["best_state"]
+
+
+# -- `-m "not subprocess"`: the in-process tests (make mutate) --------------------------------------------------
+# A mutant exists only in the process mutmut forks for it, so a test that trains, exports or runs a tool in a child
+# process cannot see it, and takes minutes. Such a test, or one using a fixture that does (first_run, worse_run,
+# ...), calls one of these names; it is marked `subprocess` from its code, so new tests are sorted without a label.
+SUBPROCESS_NAMES = {"run_tool", "train", "subprocess"}
+
+
+def _calls_a_subprocess(code) -> bool:
+    if SUBPROCESS_NAMES & set(code.co_names):
+        return True
+    return any(_calls_a_subprocess(const) for const in code.co_consts if hasattr(const, "co_names"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        functions = [getattr(item, "function", None)] + [
+            definition.func for definitions in item._fixtureinfo.name2fixturedefs.values() for definition in definitions
+        ]
+        if any(_calls_a_subprocess(f.__code__) for f in functions if hasattr(f, "__code__")):
+            item.add_marker(pytest.mark.subprocess)
