@@ -12,7 +12,7 @@ from conftest import train, xp_folder
 from omegaconf import OmegaConf
 
 from musicgen_finetune import lora, prior
-from musicgen_finetune.experiments import choose_best
+from musicgen_finetune.experiments import BestChoice, best_epoch, choose_best, forgetting, run_choice, valid_value
 
 PROMPTS = ["calm solo piano ballad", "energetic rock with electric guitars"]
 
@@ -119,6 +119,44 @@ def test_forgetting_budget_picks_the_lowest_loss_within_budget():
     nothing_within = choose_best(history, "ce", 0.01)
     assert nothing_within.epoch == 1 and "forgot least" in nothing_within.reason
     assert choose_best([], "ce", 0.1).epoch is None
+
+
+def test_best_epoch_is_the_lowest_metric_the_earlier_on_ties_counting_every_epoch():
+    history = [
+        {"valid": {"ce": 3.0, "acc": 0.1}},
+        {"train": {"ce": 1.0}},  # no validation that epoch: still epoch 2
+        {"valid": {"ce": 2.0}},
+        {"valid": {"ce": 2.0}},
+        {"valid": {"ce": 2.5}},
+    ]
+    assert choose_best(history) == BestChoice(3, "lowest valid ce")
+    assert best_epoch(history, "acc") == 1
+    assert choose_best([{"train": {"ce": 1.0}}]) == BestChoice(None, "no validation yet")
+    unmeasured = choose_best(history, "ce", 0.1)  # a budget, but no prior_ce to measure forgetting with
+    assert unmeasured.epoch == 3 and "no prior_ce" in unmeasured.reason
+    assert run_choice(None, history).epoch == 3
+    assert run_choice(OmegaConf.create({"early_stop": {"metric": "acc"}}), history).epoch == 1
+    assert run_choice(OmegaConf.create({"early_stop": None}), history).epoch == 3
+    # the run's own budget: epoch 2 of the budget test's history rose 8%, epoch 3 12%
+    rising = [epoch(5.0, 2.1), epoch(4.0, 2.16), epoch(3.0, 2.24)]
+    assert run_choice(OmegaConf.create({"early_stop": {"forgetting_budget": 0.1}}), rising).epoch == 2
+    assert [valid_value(history, n) for n in (None, 0, 1, 2, 3, 5, 6)] == [None, None, 3.0, None, 2.0, 2.5, None]
+    assert valid_value(history, 1, "acc") == 0.1
+
+
+def test_the_budget_reason_gives_the_rise_of_the_chosen_epoch_and_the_ones_left_out():
+    history = [epoch(5.0, 2.1), epoch(4.0, 2.16), epoch(3.0, 2.24), epoch(2.0, 2.6)]
+    # epoch 2: 2.16 / 2.0 - 1 = +8.0%; epochs 3 and 4 over a 10% budget
+    assert choose_best(history, "ce", 0.1).reason == (
+        "lowest valid ce among the 2 epoch(s) within the forgetting budget (prior_ce at most 10% over the base's; "
+        "epoch 2: +8.0%); over budget: epoch(s) 3, 4"
+    )
+    assert choose_best(history, "ce", 0.5).reason.endswith("epoch 4: +30.0%)")  # all within: none left out
+    assert choose_best(history, "ce", 0.01).reason == (
+        "no epoch within the forgetting budget (1%): the one that forgot least (prior_ce +5.0% over the base's)"
+    )
+    assert forgetting({"prior_ce": 3.0, "prior_ce_base": 2.0}) == 0.5
+    assert forgetting({"prior_ce": 3.0, "prior_ce_base": 0.0}) is None and forgetting({"prior_ce_base": 2.0}) is None
 
 
 ARGS = (

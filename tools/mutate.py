@@ -100,7 +100,11 @@ class Module:
         prefix = module_name(self.file)
         if not self.restricted:
             return [f"{prefix}.*"]
-        return [f"{prefix}.{mangled(f)}__mutmut_*" for f in self.functions]
+        # `x_f*` also matches the function's own name, which is how mutmut picks the tests of its clean run (with
+        # no match it runs the whole selection once more); used where no other function's name starts the same.
+        names = [mangled(f) for f in self.lines]
+        unique = [name for name in names if not any(o != name and o.startswith(name) for o in names)]
+        return [f"{prefix}.{name}{'*' if name in unique else '__mutmut_*'}" for name in map(mangled, self.functions)]
 
     def owns(self, mutant: str) -> bool:
         prefix = module_name(self.file) + "."
