@@ -240,3 +240,132 @@ def test_make_train_passes_prior_and_general_and_the_prompts_file_reaches_the_si
         "prior.enabled=true",
         "prior.prompts=['soft harp, calm','brass band march']",
     ]
+
+
+# -- the prior's settings, key and the micro-batches of its term, in-process (make mutate) ------------------------
+
+
+def test_prior_settings_are_read_and_checked():
+    cfg = OmegaConf.create(
+        {"prior": {"enabled": True, "ratio": 0.5, "prompts": ["a", 3], "seeds": ["1", 2], "other": 1, "generate": None}}
+    )
+    config = prior.PriorConfig.from_cfg(cfg)
+    assert (config.enabled, config.ratio, config.prompts, config.seeds, config.generate) == (
+        True,
+        0.5,
+        ["a", "3"],
+        [1, 2],
+        {},
+    )
+    assert config.loss == "kl" and config.weight == 1.0
+    with pytest.raises(prior.PriorConfigError, match="prior.prompts and prior.seeds must not be empty"):
+        prior.PriorConfig.from_cfg(OmegaConf.create({}))
+    good = dict(prompts=["p"], seeds=[0])
+    prior.PriorConfig(ratio=1e-9, weight=0.0, **good).check()  # the smallest ratio and weight allowed
+    prior.PriorConfig(loss="ce", **good).check()
+    for bad, message in (
+        (dict(loss="mse"), "prior.loss=mse: use one of kl, ce"),
+        (dict(ratio=0.0), "prior.ratio=0.0, prior.weight=1.0: the ratio must be > 0"),
+        (dict(weight=-0.1), "prior.weight=-0.1"),
+    ):
+        with pytest.raises(prior.PriorConfigError, match=message.replace(".", r"\.")):
+            prior.PriorConfig(**{**good, **bad}).check()
+    with pytest.raises(prior.PriorConfigError, match="must not be empty"):
+        prior.PriorConfig(prompts=["p"], seeds=[]).check()
+
+
+def test_a_run_wants_the_prior_set_to_train_on_it_or_to_measure_forgetting():
+    assert prior.wanted(OmegaConf.create({"prior": {"enabled": True}}))
+    assert prior.wanted(OmegaConf.create({"early_stop": {"forgetting_budget": 0.0}}))  # a budget of 0 is a budget
+    assert not prior.wanted(OmegaConf.create({"prior": {"enabled": False}, "early_stop": {"forgetting_budget": None}}))
+    assert not prior.wanted(OmegaConf.create({"prior": None, "early_stop": None}))
+
+
+def test_prompts_file_takes_one_prompt_a_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# general prompts\n\n  lofi piano  \njazz trio\n   \n#not this\n")
+    assert prior.read_prompts_file(path) == ["lofi piano", "jazz trio"]
+    path.write_text("# nothing\n\n")
+    with pytest.raises(prior.PriorConfigError, match="holds no prompt"):
+        prior.read_prompts_file(path)
+    with pytest.raises(prior.PriorConfigError, match="no such file"):
+        prior.read_prompts_file(tmp_path / "missing.txt")
+
+
+def fake_solver(**cfg):
+    from types import SimpleNamespace
+
+    base = {
+        "seed": 3,
+        "dataset": {"segment_duration": 0.333},
+        "conditioners": {"description": {"t5": {"name": "t5-x"}}},
+    }
+    return SimpleNamespace(
+        cfg=OmegaConf.create({**base, **cfg}),
+        model=SimpleNamespace(card=100),
+        compression_model=SimpleNamespace(frame_rate=50),
+        epoch=2,
+        grad_accum_steps=3,
+        scaler=None,
+    )
+
+
+def test_the_prior_sets_key_holds_what_changes_the_set():
+    import audiocraft
+
+    solver = fake_solver()
+    config = prior.PriorConfig(prompts=["a", "b"], seeds=[0, 1], teacher_top_k=8, batch_size=4)
+    # top-k capped at the codebook's 100 codes; 0.333 s at 50 frames/s: 16.65 -> 17 frames
+    settings = {"use_sampling": True, "temp": 1.0, "top_k": 100, "top_p": 0.0, "cfg_coef": 3.0}
+    assert prior.key_ingredients(solver, config, "hash-a", store_teacher=True) == {
+        "base_lm_hash": "hash-a",
+        "text_encoder": "t5-x",
+        "prompts": ["a", "b"],
+        "seeds": [0, 1],
+        "generate": settings,
+        "frames": 17,
+        "batch_size": 4,
+        "teacher_top_k": 8,
+        "audiocraft": audiocraft.__version__,
+    }
+    assert prior.key_ingredients(solver, config, "hash-a", store_teacher=False)["teacher_top_k"] is None
+    assert prior.key_ingredients(fake_solver(conditioners={}), config, "h", True)["text_encoder"] is None
+    config.generate = {"use_sampling": False, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "cfg_coef": 1.5}
+    assert prior.generation_settings(solver, config) == {
+        "use_sampling": False,
+        "temp": 0.7,
+        "top_k": 20,
+        "top_p": 0.9,
+        "cfg_coef": 1.5,
+    }
+
+
+@pytest.mark.parametrize("rows, accum, sizes", [(5, 3, [2, 2, 1]), (4, 2, [2, 2]), (2, 10, [1, 1]), (3, 1, [3])])
+def test_the_prior_term_is_its_weight_times_the_mean_loss_over_the_updates_rows(rows, accum, sizes):
+    """Whatever the micro-batches, the term's loss and gradient are those of the mean over the update's rows."""
+    from pathlib import Path
+
+    prior_set = prior.PriorSet(torch.zeros(10, 1, 1), ["p"] * 10, [0] * 10, 1.0, Path("."))
+    term = prior.PriorTerm(prior.PriorConfig(ratio=1.0, weight=0.5, prompts=["p"], seeds=[0]), prior_set, True, False)
+    solver = fake_solver()
+    solver.grad_accum_steps = accum
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    parts = []
+
+    def loss(solver, part):
+        parts.append(part.tolist())
+        return w * (part.float() + 1).mean(), (part.float() * 2).mean()
+
+    term.loss = loss
+    chosen = term.items_for_step(solver, 1, rows)
+    out = term.backward(solver, 1, rows)
+    assert [len(p) for p in parts] == sizes and sum(parts, []) == chosen.tolist()
+    mean = (chosen.float() + 1).mean().item()
+    assert out["prior_loss"] == pytest.approx(mean) and out["prior_ce"] == pytest.approx(
+        2 * chosen.float().mean().item()
+    )
+    assert w.grad.item() == pytest.approx(0.5 * mean)
+    w.grad = None
+    solver.scaler = mock.Mock(scale=lambda x: x * 8)  # fp16's loss scaling multiplies the gradient, not the loss
+    assert term.backward(solver, 1, rows)["prior_loss"] == pytest.approx(mean)
+    assert w.grad.item() == pytest.approx(8 * 0.5 * mean)
