@@ -272,3 +272,47 @@ def test_training_with_and_without_caches_gives_the_same_losses(first_run, workd
         r"Cache hits, valid epoch 3: tokens of (\d+)/\1 \(100%\) segments; T5 outputs \(description\)", log
     )
     assert re.search(r"Cache hits, train epoch 3: tokens of [1-9]\d*/", log)
+
+
+def test_token_cache_key_follows_the_codebooks_in_use(tiny_model, tmp_path):
+    """A codec set to use fewer of its codebooks (set_num_codebooks, as MusicGen does when its LM models fewer
+    than the codec has) encodes the same audio into fewer rows: its tokens are other tokens, kept in another
+    folder, and an entry stored with every codebook is never served to it."""
+    from types import SimpleNamespace
+
+    from audiocraft.models import loaders
+
+    codec = loaders.load_compression_model(str(tiny_model), device="cpu")  # our own copy: its setting changes
+    audio = torch.randn(1, codec.channels, codec.sample_rate // 5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        every = codec.encode(audio)[0][0]
+    root = tmp_path / "tokens"
+    full = caches.TokenCache(root, codec, 1.0)
+    codec.set_num_codebooks(every.shape[0] - 1)
+    with torch.no_grad():
+        fewer_tokens = codec.encode(audio)[0][0]
+    assert fewer_tokens.shape[0] == every.shape[0] - 1 and torch.equal(fewer_tokens, every[:-1])
+    fewer = caches.TokenCache(root, codec, 1.0)
+    assert fewer.folder != full.folder
+    segment = tmp_path / "segment.wav"
+    segment.write_bytes(b"the entry is named by the file's path, size and mtime")
+    info = SimpleNamespace(meta=SimpleNamespace(path=str(segment)), seek_time=0.0, n_frames=audio.shape[-1])
+    full.store(info, every)
+    assert torch.equal(full.load(info), every.short()) and fewer.load(info) is None
+
+
+def test_token_cache_entries_hold_every_int16_code(tmp_path):
+    """Entries are int16: the largest int16 code comes back as it was, one more is refused, not wrapped."""
+    from types import SimpleNamespace
+
+    codec = torch.nn.Linear(1, 1)  # what the key reads of a codec: its weights and rates
+    codec.sample_rate, codec.channels, codec.frame_rate, codec.num_codebooks = 32000, 1, 50, 1
+    cache = caches.TokenCache(tmp_path / "tokens", codec, 1.0)
+    segment = tmp_path / "segment.wav"
+    segment.write_bytes(b"any file")
+    info = SimpleNamespace(meta=SimpleNamespace(path=str(segment)), seek_time=0.0, n_frames=2)
+    largest = torch.iinfo(torch.int16).max
+    cache.store(info, torch.tensor([[0, largest]]))
+    assert cache.load(info).tolist() == [[0, largest]]
+    with pytest.raises(ValueError, match="cannot be stored as int16"):
+        cache.store(info, torch.tensor([[0, largest + 1]]))

@@ -4,10 +4,13 @@ resumed from the checkpoint that refers to that file."""
 
 import json
 import signal
+import threading
+import time
 
 import pytest
 import torch
 from conftest import DATASET, TRAIN, run_tool, xp_folder
+from test_solver import bare_solver
 
 from musicgen_finetune import checkpoints, export
 from musicgen_finetune.patches import safe_load
@@ -196,3 +199,85 @@ def test_clean_up_removes_only_our_partials_and_unreferenced_best_files(tmp_path
     assert {p.name for p in tmp_path.iterdir()} == left
     checkpoints.remove_unreferenced(tmp_path, keep=None)
     assert {p.name for p in tmp_path.iterdir()} == left - {"best_state_2.th"}
+
+
+def solver_after_epoch(tmp_path, epoch: int, epochs: int = 3, interval_s: float = 0):
+    """A solver at the end of `epoch` of `epochs` (each the best so far), its weights a small module's: what
+    save_checkpoints reads, without a run."""
+    solver = bare_solver(
+        {
+            "optim": {"epochs": epochs},
+            "checkpoint": {"save_last": True, "save_last_interval_s": interval_s, "save_every": 0},
+        },
+        tmp_path,
+        history=[{"train": {"ce": 1.0}} for _ in range(epoch)],
+    )
+    solver.model = torch.nn.Linear(3, 2)
+    solver.stateful.register("model", solver.model)
+    solver.ema, solver.base_model = None, None
+    solver.best_state_epoch, solver.best_file_epoch = epoch, None
+    solver.checkpoint_writer = checkpoints.BackgroundWriter(solver.logger)
+    solver.last_checkpoint_time = time.time()
+    return solver
+
+
+def test_the_checkpoint_holds_the_weights_of_its_epoch_while_the_next_one_trains(tmp_path, monkeypatch):
+    """The write goes on in the background while the next epoch's optimizer steps change the weights in place:
+    the file must hold the weights as they were when the epoch ended."""
+    release = threading.Event()
+    real_save = checkpoints.save
+
+    def save_once_released(state, path):  # the write is slow: it starts after the next epoch's first step
+        assert release.wait(timeout=60)
+        real_save(state, path)
+
+    monkeypatch.setattr(checkpoints, "save", save_once_released)
+    solver = solver_after_epoch(tmp_path, epoch=1)
+    at_epoch_end = {k: v.clone() for k, v in solver.model.state_dict().items()}
+    solver.save_checkpoints()
+    with torch.no_grad():  # the next epoch's first update, in place as AdamW's
+        for parameter in solver.model.parameters():
+            parameter.add_(1.0)
+    release.set()
+    solver.checkpoint_writer.wait()
+    saved = torch.load(tmp_path / "checkpoint.th", weights_only=True)
+    assert saved["model"].keys() == at_epoch_end.keys()
+    for key, value in at_epoch_end.items():
+        assert torch.equal(saved["model"][key], value), key
+    assert saved["best_state"] == checkpoints.reference(1, in_file=False)
+    assert solver.history[-1]["checkpoint"]["bytes"] == (3 * 2 + 2) * 4  # the weights' fp32 bytes
+
+
+def test_the_save_interval_skips_epochs_but_never_the_last(tmp_path):
+    """checkpoint.save_last_interval_s: an epoch ending a minute after the last write writes nothing, unless it
+    ends the run."""
+    middle = solver_after_epoch(tmp_path / "middle", epoch=2, interval_s=3600)
+    middle.save_checkpoints()
+    middle.checkpoint_writer.wait()
+    assert middle.history[-1]["checkpoint"] == {"bytes": 0} and not (tmp_path / "middle" / "checkpoint.th").exists()
+    last = solver_after_epoch(tmp_path / "last", epoch=3, interval_s=3600)
+    last.save_checkpoints()
+    last.checkpoint_writer.wait()
+    assert last.history[-1]["checkpoint"]["bytes"] > 0 and (tmp_path / "last" / "checkpoint.th").is_file()
+
+
+def test_a_past_best_epoch_is_written_to_its_file_once_and_older_ones_removed(tmp_path):
+    """Epoch 1 stays the best while epochs 2 and 3 train: the first checkpoint after it writes best_state_1.th
+    (and removes a best-state file nothing refers to any more), the next one only the checkpoint."""
+    solver = solver_after_epoch(tmp_path, epoch=2, epochs=5)
+    solver.best_state_epoch = 1
+    best = {"weight": torch.full((2, 3), 0.5, dtype=torch.float16), "bias": torch.zeros(2, dtype=torch.float16)}
+    solver.best_state = type("Best", (), {"state_dict": lambda self: {"model": best}})()
+    (tmp_path / "best_state_0.th").write_bytes(b"an older best epoch's")
+    checkpoint_bytes, best_bytes = (3 * 2 + 2) * 4, (3 * 2 + 2) * 2  # fp32 weights; the best state in fp16
+    solver.save_checkpoints()
+    solver.checkpoint_writer.wait()
+    assert solver.history[-1]["checkpoint"]["bytes"] == checkpoint_bytes + best_bytes
+    assert sorted(p.name for p in tmp_path.glob("best_state_*")) == ["best_state_1.th"]
+    saved = safe_load(tmp_path / "best_state_1.th")
+    assert saved["epoch"] == 1 and torch.equal(saved["best_state"]["model"]["weight"], best["weight"])
+    assert safe_load(tmp_path / "checkpoint.th")["best_state"] == checkpoints.reference(1, in_file=True)
+    solver.history.append({"train": {"ce": 1.0}})  # epoch 3
+    solver.save_checkpoints()
+    solver.checkpoint_writer.wait()
+    assert solver.history[-1]["checkpoint"]["bytes"] == checkpoint_bytes

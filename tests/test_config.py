@@ -157,3 +157,42 @@ def test_snapshot_does_not_undo_the_presets_runtime_choices(tiny_model):
     overrides = xp_cfg.architecture_overrides(files.xp_cfg, composed)
     assert overrides and not [o for o in overrides if o.startswith("transformer_lm.checkpointing")]
     assert compose(["solver=finetune/musicgen_small_lowmem", *overrides]).transformer_lm.checkpointing == "torch"
+
+
+@pytest.mark.parametrize(
+    "key, accepted, refused",
+    [
+        # a dropout probability of 1 drops every input: nothing would train
+        ("lora.dropout", [0, 0.1, 0.999], [1, 1.0, 1.5, -0.1]),
+        # a share of 1 leaves none of the run's own data in an epoch, 0 none of the replayed
+        ("replay.share", [0.001, 0.2, 0.999], [0, 1, 1.0, 1.5]),
+        ("prior.ratio", [0.01, 1, 4.0], [0, -1]),
+        ("prior.weight", [0, 0.5, 2], [-0.1]),
+    ],
+)
+def test_value_checks_accept_exactly_what_the_code_using_the_value_accepts(key, accepted, refused):
+    """config.ALLOWED refuses a value before anything starts; the bounds (worked out above from what each value
+    means) must also be those of the code that uses it later, so nothing it refuses passes the early check."""
+    from musicgen_finetune import lora, prior, replay
+    from musicgen_finetune.config import ALLOWED, OverrideError, check_values
+
+    def used(value) -> bool:
+        """Whether the code reading `key` takes `value`."""
+        try:
+            if key == "lora.dropout":
+                lora.LoraConfig(enabled=True, dropout=value)
+            elif key == "replay.share":
+                replay.mixed_rows([{"path": "own.wav"}], [{"path": "general.wav"}], value)
+            else:
+                prior.PriorConfig(prompts=["p"], **{key.split(".")[1]: value}).check()
+        except (lora.LoraConfigError, replay.ReplayConfigError, prior.PriorConfigError):
+            return False
+        return True
+
+    for value in accepted:
+        assert ALLOWED[key].problem(key, value) is None and used(value), value
+    for value in refused:
+        assert ALLOWED[key].problem(key, value) is not None and not used(value), value
+    section, name = key.split(".")
+    with pytest.raises(OverrideError, match=f"^{key}={refused[0]}: must be"):
+        check_values(OmegaConf.create({section: {name: refused[0]}}))

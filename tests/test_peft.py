@@ -116,16 +116,17 @@ def plain_model(hf_model: Path):
 
 
 @pytest.mark.parametrize(
-    "targets, layers",
-    [("attention_ff", None), (list(lora.ALLOWED_TARGETS), [1])],
+    "targets, layers, alpha",
+    # a fractional alpha too: PEFT scales by lora_alpha / r whatever its type, so 2.5 must reach it as 2.5
+    [("attention_ff", None, 6.0), (list(lora.ALLOWED_TARGETS), [1], 2.5)],
     ids=["attention_ff", "everything-in-layer-1"],
 )
-def test_our_adapter_exported_gives_our_logits_in_peft(hf_model, imported, sequence, targets, layers, tmp_path):
+def test_our_adapter_exported_gives_our_logits_in_peft(hf_model, imported, sequence, targets, layers, alpha, tmp_path):
     from peft import get_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
     lm = unmerged_lm(imported)
-    config = lora.LoraConfig(enabled=True, rank=4, alpha=6.0, dropout=0.1, targets=targets, layers=layers)
+    config = lora.LoraConfig(enabled=True, rank=4, alpha=alpha, dropout=0.1, targets=targets, layers=layers)
     names = lora.inject(lm, config)
     randomize_adapters(lm)
     path = lora.save_adapters(lm, tmp_path / "adapters.safetensors", config)
@@ -136,11 +137,12 @@ def test_our_adapter_exported_gives_our_logits_in_peft(hf_model, imported, seque
     assert (theirs - ours).abs().max() <= LOGITS_ATOL
     assert (theirs - transformers_logits(plain_model(hf_model), hf_model, sequence)).abs().max() > 0.05
     written = json.loads((folder / "adapter_config.json").read_text())
-    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (4, 6, 0.1)
+    assert (written["r"], written["lora_alpha"], written["lora_dropout"]) == (4, alpha, 0.1)
     assert written["base_model_name_or_path"] == str(hf_model)
     # PEFT put LoRA on exactly the adapted modules (target_modules names nothing else), each with the file's tensors
-    adapted = [name for name, module in model.base_model.model.named_modules() if isinstance(module, LoraLayer)]
+    adapted = [module for module in model.base_model.model.modules() if isinstance(module, LoraLayer)]
     assert len(adapted) == len(names)
+    assert {module.scaling["default"] for module in adapted} == {alpha / 4}
     loaded, saved = get_peft_model_state_dict(model), load_file(folder / "adapter_model.safetensors")
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
@@ -175,7 +177,7 @@ def test_round_trips_are_bit_equal(hf_model, imported, user_adapter, tmp_path):
     base = base_state(imported)
     # ours -> PEFT -> ours
     lm = unmerged_lm(imported)
-    config = lora.LoraConfig(enabled=True, rank=3, alpha=5.0, dropout=0.2, targets="all", layers=[0])
+    config = lora.LoraConfig(enabled=True, rank=3, alpha=5.5, dropout=0.2, targets="all", layers=[0])  # 5.5 read back
     lora.inject(lm, config)
     randomize_adapters(lm)
     path = lora.save_adapters(lm, tmp_path / "ours" / "adapters.safetensors", config)

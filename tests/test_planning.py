@@ -426,3 +426,19 @@ def test_durations_and_row_dicts_as_make_plan_writes_them():
     assert (row.to_dict()["step_s"], row.to_dict()["epoch_s"]) == (None, None)
     assert fit.is_auto(OmegaConf.create({"optim": {"grad_accum_steps": "auto"}}))
     assert not fit.is_auto(OmegaConf.create({"optim": {"grad_accum_steps": 2}}))
+
+
+def test_accumulation_steps_are_enough_micro_batches_of_at_most_the_size():
+    """The planner's micro-batch counts against the split the solver makes (solver.split_batch): the fewest
+    micro-batches whose largest part holds at most `micro_batch` segments, found by trying every count."""
+    from musicgen_finetune.solver import split_batch
+
+    def largest_part(batch: int, parts: int) -> int:
+        return max(len(part[0]) for part in split_batch((list(range(batch)),), parts))
+
+    for batch in range(1, 10):
+        for micro_batch in range(1, batch + 2):
+            fewest = next(n for n in range(1, batch + 1) if largest_part(batch, n) <= micro_batch)
+            assert fit.accum_steps_for(batch, micro_batch) == fewest, (batch, micro_batch)
+        sizes = {largest_part(batch, n) for n in range(1, batch + 1)}
+        assert fit.candidate_micro_batches(batch) == sorted(sizes, reverse=True), batch

@@ -3,16 +3,23 @@ written, during sample generation) and resumed by the same command ends where th
 bit on the CPU: the same weights and the same history (wall-clock durations apart). The kills come from
 tests/process_hooks (MUSICGEN_FT_TEST_KILL_AT), as a preemption or the OOM killer would deliver them."""
 
+import io
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
 
+import flashy
+import numpy as np
+import pytest
 import torch
 from conftest import DATASET, TRAIN, one_error_line, run_tool, train, xp_folder
+from test_solver import bare_solver
 
+from musicgen_finetune import random_state
 from musicgen_finetune.experiments import RunLock
 
 TIMINGS = ("duration", "rtf")  # wall-clock measurements: the only values allowed to differ (and "time", below)
@@ -112,3 +119,80 @@ os.kill(os.getpid(), 9)
     assert holder.returncode == -signal.SIGKILL and (tmp_path / "run.lock").is_file()
     with RunLock(tmp_path):  # taken at once: the kernel released the dead process's lock
         pass
+
+
+# -- random_state.py and the solver's restore, without a run ------------------------------------------------------
+
+
+class WithOwnGenerator(torch.nn.Module):
+    """A module keeping its own generator as `rng`, as upstream's conditioner dropouts do (DropoutModule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rng = torch.Generator().manual_seed(0)
+
+
+def seed_everything(seed: int, model: torch.nn.Module) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model.dropout.rng.manual_seed(seed)
+
+
+def draws(model: torch.nn.Module) -> tuple:
+    """One draw from every generator training uses (numpy's normal twice: its second value is cached, has_gauss)."""
+    return (
+        random.random(),
+        np.random.random(),
+        np.random.standard_normal(),
+        np.random.standard_normal(),
+        torch.rand(2).tolist(),
+        torch.rand(2, generator=model.dropout.rng).tolist(),
+    )
+
+
+@pytest.fixture
+def model():
+    """A model with a generator of its own; the test's draws leave the session's global generators as they were."""
+    python, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield torch.nn.ModuleDict({"dropout": WithOwnGenerator()})
+    random.setstate(python)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(torch_state)
+
+
+def test_a_restored_random_state_draws_what_the_captured_one_did(model):
+    seed_everything(5, model)
+    np.random.standard_normal()  # numpy now holds a cached second normal (has_gauss), which the state must keep
+    state = random_state.capture(model)
+    expected = draws(model)
+    seed_everything(6, model)
+    random_state.restore(through_a_checkpoint(state), model)
+    assert draws(model) == expected
+
+
+def through_a_checkpoint(value):
+    """`value` saved and read back as checkpoints are (torch's weights-only unpickler)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_each_process_resumes_with_the_random_state_it_saved(model, tmp_path, monkeypatch):
+    """A checkpoint holds every process's random state, in rank order; each process must draw on from its own (a
+    process taking another's would repeat that one's dropout masks and data order)."""
+    saved, expected = [], []
+    for seed in (1, 2, 3):  # what ranks 0, 1 and 2 saved, and what each then draws
+        seed_everything(seed, model)
+        saved.append(random_state.capture(model))
+        expected.append(draws(model))
+    # rank 3: a run resumed on more processes than it saved, whose extra processes start from rank 0's state
+    for rank, want in ((1, expected[1]), (2, expected[2]), (0, expected[0]), (3, expected[0])):
+        monkeypatch.setattr(flashy.distrib, "rank", lambda rank=rank: rank)
+        seed_everything(99, model)
+        solver = bare_solver({}, tmp_path)
+        solver.model = model
+        solver.load_state_dict({"random_states": through_a_checkpoint(saved)})
+        assert draws(model) == want, f"rank {rank}"
+        assert len(solver.random_states) == 3  # kept whole, for the next checkpoint

@@ -32,3 +32,25 @@ def test_count_segments(dataset, tmp_path):
     assert count_segments(str(dataset / "train")) == len(lines)
     with pytest.raises(FileNotFoundError, match="make manifests"):
         count_segments(str(tmp_path))
+
+
+def bare_solver(cfg: dict, folder=None, history=()):
+    """A FinetuneSolver without its __init__ (no model, data or dora run): the methods under test run for real, on
+    the attributes upstream's __init__ would have set, given here by hand. flashy keeps the history in the dora xp
+    (solver.history is xp.link.history), so a stand-in xp holds it."""
+    import logging
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import flashy
+    from omegaconf import OmegaConf
+
+    from musicgen_finetune.solver import FinetuneSolver
+
+    solver = object.__new__(FinetuneSolver)
+    solver.cfg = OmegaConf.create({"fsdp": {"use": False}, **cfg})
+    solver.xp = SimpleNamespace(link=SimpleNamespace(history=list(history)), folder=Path(folder) if folder else None)
+    solver.stateful = flashy.state.StateManager()  # nothing registered: upstream's (load_)state_dict add nothing
+    solver.logger = logging.getLogger("test_solver")
+    solver._pending_metrics = {}
+    return solver

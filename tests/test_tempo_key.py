@@ -93,6 +93,25 @@ def test_an_unsettled_octave_is_left_out_unless_tempo_range_settles_it():
     assert aa.resolve_tempo(slow, (120, 180))[0] == 170  # the user's range wins: "my beats are 120-180"
 
 
+def test_tempo_range_includes_both_its_edges():
+    """TEMPO_RANGE=lo-hi holds lo and hi themselves (a user writing 60-100 has beats at 60). Readings made by hand:
+    a steady pulse whose octave the audio did not settle, and one whose backbeat settled it."""
+    steady = aa.TempoEstimate(bpm=60.0, pulse=2 * aa.PULSE_MIN, backbeat=0.0)
+    # the octaves of 60 are ..., 30, 60, 120, 240, ...: the one in the range is written
+    assert aa.resolve_tempo(steady, (60, 100))[0] == 60
+    assert aa.resolve_tempo(steady, (40, 60))[0] == 60
+    assert aa.resolve_tempo(steady, (30, 59))[0] == 30
+    assert aa.resolve_tempo(steady, (120, 200))[0] == 120
+    assert aa.resolve_tempo(steady, (61, 119)) == (None, 0.0)  # no octave inside
+    settled = aa.TempoEstimate(bpm=85.0, pulse=2 * aa.PULSE_MIN, backbeat=2 * aa.BACKBEAT_MIN)
+    assert aa.resolve_tempo(settled, (85, 200))[0] == 85  # 85 and 170 both inside: the backbeat's octave
+    assert aa.resolve_tempo(settled, (40, 85))[0] == 85  # 42.5 and 85 inside
+    # "written from 0.5": each criterion exactly at its threshold scores CONFIDENT exactly, and is written
+    at_threshold = aa.TempoEstimate(bpm=85.0, pulse=aa.PULSE_MIN, backbeat=aa.BACKBEAT_MIN)
+    assert at_threshold.confidence == aa.CONFIDENT
+    assert aa.resolve_tempo(at_threshold) == (85, aa.CONFIDENT) and aa.resolve_tempo(at_threshold, (85, 200))[0] == 85
+
+
 def test_a_snare_alone_is_no_backbeat():
     """Nothing marks the beats between its hits, so 2 hits a bar, 1 or 4 are equally likely: no tempo."""
     track = np.zeros(8 * RATE, np.float32)
