@@ -140,7 +140,8 @@ def snapshot(tiny_model):
 # A mutant exists only in the process mutmut forks for it, so a test that trains, exports or runs a tool in a child
 # process cannot see it, and takes minutes. Such a test, or one using a fixture that does (first_run, worse_run,
 # ...), calls one of these names; it is marked `subprocess` from its code, so new tests are sorted without a label.
-SUBPROCESS_NAMES = {"run_tool", "train", "subprocess"}
+# `real_audio`: the corpus of real recordings, rendered by fluidsynth and sox in child processes.
+SUBPROCESS_NAMES = {"run_tool", "train", "subprocess", "real_audio"}
 
 
 def _calls_a_subprocess(code) -> bool:
