@@ -34,6 +34,7 @@ SCORES = MUTATION / "score.json"
 MUTANTS = REPO / "mutants"
 CLASS_SEPARATOR = "ǁ"  # mutmut's mangled method names: x<sep>Class<sep>method
 LOG = MUTANTS / "mutmut-run.log"
+KILLED = ("killed", "timeout")
 
 
 class MutateError(UserError):
@@ -144,7 +145,16 @@ def run_mutmut(modules: tp.Sequence[Module], keep: bool) -> float:
     env = dict(os.environ)
     # AudioCraft's config tree: the tests run in mutants/, a copy without it (2 MB of yaml)
     env.setdefault("AUDIOCRAFT_SRC", str((REPO / "audiocraft").resolve()))
+    # one thread per worker: mutmut runs a worker per core, and torch's own threads would only contend for them
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env.setdefault(variable, "1")
     patterns = [p for m in modules for p in m.patterns()]
+    if keep and (MUTANTS / "mutmut-stats.json").is_file():
+        # only what the last run did not kill: new tests can kill survivors, and cannot revive killed mutants
+        patterns = [name for m in modules for name, status in statuses(m).items() if status not in KILLED]
+        if not patterns:
+            print("mutate: every mutant in scope was killed in the last run; nothing to run again")
+            return 0.0
     start = time.monotonic()
     print(f"mutate: mutmut run over {', '.join(m.name for m in modules)} (log: {LOG.relative_to(REPO)})", flush=True)
     with open(LOG, "w") as log:
@@ -208,7 +218,7 @@ def report(modules: tp.Sequence[Module]) -> tp.Tuple[tp.Dict[str, dict], tp.List
         row = {"mutants": len(found), "killed": 0, "timeout": 0, "survived": 0, "no tests": 0, "equivalent": 0}
         row["other"] = 0
         for name, status in sorted(found.items(), key=lambda item: (item[0].partition("__mutmut_")[0], item[0])):
-            if status in ("killed", "timeout"):
+            if status in KILLED:
                 row[status] += 1
                 continue
             line, original, mutated = mutation(module, name)
@@ -267,7 +277,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--modules", help="comma-separated module names of tests/mutation/scope.toml (default: all)")
     parser.add_argument("--record", action="store_true", help="write these scores to tests/mutation/score.json")
-    parser.add_argument("--keep", action="store_true", help="reuse mutants/ from the last run (mutmut's own cache)")
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="reuse mutants/ and its test stats; run only the mutants the last run did not kill (after adding tests, "
+        "not after changing the code)",
+    )
     parser.add_argument("--report-only", action="store_true", help="report the last run's results, run nothing")
     opts = parser.parse_args(argv)
     modules = load_scope(opts.modules)
