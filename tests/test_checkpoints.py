@@ -133,8 +133,12 @@ def test_a_reference_resolves_to_its_best_state_file(tmp_path):
     with pytest.raises(checkpoints.MissingBestStateError, match="holds epoch 2, not 3"):
         checkpoints.resolve_best_state(tmp_path, checkpoint)
     (tmp_path / "best_state_3.th").unlink()
-    with pytest.raises(checkpoints.MissingBestStateError, match=r"best_state_3\.th is missing.*\(3\)"):
+    with pytest.raises(checkpoints.MissingBestStateError) as missing:
         checkpoints.resolve_best_state(tmp_path, checkpoint)
+    assert str(missing.value) == (
+        f"{tmp_path / 'best_state_3.th'} is missing: {tmp_path / 'checkpoint.th'} keeps its best epoch (3) there. "
+        "Put it back, or use the last state (make export WHICH=last; a new training run: FRESH=1)."
+    )
 
 
 def test_a_reference_to_the_checkpoints_own_weights_is_them_in_fp16_unless_lora(tmp_path):
@@ -157,14 +161,24 @@ def test_an_upstream_full_best_state_is_taken_as_it_is(tmp_path):
 
 
 def test_a_snapshot_is_unaffected_by_training_after_it_unless_told_not_to_copy():
-    state = {"model": {"w": torch.zeros(3)}, "history": [{"ce": 1.0}], "shape": (torch.ones(2), "x")}
+    from types import SimpleNamespace
+
+    state = {
+        "model": {"w": torch.zeros(3)},
+        "history": [{"ce": 1.0}],
+        "shape": (torch.ones(2), "x"),
+        "cfg": SimpleNamespace(targets=["q"]),  # any other object: copied to its depth
+    }
     copied = checkpoints.snapshot(state)
     shared = checkpoints.snapshot(state, copy_tensors=False)
     state["model"]["w"] += 1  # the next epoch trains in place
     state["history"][0]["ce"] = 9.0
     state["shape"][0].mul_(5)
+    state["cfg"].targets.append("k")
     assert copied["model"]["w"].tolist() == [0.0, 0.0, 0.0] and copied["shape"][0].tolist() == [1.0, 1.0]
     assert shared["model"]["w"].tolist() == [1.0, 1.0, 1.0]  # the last epoch's: written as they are
+    assert shared["shape"][0].tolist() == [5.0, 5.0]  # inside tuples and lists too
+    assert copied["cfg"].targets == ["q"] == shared["cfg"].targets
     assert copied["history"] == [{"ce": 1.0}] == shared["history"]  # everything else is copied either way
     assert isinstance(copied["shape"], tuple) and copied["shape"][1] == "x" and isinstance(copied["history"], list)
     assert not copied["model"]["w"].requires_grad

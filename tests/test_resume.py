@@ -196,3 +196,46 @@ def test_each_process_resumes_with_the_random_state_it_saved(model, tmp_path, mo
         solver.load_state_dict({"random_states": through_a_checkpoint(saved)})
         assert draws(model) == want, f"rank {rank}"
         assert len(solver.random_states) == 3  # kept whole, for the next checkpoint
+
+
+def test_a_state_read_back_as_lists_or_without_module_generators_restores(model):
+    """random's state as lists (what a JSON or a generic loader gives back for tuples) and a state from before modules'
+    own generators were saved (no "modules") both restore."""
+    seed_everything(5, model)
+    state = random_state.capture(model)
+    expected = draws(model)
+    version, internal, gauss = state["python"]
+    seed_everything(6, model)
+    random_state.restore({**state, "python": [version, list(internal), gauss]}, model)
+    assert draws(model) == expected
+    older = {key: value for key, value in state.items() if key != "modules"}
+    seed_everything(6, model)
+    random_state.restore(older, model)
+    assert draws(model)[:5] == expected[:5]  # the module's own generator is left as it was
+    assert random_state.module_generators(None) == {} and random_state.capture(None)["modules"] == {}
+
+
+def test_cuda_generators_are_saved_and_restored_on_the_devices_both_have(model, monkeypatch):
+    """No GPU here: torch.cuda's generator calls are stood in for, to see which states go to which device."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["cuda0", "cuda1"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    state = random_state.capture(model)
+    assert state["cuda"] == ["cuda0", "cuda1"]
+    for devices, expected in (
+        (1, [("cuda0", 0)]),
+        (2, [("cuda0", 0), ("cuda1", 1)]),
+        (4, [("cuda0", 0), ("cuda1", 1)]),
+    ):
+        restored.clear()
+        monkeypatch.setattr(torch.cuda, "device_count", lambda devices=devices: devices)
+        random_state.restore(state, model)
+        assert restored == expected, devices
+    restored.clear()
+    random_state.restore({**state, "cuda": []}, model)  # saved on a machine without CUDA
+    assert restored == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert random_state.capture(model)["cuda"] == []
+    random_state.restore(state, model)  # saved with CUDA, restored without: the CPU generators only
+    assert restored == []
