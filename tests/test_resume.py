@@ -239,3 +239,38 @@ def test_cuda_generators_are_saved_and_restored_on_the_devices_both_have(model, 
     assert random_state.capture(model)["cuda"] == []
     random_state.restore(state, model)  # saved with CUDA, restored without: the CPU generators only
     assert restored == []
+
+
+def test_the_run_lock_names_its_holder_and_lets_go(tmp_path):
+    import fcntl
+    import re
+    import socket
+
+    from musicgen_finetune.experiments import ExperimentRunningError
+
+    folder = tmp_path / "xps" / "abcd1234"  # made by the lock
+    RunLock(folder).__exit__(None, None, None)  # never entered: nothing to release
+    (folder).mkdir(parents=True)
+    (folder / "run.lock").write_text("pid 1 on gone, started long ago\n")  # a killed run's
+    with RunLock(folder) as lock:
+        text = (folder / "run.lock").read_text()
+        assert re.fullmatch(
+            rf"pid {os.getpid()} on {re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\n", text
+        )
+        with pytest.raises(ExperimentRunningError) as refused:
+            with RunLock(folder):
+                pass
+        assert str(refused.value) == (
+            f"{folder} is being trained right now by {text.strip()}: wait for it to end, or stop it "
+            "(re-running the same command afterwards resumes from its last checkpoint)."
+        )
+    assert lock.file is None
+    lock.__exit__(None, None, None)  # a second release: nothing
+    with RunLock(tmp_path / "new" / "xp"):  # the folder is made, parents too
+        pass
+    # a holder that wrote nothing yet
+    (folder / "run.lock").write_text("")
+    with open(folder / "run.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ExperimentRunningError, match="right now by another process: wait"):
+            RunLock(folder).__enter__()

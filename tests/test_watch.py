@@ -340,3 +340,59 @@ def test_done_and_history_files_and_finding_an_experiment(tmp_path, monkeypatch)
     elsewhere.mkdir()
     with pytest.raises(experiments.ExperimentNotFoundError, match="Experiments with a checkpoint: abcd1234 "):
         experiments.find_experiment(elsewhere)
+
+
+def test_run_status_keeps_the_metric_and_budget_and_old_files_read_as_ce(tmp_path, monkeypatch):
+    # acc falls while ce rises: the best epoch by acc is the last, by ce the first; within a 10% budget, the second
+    history = [
+        {"valid": {"ce": 1.0, "acc": 0.9, "prior_ce": 2.0, "prior_ce_base": 2.0}},
+        {"valid": {"ce": 1.1, "acc": 0.5, "prior_ce": 2.1, "prior_ce_base": 2.0}},
+        {"valid": {"ce": 1.2, "acc": 0.1, "prior_ce": 3.0, "prior_ce_base": 2.0}},
+    ]
+    runs.write_status(tmp_path / "a", "completed", history, 3, "acc", None, None, None)
+    runs.write_status(tmp_path / "b", "completed", history, 3, "acc", None, None, None, forgetting_budget=0.1)
+    rows = {row["signature"]: row for row in runs.read_runs(tmp_path)}
+    assert (rows["a"]["metric"], rows["a"]["best_epoch"], rows["a"]["best_valid"]) == ("acc", 3, 0.1)
+    assert (rows["b"]["best_epoch"], rows["b"]["best_valid"]) == (2, 0.5)
+    assert rows["a"]["updated"] and rows["a"]["model"] is None and rows["a"]["dataset"] is None
+    line = runs.format_table([rows["a"]]).splitlines()[1].split()
+    assert line[1:4] == ["-", "-", "full"] and line[6:8] == ["acc", "0.1000"]
+    # a run.json from before the metric was written, and one without a time: ce, and listed last
+    status = json.loads((tmp_path / "a" / "run.json").read_text())
+    del status["metric"], status["updated"]
+    (tmp_path / "a" / "run.json").write_text(json.dumps(status))
+    rows = runs.read_runs(tmp_path)
+    assert [row["signature"] for row in rows] == ["b", "a"] and rows[1]["metric"] == "ce"
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path.parent))  # read_runs() reads <dora dir>/xps
+    (tmp_path.parent / "xps").mkdir(exist_ok=True)
+    runs.write_status(tmp_path.parent / "xps" / "c", "running", history, 3, "ce", None, None, None)
+    assert [row["signature"] for row in runs.read_runs()] == ["c"]
+
+
+def test_done_file_and_best_epoch_follow_the_forgetting_budget(tmp_path):
+    history = [
+        {"valid": {"ce": 2.0, "prior_ce": 2.0, "prior_ce_base": 2.0}},
+        {"valid": {"ce": 1.0, "prior_ce": 2.5, "prior_ce_base": 2.0}},  # +25%: exactly at a 25% budget, within it
+    ]
+    assert experiments.best_epoch(history) == 2 and experiments.best_epoch(history, "ce", 0.1) == 1
+    assert "over budget" not in experiments.choose_best(history, "ce", 0.25).reason
+    assert experiments.best_epoch(history, "ce", 0.25) == 2
+    experiments.write_done(tmp_path, "completed", history, "ce", 0.1)
+    done = experiments.read_done(tmp_path)
+    assert (done["best_epoch"], done["forgetting_budget"]) == (1, 0.1)
+    assert "over budget: epoch(s) 2" in done["best_reason"]
+
+
+def test_finding_an_experiment_by_a_relative_folder_and_naming_the_others(tmp_path, monkeypatch):
+    for name in ("bbbb0002", "aaaa0001"):
+        (tmp_path / "xps" / name).mkdir(parents=True)
+        (tmp_path / "xps" / name / "checkpoint.th").write_bytes(b"")
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert experiments.find_experiment("xps/aaaa0001") == tmp_path / "xps" / "aaaa0001"
+    with pytest.raises(experiments.ExperimentNotFoundError) as missing:
+        experiments.find_experiment("cccc0003")
+    assert str(missing.value) == (
+        f"XP=cccc0003: no checkpoint.th in {tmp_path / 'xps' / 'cccc0003'}. Experiments with a checkpoint: "
+        "aaaa0001, bbbb0002 (make train prints the signature)."
+    )
