@@ -327,8 +327,11 @@ def test_prior_settings_are_read_and_checked():
     ):
         with pytest.raises(prior.PriorConfigError, match=message.replace(".", r"\.")):
             prior.PriorConfig(**{**good, **bad}).check()
-    with pytest.raises(prior.PriorConfigError, match="must not be empty"):
+    with pytest.raises(prior.PriorConfigError) as empty:
         prior.PriorConfig(prompts=["p"], seeds=[]).check()
+    assert str(empty.value) == (
+        "prior.prompts and prior.seeds must not be empty (PRIOR_PROMPTS=<file> gives your own prompts)."
+    )
 
 
 def test_a_run_wants_the_prior_set_to_train_on_it_or_to_measure_forgetting():
@@ -349,7 +352,7 @@ def test_prompts_file_takes_one_prompt_a_line(tmp_path):
         prior.read_prompts_file(tmp_path / "missing.txt")
 
 
-def fake_solver(**cfg):
+def fake_solver(card=100, **cfg):
     from types import SimpleNamespace
 
     base = {
@@ -359,7 +362,7 @@ def fake_solver(**cfg):
     }
     return SimpleNamespace(
         cfg=OmegaConf.create({**base, **cfg}),
-        model=SimpleNamespace(card=100),
+        model=SimpleNamespace(card=card),
         compression_model=SimpleNamespace(frame_rate=50),
         epoch=2,
         grad_accum_steps=3,
@@ -386,6 +389,7 @@ def test_the_prior_sets_key_holds_what_changes_the_set():
         "audiocraft": audiocraft.__version__,
     }
     assert prior.key_ingredients(solver, config, "hash-a", store_teacher=False)["teacher_top_k"] is None
+    assert prior.generation_settings(fake_solver(card=2048), config)["top_k"] == 250  # the default, under the card
     assert prior.key_ingredients(fake_solver(conditioners={}), config, "h", True)["text_encoder"] is None
     config.generate = {"use_sampling": False, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "cfg_coef": 1.5}
     assert prior.generation_settings(solver, config) == {
@@ -409,7 +413,8 @@ def test_the_prior_term_is_its_weight_times_the_mean_loss_over_the_updates_rows(
     w = torch.nn.Parameter(torch.tensor(1.0))
     parts = []
 
-    def loss(solver, part):
+    def loss(given, part):
+        assert given is solver
         parts.append(part.tolist())
         return w * (part.float() + 1).mean(), (part.float() * 2).mean()
 
