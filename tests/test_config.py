@@ -204,7 +204,7 @@ def test_closest_keys_are_close_spellings_then_keys_of_the_same_last_name():
     known = ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs", "lora.rank", "x.y"]
     # optim.epochs is a close spelling of the whole key; then the keys ending in .epochs, at any depth
     assert closest_keys("train.optim.epochs", known) == ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs"]
-    assert closest_keys("epochs", known + ["z.epochs"]) == ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs"]
+    assert closest_keys("epochs", known + ["zz.zz.zz.epochs"]) == ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs"]
     assert closest_keys("epochs", known, count=2) == ["optim.epochs", "optim.ema.epochs"]
     # two spellings one edit away, the closer first (difflib's ratio: 0.968 and 0.966)
     assert closest_keys("optim.max_norms", ["optim.max_norm", "optim.max_norm_s"]) == [
