@@ -295,8 +295,11 @@ class FormulaPlanner:
     `fixed` GiB (weights, gradients, optimizer state) plus `per_segment_s` GiB per second of audio in a micro-batch,
     halved with activation checkpointing. The expected choices below are worked out from the formula by hand."""
 
-    def __init__(self, batch, memory_gib, fixed=4.0, per_segment_s=0.1, segment_s=30.0, lora=False, ckpt=False):
+    def __init__(
+        self, batch, memory_gib, fixed=4.0, per_segment_s=0.1, segment_s=30.0, lora=False, ckpt=False, kept=0.5
+    ):
         self.batch, self.fixed, self.per_segment_s, self.segment_s = batch, fixed, per_segment_s, segment_s
+        self.kept = kept  # the share of activation memory checkpointing keeps
         self.device = gpu.Device("cuda", "formula card", memory_gib, None, "test")
         self.cfg = OmegaConf.create({"lora": {"enabled": lora}})
         self.preset_checkpointing = ckpt
@@ -306,7 +309,7 @@ class FormulaPlanner:
         checkpointing = self.preset_checkpointing if checkpointing is None else checkpointing
         segment_s = segment_s or self.segment_s
         self.traced.append((micro_batch, checkpointing, segment_s))
-        activations = self.per_segment_s * micro_batch * segment_s * (0.5 if checkpointing else 1.0)
+        activations = self.per_segment_s * micro_batch * segment_s * (self.kept if checkpointing else 1.0)
         total = self.fixed + activations
         quarter = self.fixed / 4
         return fit.Row(
@@ -412,6 +415,8 @@ def test_nothing_fits_names_lora_a_shorter_segment_or_a_larger_card():
 
 def test_durations_and_row_dicts_as_make_plan_writes_them():
     assert [fit.duration(s) for s in (None, 2.345, 42.4, 600, 7200)] == ["-", "2.35 s", "42 s", "10 min", "2.0 h"]
+    # each unit from its round number on: 10 s, 1 min, 1 h; 3000 s = 50 min; 3780 s = 1.05 h
+    assert [fit.duration(s) for s in (10, 60, 3000, 3600, 3780)] == ["10 s", "1 min", "50 min", "1.0 h", "1.1 h"]
     row = FormulaPlanner(batch=2, memory_gib=10.0).row(1)
     row.step_s, row.epoch_s, row.extras_gib = 1.23456, 123.456, 0.12345
     as_dict = row.to_dict()
@@ -442,3 +447,34 @@ def test_accumulation_steps_are_enough_micro_batches_of_at_most_the_size():
             assert fit.accum_steps_for(batch, micro_batch) == fewest, (batch, micro_batch)
         sizes = {largest_part(batch, n) for n in range(1, batch + 1)}
         assert fit.candidate_micro_batches(batch) == sorted(sizes, reverse=True), batch
+
+
+def test_auto_traces_from_the_linear_prediction_down_and_checkpoints_every_row_it_needs():
+    # 12 segments: splits of 12, 6, 4, 3, 2, 1. 4 GiB + 3 GiB a segment on 16.9 usable GiB: 1 (7) and 2 (10) fit, so
+    # activations are 3 GiB a segment and 6.9 GiB are left: 2 more segments, and one above the prediction is 5:
+    # 4 is traced and fits, then 6 (the next larger split, for the log) and nothing else
+    planner = FormulaPlanner(batch=12, memory_gib=card(16.9))
+    choice = fit.choose_micro_batch(planner)
+    assert (choice.row.micro_batch, choice.row.accum_steps) == (4, 3)
+    assert planner.traced == [(m, False, 30.0) for m in (1, 12, 2, 4, 6)]
+    assert "micro-batch 6 would need 22.0 GiB" in choice.describe(12, planner.device)
+    # checkpointing keeping a quarter of the activations: 4 + 0.75 GiB a segment; one segment without it (7 GiB)
+    # does not fit 6.9, so every row after is checkpointed: 6 (8.5) no, 2 (5.5) yes, prediction 2 + 1 + 1 = 4: 3
+    # (6.25) fits
+    planner = FormulaPlanner(batch=6, memory_gib=card(6.9), kept=0.25)
+    choice = fit.choose_micro_batch(planner)
+    assert (choice.row.micro_batch, choice.row.accum_steps, choice.row.checkpointing) == (3, 2, True)
+    assert planner.traced == [(1, False, 30.0)] + [(m, True, 30.0) for m in (1, 6, 2, 3)]
+    assert [(r.micro_batch, r.checkpointing) for r in choice.rows] == [
+        (1, False),
+        (1, True),
+        (2, True),
+        (3, True),
+        (6, True),
+    ]
+    # 4 segments, checkpointed: 2 fits (5.5), the whole batch does not (7.0): 2 micro-batches of 2
+    small = fit.choose_micro_batch(FormulaPlanner(batch=4, memory_gib=card(6.9), kept=0.25))
+    assert (small.row.micro_batch, small.row.accum_steps, small.row.checkpointing) == (2, 2, True)
+    # 2 segments: one or both, nothing between
+    pair = FormulaPlanner(batch=2, memory_gib=card(8.0))
+    assert fit.choose_micro_batch(pair).row.micro_batch == 1 and pair.traced == [(1, False, 30.0), (2, False, 30.0)]
