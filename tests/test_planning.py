@@ -417,16 +417,16 @@ def test_durations_and_row_dicts_as_make_plan_writes_them():
     assert [fit.duration(s) for s in (None, 2.345, 42.4, 600, 7200)] == ["-", "2.35 s", "42 s", "10 min", "2.0 h"]
     # each unit from its round number on: 10 s, 1 min, 1 h; 3000 s = 50 min; 3780 s = 1.05 h
     assert [fit.duration(s) for s in (10, 60, 3000, 3600, 3780)] == ["10 s", "1 min", "50 min", "1.0 h", "1.1 h"]
-    row = FormulaPlanner(batch=2, memory_gib=10.0).row(1)
+    row = FormulaPlanner(batch=2, memory_gib=10.0, fixed=4.938).row(1)  # parts of 1.2345 and 2.469 GiB
     row.step_s, row.epoch_s, row.extras_gib = 1.23456, 123.456, 0.12345
     as_dict = row.to_dict()
     assert (as_dict["step_s"], as_dict["epoch_s"], as_dict["extras_gib"], as_dict["total_gib"]) == (
         1.235,
         123.5,
         0.123,
-        7.0,
+        7.938,
     )
-    assert as_dict["parts_gib"] == {"parameters": 1.0, "gradients": 1.0, "optimizer": 2.0, "ema": 0.0}
+    assert as_dict["parts_gib"] == {"parameters": 1.234, "gradients": 1.234, "optimizer": 2.469, "ema": 0.0}
     row.step_s = row.epoch_s = None
     assert (row.to_dict()["step_s"], row.to_dict()["epoch_s"]) == (None, None)
     assert fit.is_auto(OmegaConf.create({"optim": {"grad_accum_steps": "auto"}}))
@@ -478,3 +478,48 @@ def test_auto_traces_from_the_linear_prediction_down_and_checkpoints_every_row_i
     # 2 segments: one or both, nothing between
     pair = FormulaPlanner(batch=2, memory_gib=card(8.0))
     assert fit.choose_micro_batch(pair).row.micro_batch == 1 and pair.traced == [(1, False, 30.0), (2, False, 30.0)]
+
+
+def test_auto_edge_cases_of_the_search():
+    # 2 segments that fit together: one micro-batch of 2
+    both = FormulaPlanner(batch=2, memory_gib=card(10.0))
+    assert fit.choose_micro_batch(both).row.micro_batch == 2 and both.traced == [(1, False, 30.0), (2, False, 30.0)]
+    # 12 segments on 15 GiB: the prediction (4) is traced first and does not fit, then 3 does; nothing traced twice
+    planner = FormulaPlanner(batch=12, memory_gib=card(15.0))
+    assert fit.choose_micro_batch(planner).row.micro_batch == 3
+    assert planner.traced == [(m, False, 30.0) for m in (1, 12, 2, 4, 3)]
+    # on 12 GiB nothing above 2 fits: 3 is traced once, 2 is not traced again
+    planner = FormulaPlanner(batch=12, memory_gib=card(12.0))
+    assert fit.choose_micro_batch(planner).row.micro_batch == 2
+    assert planner.traced == [(m, False, 30.0) for m in (1, 12, 2, 3)]
+    # less than a GiB per segment (0.2 GiB, 6 s segments): 4 + 0.2 m on 6.1 GiB fits 10 of 12; the prediction, 2 + 9
+    # + 1 = 12, is the whole batch: every split is tried from 6 down, and 6 fits
+    fine = FormulaPlanner(batch=12, memory_gib=card(6.1), per_segment_s=0.2 / 6, segment_s=6.0)
+    assert fit.choose_micro_batch(fine).row.micro_batch == 6
+    # a preset with checkpointing that fits nothing: its one row is the one the refusal describes
+    with pytest.raises(fit.NothingFitsError, match="one segment of 30 s per micro-batch needs 5.5 GiB"):
+        fit.choose_micro_batch(FormulaPlanner(batch=2, memory_gib=card(3.0), ckpt=True, lora=True))
+
+
+def test_the_plan_is_described_in_full():
+    planner = FormulaPlanner(batch=4, memory_gib=card(7.0) - 0.01)
+    assert fit.choose_micro_batch(planner).describe(4, planner.device) == (
+        "batch 4 per GPU in 4 micro-batch(es) of up to 1 x 30 s, with activation checkpointing (micro-batch 1 does "
+        f"not fit without it): predicted 5.5 GiB of {planner.device.describe()} (peak allocated 5.0 GiB, 5% kept "
+        "free); micro-batch 2 would need 7.0 GiB"
+    )
+    preset = FormulaPlanner(batch=2, memory_gib=card(100.0), ckpt=True)
+    assert (
+        fit.choose_micro_batch(preset)
+        .describe(2, preset.device)
+        .endswith(
+            f", with activation checkpointing (the preset's): predicted 7.0 GiB of {preset.device.describe()} "
+            "(peak allocated 6.5 GiB, 5% kept free); the whole batch fits"
+        )
+    )
+    with pytest.raises(fit.NothingFitsError) as refused:
+        fit.choose_micro_batch(FormulaPlanner(batch=2, memory_gib=card(5.0)))
+    assert str(refused.value).endswith(
+        "What would fit: LoRA (LORA=1: 2.0 GiB at micro-batch 1 with checkpointing); segments of 20 s (5.0 GiB with "
+        "checkpointing; make manifests ... SEGMENT=20). Or set optim.grad_accum_steps to a number to try anyway."
+    )
