@@ -92,8 +92,11 @@ TEST_SELECT ?= not long
 ONLY ?=
 # make bench
 BENCH_ARGS ?=
+# make mutate: module names of tests/mutation/scope.toml, comma-separated (default: all); RECORD=1 records the scores
+MODULES ?=
+RECORD ?=
 
-.PHONY: help setup demo test test-long test-all breaks lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
+.PHONY: help setup demo test test-long test-all breaks mutate lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
 	clean
 
 help:  ## this list
@@ -140,6 +143,9 @@ test-all: test test-long smoke-full  ## make test, its long cases and make smoke
 
 breaks: setup  ## [ONLY=<words>]: every known one-line break (tests/planted_breaks.toml) must fail make test
 	$(PY) tests/planted_breaks.py --select "$(TEST_SELECT)" $(if $(ONLY),--only "$(ONLY)")
+
+mutate: setup  ## [MODULES=config,prior,...] [RECORD=1]: mutation testing of the logic modules (mutmut); survivors by line, fails when a score drops
+	$(PY) tools/mutate.py $(if $(MODULES),--modules "$(MODULES)") $(if $(filter 1 true yes,$(RECORD)),--record)
 
 lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .

@@ -183,6 +183,31 @@ def snapshot(tiny_model):
     return cfg, package["best_state"]
 
 
+# -- `-m "not subprocess"`: the in-process tests (make mutate) --------------------------------------------------
+# A mutant exists only in the process mutmut forks for it, so a test that trains, exports or runs a tool in a child
+# process cannot see it, and takes minutes. Such a test, or one using a fixture that does (first_run, worse_run,
+# ...), calls one of these names; it is marked `subprocess` from its code, so new tests are sorted without a label.
+# `real_audio`: the corpus of real recordings, rendered by fluidsynth and sox in child processes.
+SUBPROCESS_NAMES = {"run_tool", "train", "subprocess", "real_audio"}
+
+
+def _calls_a_subprocess(code) -> bool:
+    if SUBPROCESS_NAMES & set(code.co_names):
+        return True
+    return any(_calls_a_subprocess(const) for const in code.co_consts if hasattr(const, "co_names"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        functions = [getattr(item, "function", None)] + [
+            definition.func for definitions in item._fixtureinfo.name2fixturedefs.values() for definition in definitions
+        ]
+        if any(_calls_a_subprocess(f.__code__) for f in functions if hasattr(f, "__code__")):
+            item.add_marker(pytest.mark.subprocess)
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 # -- the order make test hands the files out in (pytest-xdist --dist loadfile --no-loadscope-reorder) -------------
 # Longest first, so that the longest file does not start last with the other process idle: each file's time in one
 # run of the fast suite (`make test PYTEST_ARGS=--durations=0`, 2 cores). The rest follow in their usual order.
@@ -199,8 +224,3 @@ SLOWEST_FIRST = [
     "test_caches.py",
     "test_checkpoints.py",
 ]
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

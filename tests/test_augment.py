@@ -195,3 +195,40 @@ def test_only_keys_move_and_unreadable_values_do_not_crash():
         augment.parse("pitch=0.5")
     with pytest.raises(augment.AugmentSpecError, match="unchanged"):
         augment.parse("tempo=1")
+
+
+@pytest.mark.parametrize(
+    "key, semitones, expected", [("Am", 2, "B minor"), ("Em", -2, "D minor"), ("Gmaj", 2, "A major")]
+)
+def test_short_key_names_transpose(key, semitones, expected):
+    assert augment.transpose_key(key, semitones) == expected
+
+
+@pytest.mark.parametrize(
+    "description, expected",
+    [
+        ("808 beat, F minor, 140 bpm", "808 beat, 140 bpm"),
+        ("808 beat, 140 bpm, F minor", "808 beat, 140 bpm"),
+        ("F minor, 808 beat", "808 beat"),
+    ],
+)
+def test_a_key_that_cannot_move_is_dropped_from_the_caption_with_its_comma(description, expected):
+    """A fractional shift leaves no key to name: the caption loses it rather than keep a false one."""
+    out = augment.transformed_info({"key": "F minor", "description": description}, augment.Variant("pitch", 0.5))
+    assert out["key"] is None and out["description"] == expected
+
+
+def test_a_variant_of_a_clip_without_a_caption_has_none():
+    assert augment.transformed_info({"key": "F minor"}, augment.Variant("pitch", 2))["description"] == ""
+
+
+def test_gain_variants_scale_and_stay_under_the_peak_ceiling():
+    t = np.arange(4000) / 8000
+    audio = np.asfortranarray(0.25 * np.stack([np.sin(2 * np.pi * 220 * t), np.cos(2 * np.pi * 220 * t)]))
+    for gain_db in (6, -6):
+        out = augment.render(audio, 8000, augment.Variant("gain_db", gain_db))
+        assert out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_allclose(out, audio * 10 ** (gain_db / 20), rtol=1e-6)
+    loud = augment.render(audio, 8000, augment.Variant("gain_db", 12))  # 0.25 x 3.98 = 0.995: limited to 0.99
+    assert abs(float(np.abs(loud).max()) - 0.99) < 1e-6
+    np.testing.assert_allclose(loud, audio / np.abs(audio).max() * 0.99, rtol=1e-5)

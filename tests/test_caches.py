@@ -5,6 +5,7 @@ cross-entropy within 1e-5 (absolute, fp32 CPU; in practice they are equal); the 
 tiny `dora run`s, with and without the caches, within a relative 1e-5.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -316,3 +317,22 @@ def test_token_cache_entries_hold_every_int16_code(tmp_path):
     assert cache.load(info).tolist() == [[0, largest]]
     with pytest.raises(ValueError, match="cannot be stored as int16"):
         cache.store(info, torch.tensor([[0, largest + 1]]))
+
+
+def test_token_cache_layout_is_key_then_two_hex_then_the_entry(tmp_path):
+    """<root>/<key>/<2 hex>/<40 hex>.safetensors, as the class says: another layout would orphan the caches on disk."""
+    import json
+    from types import SimpleNamespace
+
+    codec = torch.nn.Linear(1, 1)
+    codec.sample_rate, codec.channels, codec.frame_rate, codec.num_codebooks = 32000, 1, 50, 1
+    cache = caches.TokenCache(tmp_path / "tokens", codec, 1.0)
+    segment = tmp_path / "segment.wav"
+    segment.write_bytes(b"any file")
+    info = SimpleNamespace(meta=SimpleNamespace(path=str(segment)), seek_time=0.5, n_frames=2)
+    path = cache.entry_path(info)
+    stat = segment.stat()
+    fields = [str(segment.resolve()), stat.st_size, stat.st_mtime_ns, 0.5, 2]
+    name = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    assert path == (tmp_path / "tokens").resolve() / cache.key / name[:2] / f"{name}.safetensors"
+    assert cache.key == hashlib.sha1(json.dumps(cache.ingredients, sort_keys=True).encode()).hexdigest()[:16]

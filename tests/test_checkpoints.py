@@ -116,6 +116,105 @@ def test_bytes_per_epoch_count_one_checkpoint_and_one_best_file_per_write():
     assert bytes_per_epoch(row, 10, 10) == {"upstream": 1000, "lean": 700, "ratio": 0.7}
 
 
+# -- references, snapshots and clean-up, in-process (make mutate) --------------------------------------------------
+
+
+def test_a_reference_resolves_to_its_best_state_file(tmp_path):
+    weights = {"model": {"w": torch.arange(4, dtype=torch.float32), "steps": torch.tensor([7])}}
+    torch.save({"epoch": 3, "best_state": weights}, tmp_path / "best_state_3.th")
+    checkpoint = {"best_state": checkpoints.reference(3, in_file=True), "model": {"w": torch.zeros(4)}}
+    assert checkpoints.referenced(checkpoint["best_state"]) == {"epoch": 3, "file": "best_state_3.th"}
+    resolved = checkpoints.resolve_best_state(tmp_path, checkpoint)
+    assert resolved.keys() == {"model"} and resolved["model"].keys() == {"w", "steps"}
+    assert torch.equal(resolved["model"]["w"], weights["model"]["w"])
+
+    # the file of another epoch (replaced by hand) and no file at all are both refused, naming the epoch wanted
+    torch.save({"epoch": 2, "best_state": weights}, tmp_path / "best_state_3.th")
+    with pytest.raises(checkpoints.MissingBestStateError, match="holds epoch 2, not 3"):
+        checkpoints.resolve_best_state(tmp_path, checkpoint)
+    (tmp_path / "best_state_3.th").unlink()
+    with pytest.raises(checkpoints.MissingBestStateError) as missing:
+        checkpoints.resolve_best_state(tmp_path, checkpoint)
+    assert str(missing.value) == (
+        f"{tmp_path / 'best_state_3.th'} is missing: {tmp_path / 'checkpoint.th'} keeps its best epoch (3) there. "
+        "Put it back, or use the last state (make export WHICH=last; a new training run: FRESH=1)."
+    )
+
+
+def test_a_reference_to_the_checkpoints_own_weights_is_them_in_fp16_unless_lora(tmp_path):
+    model = {"w": torch.tensor([1.0, 1.0 / 3.0]), "count": torch.tensor([5], dtype=torch.int64)}
+    checkpoint = {"best_state": checkpoints.reference(4, in_file=False), "model": model}
+    assert checkpoints.referenced(checkpoint["best_state"]) == {"epoch": 4, "file": None}
+    best = checkpoints.resolve_best_state(tmp_path, checkpoint)["model"]
+    assert best["w"].dtype == torch.float16 and best["w"].tolist() == [1.0, float(torch.tensor(1 / 3).half())]
+    assert best["count"].dtype == torch.int64 and best["count"].tolist() == [5]
+    lora_best = checkpoints.resolve_best_state(tmp_path, {**checkpoint, "lora": {"rank": 2}})["model"]
+    assert lora_best["w"].dtype == torch.float32 and lora_best["w"].tolist() == model["w"].tolist()
+
+
+def test_an_upstream_full_best_state_is_taken_as_it_is(tmp_path):
+    full = {"model": {"w": torch.ones(2)}}
+    assert checkpoints.referenced(full) is None
+    assert checkpoints.referenced({"lean": {"epoch": 1}, "model": {}}) is None  # more than a reference
+    assert checkpoints.referenced(None) is None
+    assert checkpoints.resolve_best_state(tmp_path, {"best_state": full}) is full
+
+
+def test_a_snapshot_is_unaffected_by_training_after_it_unless_told_not_to_copy():
+    from types import SimpleNamespace
+
+    state = {
+        "model": {"w": torch.zeros(3)},
+        "history": [{"ce": 1.0}],
+        "shape": (torch.ones(2), "x"),
+        "cfg": SimpleNamespace(targets=["q"]),  # any other object: copied to its depth
+    }
+    copied = checkpoints.snapshot(state)
+    shared = checkpoints.snapshot(state, copy_tensors=False)
+    state["model"]["w"] += 1  # the next epoch trains in place
+    state["history"][0]["ce"] = 9.0
+    state["shape"][0].mul_(5)
+    state["cfg"].targets.append("k")
+    assert copied["model"]["w"].tolist() == [0.0, 0.0, 0.0] and copied["shape"][0].tolist() == [1.0, 1.0]
+    assert shared["model"]["w"].tolist() == [1.0, 1.0, 1.0]  # the last epoch's: written as they are
+    assert shared["shape"][0].tolist() == [5.0, 5.0]  # inside tuples and lists too
+    assert copied["cfg"].targets == ["q"] == shared["cfg"].targets
+    assert copied["history"] == [{"ce": 1.0}] == shared["history"]  # everything else is copied either way
+    assert isinstance(copied["shape"], tuple) and copied["shape"][1] == "x" and isinstance(copied["history"], list)
+    assert not copied["model"]["w"].requires_grad
+
+
+def test_tensor_bytes_counts_every_tensor_of_a_nested_state():
+    state = {
+        "a": torch.zeros(10, dtype=torch.float32),  # 40
+        "b": [torch.zeros(3, dtype=torch.int64), (torch.zeros(2, 2, dtype=torch.float16), 5)],  # 24 + 8
+        "c": "not a tensor",
+    }
+    assert checkpoints.tensor_bytes(state) == 40 + 24 + 8
+    assert checkpoints.tensor_bytes(state) == tensors_bytes(state)
+
+
+def test_clean_up_removes_only_our_partials_and_unreferenced_best_files(tmp_path):
+    names = [
+        ".checkpoint.th.a1.partial",
+        ".best_state_2.th.b2.partial",
+        ".notes.txt.c3.partial",
+        "checkpoint.th",
+        "best_state_1.th",
+        "best_state_2.th",
+        "best_state_12.th",
+        "history.json",
+    ]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    checkpoints.remove_partials(tmp_path)
+    checkpoints.remove_unreferenced(tmp_path, keep="best_state_2.th")
+    left = {".notes.txt.c3.partial", "checkpoint.th", "best_state_2.th", "history.json"}
+    assert {p.name for p in tmp_path.iterdir()} == left
+    checkpoints.remove_unreferenced(tmp_path, keep=None)
+    assert {p.name for p in tmp_path.iterdir()} == left - {"best_state_2.th"}
+
+
 def solver_after_epoch(tmp_path, epoch: int, epochs: int = 3, interval_s: float = 0):
     """A solver at the end of `epoch` of `epochs` (each the best so far), its weights a small module's: what
     save_checkpoints reads, without a run."""

@@ -196,3 +196,22 @@ def test_value_checks_accept_exactly_what_the_code_using_the_value_accepts(key, 
     section, name = key.split(".")
     with pytest.raises(OverrideError, match=f"^{key}={refused[0]}: must be"):
         check_values(OmegaConf.create({section: {name: refused[0]}}))
+
+
+def test_closest_keys_are_close_spellings_then_keys_of_the_same_last_name():
+    from musicgen_finetune.config import closest_keys
+
+    known = ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs", "lora.rank", "x.y"]
+    # optim.epochs is a close spelling of the whole key; then the keys ending in .epochs, at any depth
+    assert closest_keys("train.optim.epochs", known) == ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs"]
+    assert closest_keys("epochs", known + ["zz.zz.zz.epochs"]) == ["optim.epochs", "optim.ema.epochs", "a.b.c.epochs"]
+    assert closest_keys("epochs", known, count=2) == ["optim.epochs", "optim.ema.epochs"]
+    # two spellings one edit away, the closer first (difflib's ratio: 0.968 and 0.966)
+    assert closest_keys("optim.max_norms", ["optim.max_norm", "optim.max_norm_s"]) == [
+        "optim.max_norm_s",
+        "optim.max_norm",
+    ]
+    # within 0.03 of the closest only: an exact spelling leaves out one a letter off (ratio 0.875)
+    assert closest_keys("abcdefgh", ["abcdefgX", "abcdefgh"]) == ["abcdefgh"]
+    assert closest_keys("abcd", ["abce"]) == ["abce"]  # a ratio of exactly 0.75 is close enough
+    assert closest_keys("abcd", []) == []

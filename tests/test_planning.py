@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DATASET, REPO, run_tool
+from omegaconf import OmegaConf
 
 from musicgen_finetune import environment
 from musicgen_finetune.config import compose
@@ -286,6 +287,152 @@ def test_grad_accum_steps_accepts_auto_or_a_whole_number():
     assert "must be a whole number >= 1 or auto" in allowed.problem("optim.grad_accum_steps", "many")
 
 
+# -- the choice itself, on rows from a formula (no tracing: make mutate runs these for every mutant) --------------
+
+
+class FormulaPlanner:
+    """What choose_micro_batch and refusal read of a Planner, with totals from a formula instead of a trace:
+    `fixed` GiB (weights, gradients, optimizer state) plus `per_segment_s` GiB per second of audio in a micro-batch,
+    halved with activation checkpointing. The expected choices below are worked out from the formula by hand."""
+
+    def __init__(
+        self, batch, memory_gib, fixed=4.0, per_segment_s=0.1, segment_s=30.0, lora=False, ckpt=False, kept=0.5
+    ):
+        self.batch, self.fixed, self.per_segment_s, self.segment_s = batch, fixed, per_segment_s, segment_s
+        self.kept = kept  # the share of activation memory checkpointing keeps
+        self.device = gpu.Device("cuda", "formula card", memory_gib, None, "test")
+        self.cfg = OmegaConf.create({"lora": {"enabled": lora}})
+        self.preset_checkpointing = ckpt
+        self.traced = []
+
+    def row(self, micro_batch, checkpointing=None, segment_s=None):
+        checkpointing = self.preset_checkpointing if checkpointing is None else checkpointing
+        segment_s = segment_s or self.segment_s
+        self.traced.append((micro_batch, checkpointing, segment_s))
+        activations = self.per_segment_s * micro_batch * segment_s * (self.kept if checkpointing else 1.0)
+        total = self.fixed + activations
+        quarter = self.fixed / 4
+        return fit.Row(
+            micro_batch=micro_batch,
+            accum_steps=-(-self.batch // micro_batch),
+            segment_s=segment_s,
+            checkpointing=checkpointing,
+            peak_gib=total - 0.5,
+            parts_gib={"parameters": quarter, "gradients": quarter, "optimizer": 2 * quarter, "ema": 0.0},
+            phase="backward",
+            extras_gib=0.0,
+            total_gib=total,
+            fits=total <= self.device.memory_gib * (1 - gpu.FIT_MARGIN),
+            flops=0.0,
+            step_s=None,
+            epoch_s=None,
+        )
+
+    def variant(self, changes):
+        assert changes == {"lora.enabled": True}
+        return FormulaPlanner(self.batch, self.device.memory_gib, self.fixed / 8, self.per_segment_s, lora=True)
+
+
+def card(total_gib: float) -> float:
+    """The card whose usable memory (5% kept free) is `total_gib`, give or take a rounding error."""
+    return total_gib / (1 - gpu.FIT_MARGIN) + 1e-6
+
+
+def test_split_sizes_and_accumulation_steps():
+    assert [fit.accum_steps_for(batch, micro) for batch, micro in ((7, 3), (6, 3), (1, 4), (4, 4), (5, 1))] == [
+        3,
+        2,
+        1,
+        1,
+        5,
+    ]
+    # 7 segments split into 1..7 micro-batches: the largest micro-batch of each split is 7, 4, 3, 2, 2, 2, 1
+    assert fit.candidate_micro_batches(7) == [7, 4, 3, 2, 1]
+    assert fit.candidate_micro_batches(6) == [6, 3, 2, 1]
+    assert fit.candidate_micro_batches(1) == [1]
+
+
+def test_auto_takes_the_largest_split_that_fits_by_the_formula():
+    # 30 s segments at 0.1 GiB per second: 3 GiB each over 4 GiB fixed. A card holding 4 + 3 x 3 = 13 GiB takes
+    # micro-batches of 3: 7 segments in 3 updates (3 + 3 + 1), without checkpointing
+    planner = FormulaPlanner(batch=7, memory_gib=card(13.0))
+    choice = fit.choose_micro_batch(planner)
+    assert (choice.row.micro_batch, choice.row.accum_steps, choice.row.checkpointing) == (3, 3, False)
+    assert [(r.micro_batch, r.checkpointing) for r in choice.rows] == [
+        (1, False),
+        (2, False),
+        (3, False),
+        (4, False),
+        (7, False),
+    ]
+    described = choice.describe(7, planner.device)
+    assert described.startswith("batch 7 per GPU in 3 micro-batch(es) of up to 3 x 30 s: predicted 13.0 GiB of ")
+    assert "(peak allocated 12.5 GiB, 5% kept free); micro-batch 4 would need 16.0 GiB" in described
+    # the whole batch: 4 + 7 x 3 = 25 GiB
+    whole = fit.choose_micro_batch(FormulaPlanner(batch=7, memory_gib=card(25.0)))
+    assert (whole.row.micro_batch, whole.row.accum_steps) == (7, 1)
+    assert whole.describe(7, planner.device).endswith("; the whole batch fits")
+    # a card between two sizes takes the smaller: 4 + 2 x 3 = 10 < 12 < 13
+    assert fit.choose_micro_batch(FormulaPlanner(batch=7, memory_gib=card(12.0))).row.micro_batch == 2
+    # a single segment per update: nothing larger to try
+    single = fit.choose_micro_batch(FormulaPlanner(batch=1, memory_gib=card(7.0)))
+    assert (single.row.micro_batch, single.row.accum_steps, len(single.rows)) == (1, 1, 1)
+
+
+def test_auto_checkpoints_only_when_one_segment_does_not_fit_without_it():
+    # one segment needs 7 GiB, 5.5 with checkpointing; two with checkpointing 7
+    planner = FormulaPlanner(batch=4, memory_gib=card(7.0) - 0.01)
+    choice = fit.choose_micro_batch(planner)
+    assert (choice.row.micro_batch, choice.row.accum_steps, choice.row.checkpointing) == (1, 4, True)
+    assert "with activation checkpointing (micro-batch 1 does not fit without it)" in choice.describe(4, planner.device)
+    preset = FormulaPlanner(batch=4, memory_gib=card(100.0), ckpt=True)
+    chosen = fit.choose_micro_batch(preset)
+    assert chosen.row.checkpointing and chosen.row.micro_batch == 4
+    assert all(checkpointing for _, checkpointing, _ in preset.traced)  # the preset's choice: never traced without
+    assert ", with activation checkpointing (the preset's)" in chosen.describe(4, preset.device)
+
+
+def test_nothing_fits_names_lora_a_shorter_segment_or_a_larger_card():
+    # full fine-tuning: 4 + 1.5 GiB at micro-batch 1 with checkpointing; LoRA keeps 0.5 GiB of fixed state
+    with pytest.raises(fit.NothingFitsError) as refused:
+        fit.choose_micro_batch(FormulaPlanner(batch=2, memory_gib=card(5.0)))
+    message = str(refused.value)
+    assert "nothing fits on formula card" in message and "one segment of 30 s per micro-batch needs 5.5 GiB" in message
+    assert "What would fit: LoRA (LORA=1: 2.0 GiB at micro-batch 1 with checkpointing)" in message
+    # 20 s segments: 4 + 1 = 5 GiB with checkpointing, which fits
+    assert "segments of 20 s (5.0 GiB with checkpointing; make manifests ... SEGMENT=20)" in message
+    # LoRA already: only the segment. 0.06 GiB per second with checkpointing: 20 s 5.2 GiB, 15 s 4.9 GiB
+    lora = FormulaPlanner(batch=2, memory_gib=card(4.95), per_segment_s=0.12, lora=True)
+    with pytest.raises(fit.NothingFitsError, match=r"What would fit: segments of 15 s \(4\.9 GiB") as refused:
+        fit.choose_micro_batch(lora)
+    assert "LoRA" not in str(refused.value)
+    # the fixed state alone does not fit: no shorter segment is tried, a card is named (5.5 / 0.95 = 5.8 GiB)
+    small = FormulaPlanner(batch=2, memory_gib=card(3.0), lora=True)
+    with pytest.raises(fit.NothingFitsError, match="What would fit: a device with at least 6 GiB"):
+        fit.choose_micro_batch(small)
+    assert {segment for _, _, segment in small.traced} == {30.0}
+
+
+def test_durations_and_row_dicts_as_make_plan_writes_them():
+    assert [fit.duration(s) for s in (None, 2.345, 42.4, 600, 7200)] == ["-", "2.35 s", "42 s", "10 min", "2.0 h"]
+    # each unit from its round number on: 10 s, 1 min, 1 h; 3000 s = 50 min; 3780 s = 1.05 h
+    assert [fit.duration(s) for s in (10, 60, 3000, 3600, 3780)] == ["10 s", "1 min", "50 min", "1.0 h", "1.1 h"]
+    row = FormulaPlanner(batch=2, memory_gib=10.0, fixed=4.938).row(1)  # parts of 1.2345 and 2.469 GiB
+    row.step_s, row.epoch_s, row.extras_gib = 1.23456, 123.456, 0.12345
+    as_dict = row.to_dict()
+    assert (as_dict["step_s"], as_dict["epoch_s"], as_dict["extras_gib"], as_dict["total_gib"]) == (
+        1.235,
+        123.5,
+        0.123,
+        7.938,
+    )
+    assert as_dict["parts_gib"] == {"parameters": 1.234, "gradients": 1.234, "optimizer": 2.469, "ema": 0.0}
+    row.step_s = row.epoch_s = None
+    assert (row.to_dict()["step_s"], row.to_dict()["epoch_s"]) == (None, None)
+    assert fit.is_auto(OmegaConf.create({"optim": {"grad_accum_steps": "auto"}}))
+    assert not fit.is_auto(OmegaConf.create({"optim": {"grad_accum_steps": 2}}))
+
+
 def test_accumulation_steps_are_enough_micro_batches_of_at_most_the_size():
     """The planner's micro-batch counts against the split the solver makes (solver.split_batch): the fewest
     micro-batches whose largest part holds at most `micro_batch` segments, found by trying every count."""
@@ -300,3 +447,79 @@ def test_accumulation_steps_are_enough_micro_batches_of_at_most_the_size():
             assert fit.accum_steps_for(batch, micro_batch) == fewest, (batch, micro_batch)
         sizes = {largest_part(batch, n) for n in range(1, batch + 1)}
         assert fit.candidate_micro_batches(batch) == sorted(sizes, reverse=True), batch
+
+
+def test_auto_traces_from_the_linear_prediction_down_and_checkpoints_every_row_it_needs():
+    # 12 segments: splits of 12, 6, 4, 3, 2, 1. 4 GiB + 3 GiB a segment on 16.9 usable GiB: 1 (7) and 2 (10) fit, so
+    # activations are 3 GiB a segment and 6.9 GiB are left: 2 more segments, and one above the prediction is 5:
+    # 4 is traced and fits, then 6 (the next larger split, for the log) and nothing else
+    planner = FormulaPlanner(batch=12, memory_gib=card(16.9))
+    choice = fit.choose_micro_batch(planner)
+    assert (choice.row.micro_batch, choice.row.accum_steps) == (4, 3)
+    assert planner.traced == [(m, False, 30.0) for m in (1, 12, 2, 4, 6)]
+    assert "micro-batch 6 would need 22.0 GiB" in choice.describe(12, planner.device)
+    # checkpointing keeping a quarter of the activations: 4 + 0.75 GiB a segment; one segment without it (7 GiB)
+    # does not fit 6.9, so every row after is checkpointed: 6 (8.5) no, 2 (5.5) yes, prediction 2 + 1 + 1 = 4: 3
+    # (6.25) fits
+    planner = FormulaPlanner(batch=6, memory_gib=card(6.9), kept=0.25)
+    choice = fit.choose_micro_batch(planner)
+    assert (choice.row.micro_batch, choice.row.accum_steps, choice.row.checkpointing) == (3, 2, True)
+    assert planner.traced == [(1, False, 30.0)] + [(m, True, 30.0) for m in (1, 6, 2, 3)]
+    assert [(r.micro_batch, r.checkpointing) for r in choice.rows] == [
+        (1, False),
+        (1, True),
+        (2, True),
+        (3, True),
+        (6, True),
+    ]
+    # 4 segments, checkpointed: 2 fits (5.5), the whole batch does not (7.0): 2 micro-batches of 2
+    small = fit.choose_micro_batch(FormulaPlanner(batch=4, memory_gib=card(6.9), kept=0.25))
+    assert (small.row.micro_batch, small.row.accum_steps, small.row.checkpointing) == (2, 2, True)
+    # 2 segments: one or both, nothing between
+    pair = FormulaPlanner(batch=2, memory_gib=card(8.0))
+    assert fit.choose_micro_batch(pair).row.micro_batch == 1 and pair.traced == [(1, False, 30.0), (2, False, 30.0)]
+
+
+def test_auto_edge_cases_of_the_search():
+    # 2 segments that fit together: one micro-batch of 2
+    both = FormulaPlanner(batch=2, memory_gib=card(10.0))
+    assert fit.choose_micro_batch(both).row.micro_batch == 2 and both.traced == [(1, False, 30.0), (2, False, 30.0)]
+    # 12 segments on 15 GiB: the prediction (4) is traced first and does not fit, then 3 does; nothing traced twice
+    planner = FormulaPlanner(batch=12, memory_gib=card(15.0))
+    assert fit.choose_micro_batch(planner).row.micro_batch == 3
+    assert planner.traced == [(m, False, 30.0) for m in (1, 12, 2, 4, 3)]
+    # on 12 GiB nothing above 2 fits: 3 is traced once, 2 is not traced again
+    planner = FormulaPlanner(batch=12, memory_gib=card(12.0))
+    assert fit.choose_micro_batch(planner).row.micro_batch == 2
+    assert planner.traced == [(m, False, 30.0) for m in (1, 12, 2, 3)]
+    # less than a GiB per segment (0.2 GiB, 6 s segments): 4 + 0.2 m on 6.1 GiB fits 10 of 12; the prediction, 2 + 9
+    # + 1 = 12, is the whole batch: every split is tried from 6 down, and 6 fits
+    fine = FormulaPlanner(batch=12, memory_gib=card(6.1), per_segment_s=0.2 / 6, segment_s=6.0)
+    assert fit.choose_micro_batch(fine).row.micro_batch == 6
+    # a preset with checkpointing that fits nothing: its one row is the one the refusal describes
+    with pytest.raises(fit.NothingFitsError, match="one segment of 30 s per micro-batch needs 5.5 GiB"):
+        fit.choose_micro_batch(FormulaPlanner(batch=2, memory_gib=card(3.0), ckpt=True, lora=True))
+
+
+def test_the_plan_is_described_in_full():
+    planner = FormulaPlanner(batch=4, memory_gib=card(7.0) - 0.01)
+    assert fit.choose_micro_batch(planner).describe(4, planner.device) == (
+        "batch 4 per GPU in 4 micro-batch(es) of up to 1 x 30 s, with activation checkpointing (micro-batch 1 does "
+        f"not fit without it): predicted 5.5 GiB of {planner.device.describe()} (peak allocated 5.0 GiB, 5% kept "
+        "free); micro-batch 2 would need 7.0 GiB"
+    )
+    preset = FormulaPlanner(batch=2, memory_gib=card(100.0), ckpt=True)
+    assert (
+        fit.choose_micro_batch(preset)
+        .describe(2, preset.device)
+        .endswith(
+            f", with activation checkpointing (the preset's): predicted 7.0 GiB of {preset.device.describe()} "
+            "(peak allocated 6.5 GiB, 5% kept free); the whole batch fits"
+        )
+    )
+    with pytest.raises(fit.NothingFitsError) as refused:
+        fit.choose_micro_batch(FormulaPlanner(batch=2, memory_gib=card(5.0)))
+    assert str(refused.value).endswith(
+        "What would fit: LoRA (LORA=1: 2.0 GiB at micro-batch 1 with checkpointing); segments of 20 s (5.0 GiB with "
+        "checkpointing; make manifests ... SEGMENT=20). Or set optim.grad_accum_steps to a number to try anyway."
+    )

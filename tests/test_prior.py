@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from test_solver import bare_solver
 
 from musicgen_finetune import lora, prior
-from musicgen_finetune.experiments import choose_best
+from musicgen_finetune.experiments import BestChoice, best_epoch, choose_best, forgetting, run_choice, valid_value
 
 PROMPTS = ["calm solo piano ballad", "energetic rock with electric guitars"]
 
@@ -152,6 +152,44 @@ def test_forgetting_budget_picks_the_lowest_loss_within_budget():
     assert choose_best([], "ce", 0.1).epoch is None
 
 
+def test_best_epoch_is_the_lowest_metric_the_earlier_on_ties_counting_every_epoch():
+    history = [
+        {"valid": {"ce": 3.0, "acc": 0.1}},
+        {"train": {"ce": 1.0}},  # no validation that epoch: still epoch 2
+        {"valid": {"ce": 2.0}},
+        {"valid": {"ce": 2.0}},
+        {"valid": {"ce": 2.5}},
+    ]
+    assert choose_best(history) == BestChoice(3, "lowest valid ce")
+    assert best_epoch(history, "acc") == 1
+    assert choose_best([{"train": {"ce": 1.0}}]) == BestChoice(None, "no validation yet")
+    unmeasured = choose_best(history, "ce", 0.1)  # a budget, but no prior_ce to measure forgetting with
+    assert unmeasured.epoch == 3 and "no prior_ce" in unmeasured.reason
+    assert run_choice(None, history).epoch == 3
+    assert run_choice(OmegaConf.create({"early_stop": {"metric": "acc"}}), history).epoch == 1
+    assert run_choice(OmegaConf.create({"early_stop": None}), history).epoch == 3
+    # the run's own budget: epoch 2 of the budget test's history rose 8%, epoch 3 12%
+    rising = [epoch(5.0, 2.1), epoch(4.0, 2.16), epoch(3.0, 2.24)]
+    assert run_choice(OmegaConf.create({"early_stop": {"forgetting_budget": 0.1}}), rising).epoch == 2
+    assert [valid_value(history, n) for n in (None, 0, 1, 2, 3, 5, 6)] == [None, None, 3.0, None, 2.0, 2.5, None]
+    assert valid_value(history, 1, "acc") == 0.1
+
+
+def test_the_budget_reason_gives_the_rise_of_the_chosen_epoch_and_the_ones_left_out():
+    history = [epoch(5.0, 2.1), epoch(4.0, 2.16), epoch(3.0, 2.24), epoch(2.0, 2.6)]
+    # epoch 2: 2.16 / 2.0 - 1 = +8.0%; epochs 3 and 4 over a 10% budget
+    assert choose_best(history, "ce", 0.1).reason == (
+        "lowest valid ce among the 2 epoch(s) within the forgetting budget (prior_ce at most 10% over the base's; "
+        "epoch 2: +8.0%); over budget: epoch(s) 3, 4"
+    )
+    assert choose_best(history, "ce", 0.5).reason.endswith("epoch 4: +30.0%)")  # all within: none left out
+    assert choose_best(history, "ce", 0.01).reason == (
+        "no epoch within the forgetting budget (1%): the one that forgot least (prior_ce +5.0% over the base's)"
+    )
+    assert forgetting({"prior_ce": 3.0, "prior_ce_base": 2.0}) == 0.5
+    assert forgetting({"prior_ce": 3.0, "prior_ce_base": 0.0}) is None and forgetting({"prior_ce_base": 2.0}) is None
+
+
 def test_an_epoch_exactly_at_the_budget_is_within_it():
     """At most the budget, as its docstring says: prior_ce 2.5 over the base's 2.0 is +25% exactly (no rounding)."""
     history = [epoch(5.0, 2.2), epoch(4.0, 2.5)]
@@ -259,3 +297,137 @@ def test_make_train_passes_prior_and_general_and_the_prompts_file_reaches_the_si
         "prior.enabled=true",
         "prior.prompts=['soft harp, calm','brass band march']",
     ]
+
+
+# -- the prior's settings, key and the micro-batches of its term, in-process (make mutate) ------------------------
+
+
+def test_prior_settings_are_read_and_checked():
+    cfg = OmegaConf.create(
+        {"prior": {"enabled": True, "ratio": 0.5, "prompts": ["a", 3], "seeds": ["1", 2], "other": 1, "generate": None}}
+    )
+    config = prior.PriorConfig.from_cfg(cfg)
+    assert (config.enabled, config.ratio, config.prompts, config.seeds, config.generate) == (
+        True,
+        0.5,
+        ["a", "3"],
+        [1, 2],
+        {},
+    )
+    assert config.loss == "kl" and config.weight == 1.0
+    with pytest.raises(prior.PriorConfigError, match="prior.prompts and prior.seeds must not be empty"):
+        prior.PriorConfig.from_cfg(OmegaConf.create({}))
+    good = dict(prompts=["p"], seeds=[0])
+    prior.PriorConfig(ratio=1e-9, weight=0.0, **good).check()  # the smallest ratio and weight allowed
+    prior.PriorConfig(loss="ce", **good).check()
+    for bad, message in (
+        (dict(loss="mse"), "prior.loss=mse: use one of kl, ce"),
+        (dict(ratio=0.0), "prior.ratio=0.0, prior.weight=1.0: the ratio must be > 0"),
+        (dict(weight=-0.1), "prior.weight=-0.1"),
+    ):
+        with pytest.raises(prior.PriorConfigError, match=message.replace(".", r"\.")):
+            prior.PriorConfig(**{**good, **bad}).check()
+    with pytest.raises(prior.PriorConfigError) as empty:
+        prior.PriorConfig(prompts=["p"], seeds=[]).check()
+    assert str(empty.value) == (
+        "prior.prompts and prior.seeds must not be empty (PRIOR_PROMPTS=<file> gives your own prompts)."
+    )
+
+
+def test_a_run_wants_the_prior_set_to_train_on_it_or_to_measure_forgetting():
+    assert prior.wanted(OmegaConf.create({"prior": {"enabled": True}}))
+    assert prior.wanted(OmegaConf.create({"early_stop": {"forgetting_budget": 0.0}}))  # a budget of 0 is a budget
+    assert not prior.wanted(OmegaConf.create({"prior": {"enabled": False}, "early_stop": {"forgetting_budget": None}}))
+    assert not prior.wanted(OmegaConf.create({"prior": None, "early_stop": None}))
+
+
+def test_prompts_file_takes_one_prompt_a_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# general prompts\n\n  lofi piano  \njazz trio\n   \n#not this\n")
+    assert prior.read_prompts_file(path) == ["lofi piano", "jazz trio"]
+    path.write_text("# nothing\n\n")
+    with pytest.raises(prior.PriorConfigError, match="holds no prompt"):
+        prior.read_prompts_file(path)
+    with pytest.raises(prior.PriorConfigError, match="no such file"):
+        prior.read_prompts_file(tmp_path / "missing.txt")
+
+
+def fake_solver(card=100, **cfg):
+    from types import SimpleNamespace
+
+    base = {
+        "seed": 3,
+        "dataset": {"segment_duration": 0.333},
+        "conditioners": {"description": {"t5": {"name": "t5-x"}}},
+    }
+    return SimpleNamespace(
+        cfg=OmegaConf.create({**base, **cfg}),
+        model=SimpleNamespace(card=card),
+        compression_model=SimpleNamespace(frame_rate=50),
+        epoch=2,
+        grad_accum_steps=3,
+        scaler=None,
+    )
+
+
+def test_the_prior_sets_key_holds_what_changes_the_set():
+    import audiocraft
+
+    solver = fake_solver()
+    config = prior.PriorConfig(prompts=["a", "b"], seeds=[0, 1], teacher_top_k=8, batch_size=4)
+    # top-k capped at the codebook's 100 codes; 0.333 s at 50 frames/s: 16.65 -> 17 frames
+    settings = {"use_sampling": True, "temp": 1.0, "top_k": 100, "top_p": 0.0, "cfg_coef": 3.0}
+    assert prior.key_ingredients(solver, config, "hash-a", store_teacher=True) == {
+        "base_lm_hash": "hash-a",
+        "text_encoder": "t5-x",
+        "prompts": ["a", "b"],
+        "seeds": [0, 1],
+        "generate": settings,
+        "frames": 17,
+        "batch_size": 4,
+        "teacher_top_k": 8,
+        "audiocraft": audiocraft.__version__,
+    }
+    assert prior.key_ingredients(solver, config, "hash-a", store_teacher=False)["teacher_top_k"] is None
+    assert prior.generation_settings(fake_solver(card=2048), config)["top_k"] == 250  # the default, under the card
+    assert prior.key_ingredients(fake_solver(conditioners={}), config, "h", True)["text_encoder"] is None
+    config.generate = {"use_sampling": False, "temperature": 0.7, "top_k": 20, "top_p": 0.9, "cfg_coef": 1.5}
+    assert prior.generation_settings(solver, config) == {
+        "use_sampling": False,
+        "temp": 0.7,
+        "top_k": 20,
+        "top_p": 0.9,
+        "cfg_coef": 1.5,
+    }
+
+
+@pytest.mark.parametrize("rows, accum, sizes", [(5, 3, [2, 2, 1]), (4, 2, [2, 2]), (2, 10, [1, 1]), (3, 1, [3])])
+def test_the_prior_term_is_its_weight_times_the_mean_loss_over_the_updates_rows(rows, accum, sizes):
+    """Whatever the micro-batches, the term's loss and gradient are those of the mean over the update's rows."""
+    from pathlib import Path
+
+    prior_set = prior.PriorSet(torch.zeros(10, 1, 1), ["p"] * 10, [0] * 10, 1.0, Path("."))
+    term = prior.PriorTerm(prior.PriorConfig(ratio=1.0, weight=0.5, prompts=["p"], seeds=[0]), prior_set, True, False)
+    solver = fake_solver()
+    solver.grad_accum_steps = accum
+    w = torch.nn.Parameter(torch.tensor(1.0))
+    parts = []
+
+    def loss(given, part):
+        assert given is solver
+        parts.append(part.tolist())
+        return w * (part.float() + 1).mean(), (part.float() * 2).mean()
+
+    term.loss = loss
+    chosen = term.items_for_step(solver, 1, rows)
+    out = term.backward(solver, 1, rows)
+    assert [len(p) for p in parts] == sizes and sum(parts, []) == chosen.tolist()
+    mean = (chosen.float() + 1).mean().item()
+    assert out["prior_loss"] == pytest.approx(mean) and out["prior_ce"] == pytest.approx(
+        2 * chosen.float().mean().item()
+    )
+    assert w.grad.item() == pytest.approx(0.5 * mean)
+    w.grad = None
+    solver.scaler = mock.Mock(scale=lambda x: x * 8)  # fp16's loss scaling multiplies the gradient, not the loss
+    assert term.backward(solver, 1, rows)["prior_loss"] == pytest.approx(mean)
+    assert w.grad.item() == pytest.approx(8 * 0.5 * mean)

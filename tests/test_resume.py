@@ -206,3 +206,81 @@ def test_each_process_resumes_with_the_random_state_it_saved(model, tmp_path, mo
         solver.load_state_dict({"random_states": through_a_checkpoint(saved)})
         assert draws(model) == want, f"rank {rank}"
         assert len(solver.random_states) == 3  # kept whole, for the next checkpoint
+
+
+def test_a_state_read_back_as_lists_or_without_module_generators_restores(model):
+    """random's state as lists (what a JSON or a generic loader gives back for tuples) and a state from before modules'
+    own generators were saved (no "modules") both restore."""
+    seed_everything(5, model)
+    state = random_state.capture(model)
+    expected = draws(model)
+    version, internal, gauss = state["python"]
+    seed_everything(6, model)
+    random_state.restore({**state, "python": [version, list(internal), gauss]}, model)
+    assert draws(model) == expected
+    older = {key: value for key, value in state.items() if key != "modules"}
+    seed_everything(6, model)
+    random_state.restore(older, model)
+    assert draws(model)[:5] == expected[:5]  # the module's own generator is left as it was
+    assert random_state.module_generators(None) == {} and random_state.capture(None)["modules"] == {}
+
+
+def test_cuda_generators_are_saved_and_restored_on_the_devices_both_have(model, monkeypatch):
+    """No GPU here: torch.cuda's generator calls are stood in for, to see which states go to which device."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["cuda0", "cuda1"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    state = random_state.capture(model)
+    assert state["cuda"] == ["cuda0", "cuda1"]
+    for devices, expected in (
+        (1, [("cuda0", 0)]),
+        (2, [("cuda0", 0), ("cuda1", 1)]),
+        (4, [("cuda0", 0), ("cuda1", 1)]),
+    ):
+        restored.clear()
+        monkeypatch.setattr(torch.cuda, "device_count", lambda devices=devices: devices)
+        random_state.restore(state, model)
+        assert restored == expected, devices
+    restored.clear()
+    random_state.restore({**state, "cuda": []}, model)  # saved on a machine without CUDA
+    assert restored == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert random_state.capture(model)["cuda"] == []
+    random_state.restore(state, model)  # saved with CUDA, restored without: the CPU generators only
+    assert restored == []
+
+
+def test_the_run_lock_names_its_holder_and_lets_go(tmp_path):
+    import fcntl
+    import re
+    import socket
+
+    from musicgen_finetune.experiments import ExperimentRunningError
+
+    folder = tmp_path / "xps" / "abcd1234"  # made by the lock
+    RunLock(folder).__exit__(None, None, None)  # never entered: nothing to release
+    (folder).mkdir(parents=True)
+    (folder / "run.lock").write_text("pid 1 on gone, started long ago\n")  # a killed run's
+    with RunLock(folder) as lock:
+        text = (folder / "run.lock").read_text()
+        assert re.fullmatch(
+            rf"pid {os.getpid()} on {re.escape(socket.gethostname())}, started \d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\n", text
+        )
+        with pytest.raises(ExperimentRunningError) as refused:
+            with RunLock(folder):
+                pass
+        assert str(refused.value) == (
+            f"{folder} is being trained right now by {text.strip()}: wait for it to end, or stop it "
+            "(re-running the same command afterwards resumes from its last checkpoint)."
+        )
+    assert lock.file is None
+    lock.__exit__(None, None, None)  # a second release: nothing
+    with RunLock(tmp_path / "new" / "xp"):  # the folder is made, parents too
+        pass
+    # a holder that wrote nothing yet
+    (folder / "run.lock").write_text("")
+    with open(folder / "run.lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ExperimentRunningError, match="right now by another process: wait"):
+            RunLock(folder).__enter__()

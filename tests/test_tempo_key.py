@@ -356,3 +356,15 @@ def test_manifests_of_real_beats_write_no_wrong_key(real_corpus, tmp_path):
         assert 0 <= info["key_confidence"] <= 1 and info["bpm_confidence"] >= 0.5
         assert (info["key"] is not None) == (info["key_confidence"] >= 0.5)
     assert sum(info["key"] is not None for info in infos.values()) >= WRITTEN_AT_LEAST * len(real_corpus)
+
+
+def test_the_steadiest_period_repeats_at_its_multiples_and_ties_go_to_the_shortest():
+    """A beat of 8.4 frames: its onsets autocorrelate at 8, 17, 25 and 34 frames (each multiple drifts from 8k by
+    up to k/2). Lag 17 repeats a little better (1.0 against 0.985) but within COMB_TIE, so the shortest, 8, is
+    the beat; 12 (a stray peak at 25 only) and 16 (no peak at 32) do not repeat."""
+    curve = np.zeros(41)
+    curve[[8, 17, 25, 34]] = [0.97, 1.0, 0.97, 1.0]
+    lag, score = aa.steadiest_period(curve, 5, 20)
+    assert lag == 8 and score == pytest.approx((0.97 + 1.0 + 0.97 + 1.0) / 4)
+    assert aa.steadiest_period(curve, 9.5, 20) == (17, 1.0)  # 8 out of range: the next steadiest
+    assert aa.steadiest_period(curve, 30, 20) == (None, 0.0)  # an empty range

@@ -19,7 +19,7 @@ import torch
 from conftest import DATASET, PROCESS_HOOKS, REPO, TRAIN, run_tool, xp_folder
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from musicgen_finetune import runs
+from musicgen_finetune import experiments, runs
 from musicgen_finetune.experiments import RunLock
 
 EPOCHS = 3  # conftest's resumed_run: cpu_tiny's epochs
@@ -246,3 +246,150 @@ def test_board_serves_the_runs_on_localhost(watched, workdir):
         board.kill()
         board.wait()
     assert not guard.exists() or guard.read_text() == ""  # offline
+
+
+def test_runs_rows_and_table_in_this_process(tmp_path):
+    """The runs table's rows as `make runs` reads them, without a tool process (make mutate sees these)."""
+    running = fake_experiment(tmp_path, "aaaa0001", "running", lora={"rank": 4})
+    killed = fake_experiment(tmp_path, "aaaa0002", "running")  # says running, holds no lock
+    stopped = fake_experiment(tmp_path, "aaaa0003", "early_stop")
+    fake_experiment(tmp_path, "aaaa0004", "paused", epochs=(1, 5))
+    fake_experiment(tmp_path, "aaaa0005", "running", epochs=(0, 5))  # no validation yet
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "torn").mkdir()
+    (tmp_path / "torn" / "run.json").write_text('{"state": "comp')  # not ours, or not JSON: left out
+    (tmp_path / "a-file").write_text("x")
+    status = json.loads((stopped / "run.json").read_text())
+    (stopped / "run.json").write_text(json.dumps({**status, "updated": "2999-01-01T00:00:00"}))  # the newest
+    with RunLock(running):
+        assert experiments.is_running(running) and not experiments.is_running(killed)
+        rows = runs.read_runs(tmp_path)
+    assert not experiments.is_running(running) and not experiments.is_running(tmp_path / "notarun")
+    assert [row["signature"] for row in rows][0] == "aaaa0003"
+    by_name = {row["signature"]: row for row in rows}
+    assert {name: row["state"] for name, row in by_name.items()} == {
+        "aaaa0001": "running",
+        "aaaa0002": "interrupted",
+        "aaaa0003": "early_stop",
+        "aaaa0004": "paused",
+        "aaaa0005": "interrupted",
+    }
+    # (5.0, 4.0, 4.5): epoch 2 is the best; the model without its //pretrained/ prefix, the dataset by its folder
+    assert {k: by_name["aaaa0003"][k] for k in ("epochs_done", "epochs_planned", "best_epoch", "best_valid")} == {
+        "epochs_done": 3,
+        "epochs_planned": 5,
+        "best_epoch": 2,
+        "best_valid": 4.0,
+    }
+    assert (by_name["aaaa0003"]["model"], by_name["aaaa0003"]["dataset"], by_name["aaaa0003"]["metric"]) == (
+        "/m/tiny",
+        "beats",
+        "ce",
+    )
+    assert by_name["aaaa0003"]["folder"] == str(stopped) and by_name["aaaa0001"]["lora"] == {"rank": 4}
+    assert (by_name["aaaa0005"]["best_epoch"], by_name["aaaa0005"]["best_valid"]) == (None, None)
+
+    lines = runs.format_table(rows).splitlines()
+    header = lines[0]
+    assert header.split() == list(runs.COLUMNS)
+    lora_line = next(line for line in lines if line.startswith("aaaa0001"))
+    assert lora_line.split() == ["aaaa0001", "tiny", "beats", "LoRA", "r4", "3/5", "2", "ce", "4.0000", "running"] + [
+        str(running)
+    ]
+    assert lora_line.index("tiny") == header.index("model") and lora_line.index("3/5") == header.index("epochs")
+    assert lora_line.index(str(running)) == header.index("folder")
+    fresh = next(line for line in lines if line.startswith("aaaa0005")).split()
+    assert fresh[1:] == ["tiny", "beats", "full", "0/5", "-", "-", "interrupted", str(tmp_path / "aaaa0005")]
+    assert all(line == line.rstrip() for line in lines)
+    assert runs.format_table([]).startswith("No experiments in ")
+
+
+def test_dataset_names_from_manifests():
+    assert runs.dataset_name("/x/manifests/beats/train") == "beats"
+    assert runs.dataset_name("/x/manifests/beats/valid.jsonl") == "beats"
+    assert runs.dataset_name("/x/manifests/beats") == "beats"
+    assert runs.dataset_name(None) is None and runs.dataset_name("") is None
+
+
+def test_done_and_history_files_and_finding_an_experiment(tmp_path, monkeypatch):
+    folder = tmp_path / "xps" / "abcd1234"
+    folder.mkdir(parents=True)
+    assert experiments.read_done(folder) is None and experiments.read_history(folder) == []
+    history = [{"valid": {"ce": 2.0}}, {"valid": {"ce": 1.0}}, {"valid": {"ce": 1.5}}]
+    (folder / "history.json").write_text(json.dumps(history))
+    assert experiments.read_history(folder) == history
+    experiments.write_done(folder, "early_stop", history, "ce")
+    assert experiments.read_done(folder) == {
+        "reason": "early_stop",
+        "epochs": 3,
+        "best_epoch": 2,
+        "metric": "ce",
+        "forgetting_budget": None,
+        "best_reason": "lowest valid ce",
+    }
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path))
+    with pytest.raises(experiments.ExperimentNotFoundError, match=r"XP=abcd1234: no checkpoint\.th in .*: none"):
+        experiments.find_experiment("abcd1234")
+    (folder / "checkpoint.th").write_bytes(b"")
+    assert experiments.find_experiment("abcd1234") == folder.resolve()
+    assert experiments.find_experiment(str(folder)) == folder.resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    with pytest.raises(experiments.ExperimentNotFoundError, match="Experiments with a checkpoint: abcd1234 "):
+        experiments.find_experiment(elsewhere)
+
+
+def test_run_status_keeps_the_metric_and_budget_and_old_files_read_as_ce(tmp_path, monkeypatch):
+    # acc falls while ce rises: the best epoch by acc is the last, by ce the first; within a 10% budget, the second
+    history = [
+        {"valid": {"ce": 1.0, "acc": 0.9, "prior_ce": 2.0, "prior_ce_base": 2.0}},
+        {"valid": {"ce": 1.1, "acc": 0.5, "prior_ce": 2.1, "prior_ce_base": 2.0}},
+        {"valid": {"ce": 1.2, "acc": 0.1, "prior_ce": 3.0, "prior_ce_base": 2.0}},
+    ]
+    runs.write_status(tmp_path / "a", "completed", history, 3, "acc", None, None, None)
+    runs.write_status(tmp_path / "b", "completed", history, 3, "acc", None, None, None, forgetting_budget=0.1)
+    rows = {row["signature"]: row for row in runs.read_runs(tmp_path)}
+    assert (rows["a"]["metric"], rows["a"]["best_epoch"], rows["a"]["best_valid"]) == ("acc", 3, 0.1)
+    assert (rows["b"]["best_epoch"], rows["b"]["best_valid"]) == (2, 0.5)
+    assert rows["a"]["updated"] and rows["a"]["model"] is None and rows["a"]["dataset"] is None
+    line = runs.format_table([rows["a"]]).splitlines()[1].split()
+    assert line[1:4] == ["-", "-", "full"] and line[6:8] == ["acc", "0.1000"]
+    # a run.json from before the metric was written, and one without a time: ce, and listed last
+    status = json.loads((tmp_path / "a" / "run.json").read_text())
+    del status["metric"], status["updated"]
+    (tmp_path / "a" / "run.json").write_text(json.dumps(status))
+    rows = runs.read_runs(tmp_path)
+    assert [row["signature"] for row in rows] == ["b", "a"] and rows[1]["metric"] == "ce"
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path.parent))  # read_runs() reads <dora dir>/xps
+    (tmp_path.parent / "xps").mkdir(exist_ok=True)
+    runs.write_status(tmp_path.parent / "xps" / "c", "running", history, 3, "ce", None, None, None)
+    assert [row["signature"] for row in runs.read_runs()] == ["c"]
+
+
+def test_done_file_and_best_epoch_follow_the_forgetting_budget(tmp_path):
+    history = [
+        {"valid": {"ce": 2.0, "prior_ce": 2.0, "prior_ce_base": 2.0}},
+        {"valid": {"ce": 1.0, "prior_ce": 2.5, "prior_ce_base": 2.0}},  # +25%: exactly at a 25% budget, within it
+    ]
+    assert experiments.best_epoch(history) == 2 and experiments.best_epoch(history, "ce", 0.1) == 1
+    assert "over budget" not in experiments.choose_best(history, "ce", 0.25).reason
+    assert experiments.best_epoch(history, "ce", 0.25) == 2
+    experiments.write_done(tmp_path, "completed", history, "ce", 0.1)
+    done = experiments.read_done(tmp_path)
+    assert (done["best_epoch"], done["forgetting_budget"]) == (1, 0.1)
+    assert "over budget: epoch(s) 2" in done["best_reason"]
+
+
+def test_finding_an_experiment_by_a_relative_folder_and_naming_the_others(tmp_path, monkeypatch):
+    for name in ("bbbb0002", "aaaa0001"):
+        (tmp_path / "xps" / name).mkdir(parents=True)
+        (tmp_path / "xps" / name / "checkpoint.th").write_bytes(b"")
+    monkeypatch.setenv("AUDIOCRAFT_DORA_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert experiments.find_experiment("xps/aaaa0001") == tmp_path / "xps" / "aaaa0001"
+    with pytest.raises(experiments.ExperimentNotFoundError) as missing:
+        experiments.find_experiment("cccc0003")
+    assert str(missing.value) == (
+        f"XP=cccc0003: no checkpoint.th in {tmp_path / 'xps' / 'cccc0003'}. Experiments with a checkpoint: "
+        "aaaa0001, bbbb0002 (make train prints the signature)."
+    )
