@@ -146,7 +146,7 @@ def run_mutmut(modules: tp.Sequence[Module], keep: bool) -> float:
     # AudioCraft's config tree: the tests run in mutants/, a copy without it (2 MB of yaml)
     env.setdefault("AUDIOCRAFT_SRC", str((REPO / "audiocraft").resolve()))
     # one thread per worker: mutmut runs a worker per core, and torch's own threads would only contend for them
-    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "MUSICGEN_FT_TEST_THREADS"):  # the last: conftest.py
         env.setdefault(variable, "1")
     patterns = [p for m in modules for p in m.patterns()]
     if keep and (MUTANTS / "mutmut-stats.json").is_file():
