@@ -368,3 +368,69 @@ def test_the_steadiest_period_repeats_at_its_multiples_and_ties_go_to_the_shorte
     assert lag == 8 and score == pytest.approx((0.97 + 1.0 + 0.97 + 1.0) / 4)
     assert aa.steadiest_period(curve, 9.5, 20) == (17, 1.0)  # 8 out of range: the next steadiest
     assert aa.steadiest_period(curve, 30, 20) == (None, 0.0)  # an empty range
+
+
+# -- the tempo's building blocks, on hand-made curves (each expected value worked out from its definition) ---------
+
+
+def test_strength_is_zero_at_zero_confident_at_the_threshold_and_full_at_twice_it():
+    confident = aa.CONFIDENT
+    assert aa.strength(0.0, 0.4) == 0.0 and aa.strength(-1.0, 0.4) == 0.0
+    assert aa.strength(0.2, 0.4) == pytest.approx(confident / 2)  # halfway to the threshold: half of CONFIDENT
+    assert aa.strength(0.4, 0.4) == pytest.approx(confident)
+    assert aa.strength(0.6, 0.4) == pytest.approx(confident + (1 - confident) / 2)  # halfway to twice it
+    assert aa.strength(0.8, 0.4) == pytest.approx(1.0) and aa.strength(5.0, 0.4) == 1.0
+    # with its own `full`: 0.7 -> CONFIDENT, 1.0 -> 1, 0.85 halfway between
+    assert aa.strength(0.85, 0.7, full=1.0) == pytest.approx(confident + (1 - confident) / 2)
+    assert aa.strength(1.0, 0.7, full=1.0) == pytest.approx(1.0)
+    assert isinstance(aa.strength(0.3, 0.4), float) and isinstance(aa.strength(0.5, 0.4), float)
+
+
+@pytest.mark.parametrize("bpm, written", [(142.5, 143), (142.49999999999997, 143), (85.4, 85), (85.6, 86), (70, 70)])
+def test_whole_bpm_rounds_halves_up(bpm, written):
+    assert aa.whole_bpm(bpm) == written and isinstance(aa.whole_bpm(bpm), int)
+
+
+def test_refined_peak_finds_a_parabola_vertex_between_frames():
+    lags = np.arange(20, dtype=np.float64)
+    curve = 1.0 - 0.01 * (lags - 10.3) ** 2  # vertex at 10.3, height 1
+    lag, height = aa.refined_peak(curve, 10)
+    assert lag == pytest.approx(10.3) and height == pytest.approx(curve[10])
+    # asked near another frame: the highest point within `width` frames of it is found first
+    assert aa.refined_peak(curve, 12)[0] == pytest.approx(10.3)
+    assert aa.refined_peak(curve, 13, width=1)[0] == pytest.approx(
+        12.0 + 0.5 * (curve[11] - curve[13]) / (curve[11] - 2 * curve[12] + curve[13])
+    )
+    # no curvature to fit (a straight line): the frame itself
+    line = np.arange(10, dtype=np.float64)
+    assert aa.refined_peak(line, 4, width=1) == (5.0, 5.0)
+    # a lag past the curve's end: no frame to look at
+    assert aa.refined_peak(np.ones(4), 9.0) == (9.0, 0.0)
+
+
+def test_first_strong_peak_takes_the_first_local_maximum_near_the_top():
+    curve = np.zeros(30)
+    curve[[6, 12, 18]] = [0.5, 0.85, 1.0]  # 6: under 80% of the top; 12: within it; 18: the top
+    assert aa.first_strong_peak(curve, 3, 25) == 12
+    assert aa.first_strong_peak(curve, 13, 25) == 18  # 12 out of range
+    assert aa.first_strong_peak(curve, 3, 11) == 6  # within its own range, 6 is the top
+    curve[12] = aa.PEAK_FRACTION  # exactly 80% of the top: within it
+    assert aa.first_strong_peak(curve, 3, 25) == 12
+    curve[12] = 0.79  # just under 80% of 1.0
+    assert aa.first_strong_peak(curve, 3, 25) == 18
+    assert aa.first_strong_peak(np.zeros(30), 3, 25) is None  # nothing above zero
+    assert aa.first_strong_peak(curve, 20, 20) is None  # an empty range
+    plateau = np.zeros(30)
+    plateau[[9, 10]] = 1.0  # equal neighbours: the first of them is a maximum
+    assert aa.first_strong_peak(plateau, 3, 25) == 9
+
+
+def test_autocorrelation_of_a_periodic_envelope_peaks_at_its_period():
+    envelope = np.tile([1.0, 0.0, 0.0, 0.0], 16)  # a pulse every 4 frames
+    curve = aa.autocorrelation(envelope, 10)
+    centred = envelope - envelope.mean()
+    by_hand = np.array([np.dot(centred[: len(centred) - k], centred[k:]) / (len(centred) - k) for k in range(11)])
+    assert curve == pytest.approx(by_hand / by_hand[0])
+    assert len(curve) == 11 and curve[0] == pytest.approx(1.0) and curve[4] == pytest.approx(1.0)
+    assert curve[2] < 0
+    assert not aa.autocorrelation(np.ones(20), 5).any()  # a flat envelope repeats nothing
