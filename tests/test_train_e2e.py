@@ -83,17 +83,22 @@ def test_dora_info_knows_the_experiment(first_run, workdir):
     assert folder.name in result.stdout + result.stderr
 
 
-def test_bad_model_folder_fails_before_training(workdir, dataset):
-    result = train(workdir, workdir / "no-such-model")
-    assert result.returncode != 0
-    assert f"{workdir / 'no-such-model'} is not a folder" in result.stderr
-    assert "Running: dora" not in result.stdout
+# make train's refusals before any run, in this process (how a tool prints a refusal: test_user_errors.py)
+def test_bad_model_folder_fails_before_training(workdir, dataset, capsys):
+    from musicgen_finetune import UserError, launch
+
+    with pytest.raises(UserError, match=f"{workdir / 'no-such-model'} is not a folder"):
+        launch.run(str(workdir / "no-such-model"), DATASET, preset="finetune/cpu_tiny")
+    assert "Running: dora" not in capsys.readouterr().out
 
 
-def test_missing_dataset_names_the_manifest(workdir, tiny_model):
-    result = run_tool([TRAIN, "--model", str(tiny_model), "--name", "not-prepared"], workdir)
-    assert result.returncode != 0
-    assert "not-prepared/train/data.jsonl does not exist" in result.stderr and "make manifests" in result.stderr
+def test_missing_dataset_names_the_manifest(workdir, tiny_model, capsys):
+    from musicgen_finetune import UserError, launch
+
+    with pytest.raises(UserError) as refusal:
+        launch.run(str(tiny_model), "not-prepared", preset="finetune/cpu_tiny")
+    assert "not-prepared/train/data.jsonl does not exist" in str(refusal.value)
+    assert "make manifests" in str(refusal.value) and "Running: dora" not in capsys.readouterr().out
 
 
 def test_gradient_accumulation_matches_the_full_batch(workdir, tiny_model, beats):
