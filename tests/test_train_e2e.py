@@ -239,6 +239,7 @@ def test_lora_resume_refuses_a_changed_base(lora_run, workdir, lora_model):
     assert "resumes" not in changed.stderr  # a refused run is not an interrupted one
 
 
+@pytest.mark.long  # three runs; the same refusal of a changed base for LoRA runs: above
 def test_full_resume_refuses_a_changed_base_until_fresh(workdir, tiny_model, dataset, tmp_path):
     """A model folder replaced under an experiment is not silently ignored on resume; FRESH=1 starts over from it."""
     import shutil
