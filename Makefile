@@ -139,7 +139,7 @@ test: setup lint  ## lint, then the test suite (real dora runs on a tiny model; 
 test-long: setup  ## only the long cases make test leaves out: every preset, every kill point, two processes
 	$(PY) -m pytest tests $(XDIST) -m long $(PYTEST_ARGS)
 
-test-all: test test-long smoke-full  ## make test, its long cases and make smoke-full (what CI runs)
+test-all: test test-long smoke-full  ## make test, its long cases and make smoke-full (CI runs these, then make mutate and make breaks)
 
 breaks: setup  ## [ONLY=<words>]: every known one-line break (tests/planted_breaks.toml) must fail make test
 	$(PY) tests/planted_breaks.py --select "$(TEST_SELECT)" $(if $(ONLY),--only "$(ONLY)")
