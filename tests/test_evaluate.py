@@ -12,6 +12,11 @@ from test_report_page import Watched, browser, watched  # noqa: F401  (browser f
 from musicgen_finetune import export
 
 GENERAL = "chiptune-test"
+# The comparison on a trained base is make test-all's (the long cases): its fixtures train a codec on two styles, a
+# base on one and a fine-tune on the other, 10 of make test's 13.6 min when it ran there (2 cores, idle machine).
+# make test keeps evaluation's parts: metrics (test_metrics.py), the report page (test_report_page.py), an eval run
+# with a PEFT adapter (test_peft.py), and keeping the earlier blind choices (below).
+LONG = pytest.mark.long
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +91,7 @@ def row(report: dict, prefix: str) -> dict:
     return next(r for r in report["table"]["rows"] if r["metric"].startswith(prefix))["values"]
 
 
+@LONG
 def test_the_briefly_trained_codec_keeps_the_styles_apart(general_model, workdir, beats):
     """What the audio measures below rest on: decoded through the demo's tiny codec, 808 clips keep their sub-bass
     and chiptune clips (almost none below 120 Hz) do not gain it; a codec that collapsed decodes every clip alike."""
@@ -106,6 +112,7 @@ def test_the_briefly_trained_codec_keeps_the_styles_apart(general_model, workdir
     assert min(ratios["808"]) > 0.8 and max(ratios["chiptune"]) < 0.4, ratios
 
 
+@LONG
 def test_fine_tuning_lowers_the_808_cross_entropy(evaluated):
     _, report = evaluated
     valid = row(report, "valid cross-entropy")
@@ -116,6 +123,7 @@ def test_fine_tuning_lowers_the_808_cross_entropy(evaluated):
     assert general["base"]["ce"] < report["cross_entropy"]["valid"]["base"]["ce"]
 
 
+@LONG
 def test_fine_tuned_audio_moves_toward_the_808_references(evaluated):
     """The general base makes chiptune-like audio; after fine-tuning the samples carry more sub-bass and sit
     closer to the 808 references in EnCodec space."""
@@ -128,6 +136,7 @@ def test_fine_tuned_audio_moves_toward_the_808_references(evaluated):
     assert forgot["full"]["ce"] > forgot["base"]["ce"]  # and it forgot some of the general style
 
 
+@LONG
 def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model):
     """Eval and training read the same valid segments, each once, and compute the same loss; training then
     averages its batches (of 4 here), eval every token alike."""
@@ -148,6 +157,7 @@ def test_valid_cross_entropy_is_the_one_training_reported(evaluated, tuned_model
     assert math.isclose(report["cross_entropy"]["valid"]["full"]["ce"], per_token, abs_tol=1e-4)
 
 
+@LONG
 def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_model, tiny_model):
     from musicgen_finetune import UserError, lora
     from musicgen_finetune.evaluation.evaluate import EvalOptions, evaluate
@@ -171,6 +181,7 @@ def test_eval_refuses_bad_inputs_before_any_work(workdir, general_model, tuned_m
     assert not (workdir / "output" / "reports" / DATASET).exists()  # nothing written for a refused run
 
 
+@LONG
 def test_same_prompts_and_seeds_for_every_model(evaluated):
     out, report = evaluated
     by_model = {}
@@ -186,6 +197,7 @@ def test_same_prompts_and_seeds_for_every_model(evaluated):
     assert all(value >= 0 and math.isfinite(value) for value in frechet.values())
 
 
+@LONG
 def test_report_names_the_run_its_best_epoch_and_what_was_skipped(evaluated, tuned_model):
     out, report = evaluated
     folder = tuned_model[1]
@@ -205,6 +217,7 @@ def test_report_names_the_run_its_best_epoch_and_what_was_skipped(evaluated, tun
     assert any("CLAP" in note for note in report["notes"]) and any("VGGish" in note for note in report["notes"])
 
 
+@LONG
 def test_report_page_loads_in_chromium(evaluated, watched):  # noqa: F811
     out, report = evaluated
     page = watched.page
