@@ -110,10 +110,13 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="list the breaks and exit")
     opts = parser.parse_args(argv)
     entries = [e for e in load() if opts.only in e.what or opts.only in e.file]
-    if opts.list or not entries:
+    if not entries:
+        print(f"error: ONLY={opts.only!r} matches no break's description or file; `--list` shows them", file=sys.stderr)
+        return 2
+    if opts.list:
         for e in entries:
             print(f"issue {e.issue:>2}  {e.file:<40} {e.what}")
-        return 0 if entries else 2
+        return 0
     print(f"{len(entries)} planted breaks, each alone, against `pytest -m '{opts.select}'` on the tests named")
     failures = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=opts.jobs) as pool:
