@@ -84,8 +84,10 @@ PYTEST_ARGS ?=
 # so two share two cores well; 0 runs it in this process. Each test file runs whole in one process (loadfile), so
 # a file's module fixtures (a trained base, a killed and resumed run) are made once, not once per process.
 TEST_WORKERS ?= 2
-# the longest files first (tests/conftest.py SLOWEST_FIRST), not xdist's most-tests-first
-XDIST = -n $(TEST_WORKERS) $(if $(filter-out 0,$(TEST_WORKERS)),--dist loadfile --no-loadscope-reorder)
+# the longest files first (tests/conftest.py SLOWEST_FIRST), not xdist's most-tests-first; a test process that
+# crashes ends the run, failed, rather than being replaced (its replacement may crash the same way, forever)
+XDIST = -n $(TEST_WORKERS) $(if $(filter-out 0,$(TEST_WORKERS)),--dist loadfile --no-loadscope-reorder \
+	--max-worker-restart 0)
 # what make test runs: all but the `long` cases (the preset matrix, every kill point, two processes), which
 # make test-all adds (pyproject.toml's markers)
 TEST_SELECT ?= not long

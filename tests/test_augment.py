@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from musicgen_finetune.data import augment
+from musicgen_finetune.data.librosa_loader import load_librosa
 from musicgen_finetune.data.manifests import DatasetError, ManifestOptions, build_manifests
 
 RATE = 22050
@@ -28,7 +29,7 @@ def test_pitch_shift_by_two_semitones_measures_two_semitones_higher():
 def beat_period(audio, hop=32):
     """The beat period in seconds: the strongest autocorrelation lag of the onset envelope between 0.4 and 0.7 s,
     at a 1.5 ms resolution (librosa's tempo estimate is quantised to a coarse bpm grid)."""
-    import librosa
+    librosa = load_librosa()
 
     envelope = librosa.onset.onset_strength(y=audio, sr=RATE, hop_length=hop)
     envelope = envelope - envelope.mean()

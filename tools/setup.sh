@@ -81,5 +81,9 @@ if ! command -v ffmpeg >/dev/null 2>&1; then
     ln -sf "$("$VENV/bin/python" -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())')" "$VENV/bin/ffmpeg"
 fi
 "$VENV/bin/python" -c 'import audiocraft, torch; print(f"setup: audiocraft {audiocraft.__version__}, torch {torch.__version__}")'
+# librosa's numba kernels, compiled into its cache now, by this one process: processes compiling them at the same
+# time can leave a cache that crashes whoever loads it (musicgen_finetune/data/librosa_loader.py).
+echo "setup: compiling librosa's numba kernels"
+"$VENV/bin/python" -m musicgen_finetune.data.librosa_loader
 echo "$inputs_hash" > "$STAMP"
 echo "setup: done"

@@ -18,6 +18,7 @@ import numpy as np
 import soundfile as sf
 
 from ..errors import UserError
+from .librosa_loader import load_librosa
 
 AUDIO_EXTENSIONS = {
     ".wav",
@@ -177,7 +178,7 @@ def estimate_tempo(audio: np.ndarray, rate: int, hop_length: int = 512) -> tp.Op
     The estimate is a whole number of envelope frames per beat, so `hop_length` sets its resolution: librosa's
     default 512 samples reads a 140 bpm click track as 143.6 bpm at 22.05 kHz; metrics.py asks for finer frames.
     """
-    import librosa
+    librosa = load_librosa()
 
     mono = audio.mean(axis=0)
     onset = librosa.onset.onset_strength(y=mono, sr=rate, hop_length=hop_length)
@@ -287,7 +288,7 @@ def onset_envelopes(mono: np.ndarray, rate: int) -> tp.Tuple[np.ndarray, np.ndar
     """(all onsets, backbeat-band onsets, frames per second). All onsets: librosa's log-mel flux, where quiet hits
     count as much as loud ones. The backbeat band: the rise of its linear power, so that its loudest hits, snares
     and claps, dominate the hi-hats that leak into it."""
-    import librosa
+    librosa = load_librosa()
 
     hop = max(1, int(round(rate / TEMPO_FRAME_RATE)))
     mel = librosa.feature.melspectrogram(y=mono, sr=rate, n_fft=2048, hop_length=hop, n_mels=128)
@@ -301,7 +302,7 @@ def onset_envelopes(mono: np.ndarray, rate: int) -> tp.Tuple[np.ndarray, np.ndar
 def autocorrelation(envelope: np.ndarray, max_lag: int) -> np.ndarray:
     """Autocorrelation of the centred envelope up to `max_lag` frames, each lag averaged over its overlap (so a
     long lag is not penalised for overlapping less) and divided by lag 0: 1 means the envelope repeats exactly."""
-    import librosa
+    librosa = load_librosa()
 
     centred = envelope.astype(np.float64) - envelope.mean()
     raw = librosa.autocorrelate(centred, max_size=max_lag + 1)
@@ -401,7 +402,7 @@ def measure_key(audio: np.ndarray, rate: int) -> KeyEstimate:
     fits the first START_SECONDS of sound, where that triad is the opening chord (START_TIE); otherwise `relative`
     is 0 and the key is not written, though its confidence is still recorded.
     """
-    import librosa
+    librosa = load_librosa()
 
     mono = audio.mean(axis=0)
     n_fft = 4096

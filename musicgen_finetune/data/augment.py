@@ -15,6 +15,7 @@ import numpy as np
 from ..errors import UserError
 from .audio import key_name, whole_bpm
 from .captions import BPM_PATTERN, KEY_FIELD, KEY_PATTERN, as_number
+from .librosa_loader import load_librosa
 
 PRESETS = {"default": "pitch=-2,-1,1,2;tempo=0.95,1.05"}
 KINDS = ("pitch", "tempo", "gain_db")
@@ -72,7 +73,7 @@ def parse(spec: tp.Optional[str]) -> tp.List[Variant]:
 
 def render(audio: np.ndarray, rate: int, variant: Variant) -> np.ndarray:
     """The variant of `audio` [channels, samples], peak-limited like the originals."""
-    import librosa
+    librosa = load_librosa()
 
     if variant.kind == "pitch":
         out = librosa.effects.pitch_shift(audio, sr=rate, n_steps=variant.amount, res_type="soxr_hq")

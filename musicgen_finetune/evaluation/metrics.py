@@ -21,6 +21,7 @@ import numpy as np
 
 from ..data import audio as aa
 from ..data.captions import BPM_PATTERN
+from ..data.librosa_loader import load_librosa
 
 LOW_FREQ_HZ = 120  # the 808 / sub-bass band: energy below this over all energy is `low_freq_ratio`
 TEMPO_FRAME_RATE = 100  # onset-envelope frames per second for tempo (see tempo_hop_length)
@@ -113,7 +114,7 @@ def low_freq_ratio(mono: np.ndarray, sample_rate: int, cutoff_hz: float = LOW_FR
 
 def onset_density(mono: np.ndarray, sample_rate: int) -> float:
     """Onsets per second (librosa's onset detection), a hit at the very start counted as it is after silence."""
-    import librosa
+    librosa = load_librosa()
 
     lead = np.zeros(int(round(ONSET_LEAD_SECONDS * sample_rate)), np.float32)
     onsets = librosa.onset.onset_detect(y=np.concatenate([lead, mono]), sr=sample_rate, units="frames")
