@@ -153,12 +153,12 @@ lint: setup  ## ruff: lint and format check (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0] [TEMPO_RANGE=70-140] [AUGMENT=default]
+manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [SPLIT_SEED=0] [TEXT=] [STRICT=1] [DESCRIBE=0] [TEMPO_RANGE=70-140] [AUGMENT=default] [FORCE=1]
 	@test -n "$(DATA)" -a -n "$(NAME)" || { echo "usage: make manifests DATA=<folder> NAME=<dataset>"; exit 2; }
 	$(PY) tools/manifests.py --data "$(DATA)" --name "$(NAME)" --segment $(SEGMENT) --valid $(VALID) --seed $(SPLIT_SEED) \
 		$(if $(MODEL),--model "$(MODEL)") $(if $(TEXT),--text "$(TEXT)") $(if $(STRICT),--strict) \
 		$(if $(filter 0,$(DESCRIBE)),--no-describe) $(if $(TEMPO_RANGE),--tempo-range "$(TEMPO_RANGE)") \
-		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
+		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT)) $(if $(filter-out 0,$(FORCE)),--force)
 
 plan: setup  ## MODEL=<folder|musicgen-small|-medium|-large> [NAME=] [LORA=1] [PRESET=] [ARGS=] [GPU_MEM=] [BATCHES=] [SEGMENT=] [OUT=]: predicted GPU memory and time
 	@test -n "$(MODEL)" || { echo "usage: make plan MODEL=<folder|musicgen-small|musicgen-medium|musicgen-large>"; exit 2; }

@@ -120,9 +120,10 @@ class TokenCache:
 
     @staticmethod
     def entry_fields(info) -> list:
-        path = os.path.abspath(info.meta.path)
-        stat = os.stat(path)
-        return [path, stat.st_size, stat.st_mtime_ns, float(info.seek_time), int(info.n_frames)]
+        """The file by its inode, not its path: a new version of the dataset hard-links the segments it did not
+        convert again (data/conversion.py), and those keep their tokens."""
+        stat = os.stat(info.meta.path)
+        return [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, float(info.seek_time), int(info.n_frames)]
 
     def entry_path(self, info) -> Path:
         name = short_hash(self.entry_fields(info), length=40)
@@ -149,8 +150,11 @@ class TokenCache:
                 f"tokens outside [0, {TOKEN_LIMIT}) cannot be stored as int16; turn the token cache "
                 "off (token_cache.enabled=false) for this compression model."
             )
-        fields = self.entry_fields(info)
-        metadata = {"path": fields[0], "seek_time": str(fields[3]), "n_frames": str(fields[4])}
+        metadata = {
+            "path": os.path.abspath(info.meta.path),
+            "seek_time": str(info.seek_time),
+            "n_frames": str(info.n_frames),
+        }
         data = {"tokens": tokens.detach().to("cpu", torch.int16).contiguous()}
         write_atomically(self.entry_path(info), lambda tmp: save_file(data, str(tmp), metadata=metadata))
 

@@ -48,7 +48,7 @@ def mix_into_train(solver) -> None:
     replay = solver.cfg.get("replay") or {}
     if not replay.get("dataset"):
         return
-    general = PreparedDataset(replay.dataset, "GENERAL")
+    general = getattr(solver, "general_dataset", None) or PreparedDataset(replay.dataset, "GENERAL")
     own_path = solver.cfg.datasource.train
     own = read_rows(own_path)
     rows = mixed_rows(own, general.rows("train"), float(replay.share))

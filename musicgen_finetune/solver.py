@@ -17,6 +17,7 @@
 """
 
 import contextlib
+import json
 import math
 import time
 import typing as tp
@@ -34,9 +35,11 @@ from dora import git_save
 from audiocraft import models
 
 from . import caches, checkpoints, lora, patches, prior, random_state, replay, watch
-from .data.dataset import count_segments, read_each_segment_once
+from .data import versions
+from .data.dataset import PreparedDataset, count_segments, read_each_segment_once
 from .errors import UserError
 from .experiments import HISTORY_FILE, RunLock, choose_best, write_done
+from .files import write_text_atomically
 from .models import folder as model_dir
 from .models.hf.peft_lora import read_adapter
 from .paths import output_dir
@@ -149,6 +152,7 @@ class FinetuneSolver(MusicGenSolver):
         return lora.LoraConfig.from_dict(self.cfg.get("lora") or {})
 
     def build_dataloaders(self) -> None:
+        self.pin_datasets()
         replay.mix_into_train(self)  # replay.dataset: datasource.train becomes a manifest with it mixed in
         for split, path in self.cfg.datasource.items():
             if not isinstance(path, str) or split not in self.cfg.dataset:
@@ -171,6 +175,47 @@ class FinetuneSolver(MusicGenSolver):
                 shuffle=False,
                 num_workers=generate.num_workers,
                 collate_fn=generate.collate_fn,
+            )
+
+    def pin_datasets(self) -> None:
+        """Read the datasets' current versions for the whole run (data/versions.py): the split paths resolved
+        once, the versions locked as read; their content hashes go into every checkpoint (`check_datasets`)."""
+        self.dataset_pins = versions.pin_splits(self.cfg.datasource)
+        general = (self.cfg.get("replay") or {}).get("dataset")
+        if general:  # replay.py reads this object: the version pinned here
+            self.general_dataset = PreparedDataset(general, "GENERAL")
+            self.dataset_pins.append(versions.Pin(self.general_dataset.root))
+        records = [pin.record() for pin in self.dataset_pins]
+        if len({str(r) for r in all_processes(records)}) > 1:
+            raise TrainingRefusedError(
+                "A dataset of this run was rebuilt while its processes were starting (they read different "
+                "versions): run the same command again."
+            )
+        for record in records:
+            if record["hash"]:
+                self.logger.info(
+                    "Dataset %s: version %s (content hash %s), read for the whole run",
+                    record["name"],
+                    record["version"],
+                    record["hash"][: versions.HASH_LENGTH],
+                )
+        if flashy.distrib.is_rank_zero():  # who reads which version, for `make manifests` (versions.py)
+            write_text_atomically(self.folder / versions.PINNED_FILE, json.dumps(records, indent=2) + "\n")
+
+    def check_datasets(self, saved: tp.List[dict]) -> None:
+        """Resuming: each dataset must be the version the run trained on (its content hash)."""
+        now = [pin.record() for pin in getattr(self, "dataset_pins", [])]
+        for record, there in versions.changed(saved, now):
+            now_text = (
+                f"manifests/{record['name']} is now {there['hash'][: versions.HASH_LENGTH]} ({there['version']})"
+                if there and there.get("hash")
+                else f"this run no longer reads NAME={record['name']}"
+            )
+            raise TrainingRefusedError(
+                f"NAME={record['name']} changed since this experiment started: it trained on content hash "
+                f"{record['hash'][: versions.HASH_LENGTH]} ({record['version']}), and {now_text}. Start the "
+                "experiment again on the new data with `make train ... FRESH=1`, or build the new data under "
+                f"another NAME and rebuild {record['name']} as it was to resume."
             )
 
     def generate(self) -> dict:
@@ -541,6 +586,7 @@ class FinetuneSolver(MusicGenSolver):
         every process. For a LoRA run the weights are the adapters only (megabytes), with the LoRA settings."""
         state = super().state_dict()
         state["random_states"] = getattr(self, "random_states", None)
+        state["datasets"] = [pin.record() for pin in getattr(self, "dataset_pins", [])]
         base = self.base_model or {"path": None, "hash": None}
         if not self.lora_config.enabled:
             state["base_model"] = base
@@ -564,6 +610,9 @@ class FinetuneSolver(MusicGenSolver):
     def load_state_dict(self, state: dict) -> None:
         saved_base = state.pop("base_model", None)  # ours, not stateful sources of upstream's solver
         saved_random = state.pop("random_states", None)
+        saved_datasets = state.pop("datasets", None)
+        if saved_datasets:
+            self.check_datasets(saved_datasets)
         ref = checkpoints.referenced(state.get("best_state"))
         if ref is not None:  # a lean checkpoint of this experiment
             state["best_state"] = checkpoints.resolve_best_state(self.folder, state)

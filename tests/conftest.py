@@ -87,6 +87,12 @@ def dataset(beats) -> Path:
 
 def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.CompletedProcess:
     """A tool of tools/ in a subprocess, as `make` runs it: no USER, no network (see process_hooks/)."""
+    env = tool_env(workdir, extra_env)
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tool_env(workdir: Path, extra_env=None) -> dict:
+    """The environment `run_tool` gives a tool."""
     env = {k: v for k, v in os.environ.items() if k != "USER"}
     env.update(
         {
@@ -100,7 +106,7 @@ def run_tool(args, workdir: Path, extra_env=None, timeout=600) -> subprocess.Com
             **(extra_env or {}),
         }
     )
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
 
 
 TRAIN = "tools/train.py"

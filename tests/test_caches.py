@@ -332,7 +332,34 @@ def test_token_cache_layout_is_key_then_two_hex_then_the_entry(tmp_path):
     info = SimpleNamespace(meta=SimpleNamespace(path=str(segment)), seek_time=0.5, n_frames=2)
     path = cache.entry_path(info)
     stat = segment.stat()
-    fields = [str(segment.resolve()), stat.st_size, stat.st_mtime_ns, 0.5, 2]
+    fields = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, 0.5, 2]
     name = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     assert path == (tmp_path / "tokens").resolve() / cache.key / name[:2] / f"{name}.safetensors"
     assert cache.key == hashlib.sha1(json.dumps(cache.ingredients, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def test_a_segment_hard_linked_into_a_new_dataset_version_keeps_its_entry_and_a_rewritten_one_does_not(tmp_path):
+    """A new version of a dataset hard-links the segments it did not convert again: same tokens, same entry. The
+    same bytes written anew at the old path are another file (a new inode): a new entry."""
+    import os
+    from types import SimpleNamespace
+
+    codec = torch.nn.Linear(1, 1)
+    codec.sample_rate, codec.channels, codec.frame_rate, codec.num_codebooks = 32000, 1, 50, 1
+    cache = caches.TokenCache(tmp_path / "tokens", codec, 1.0)
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v2").mkdir()
+    old, linked = tmp_path / "v1" / "seg_000.wav", tmp_path / "v2" / "seg_000.wav"
+    old.write_bytes(b"segment")
+    os.link(old, linked)
+
+    def entry(path):
+        return cache.entry_path(SimpleNamespace(meta=SimpleNamespace(path=str(path)), seek_time=0.0, n_frames=50))
+
+    assert entry(linked) == entry(old)
+    first = entry(old)
+    old.unlink()
+    keep = tmp_path / "keep"
+    keep.write_bytes(b"x")  # so that the freed inode is not handed straight back
+    old.write_bytes(b"segment")
+    assert entry(old) != first

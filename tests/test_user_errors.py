@@ -124,7 +124,7 @@ def test_manifest_settings_are_checked_before_anything_is_written(beats, options
     with pytest.raises(DatasetError) as refused:
         build_manifests(beats, "refused", ManifestOptions(**options))
     assert named in str(refused.value)
-    assert not (manifests_root() / "refused").exists() and not (manifests_root() / "refused.partial").exists()
+    assert not (manifests_root() / "refused").exists() and not (manifests_root() / ".versions" / "refused").exists()
 
 
 def test_make_manifests_names_the_variable_of_a_bad_number(beats, workdir):

@@ -1,4 +1,5 @@
-"""make manifests DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [TEXT=] [STRICT=1] [AUGMENT=]"""
+"""make manifests DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0.2] [TEXT=] [STRICT=1] [AUGMENT=]
+[FORCE=1]"""
 
 import argparse
 import json
@@ -7,6 +8,7 @@ import sys
 from musicgen_finetune import cli
 from musicgen_finetune.config import compose
 from musicgen_finetune.data.manifests import ManifestOptions, build_manifests, summary
+from musicgen_finetune.data.versions import HASH_LENGTH, read_version
 
 
 def model_format(model):
@@ -44,6 +46,9 @@ def main(argv=None) -> None:
         help="variants of training files, e.g. default or 'pitch=-2,-1,1,2;tempo=0.95,1.05;gain_db=-3,3'",
     )
     parser.add_argument("--augment-weight", default="0.5", help="sampling weight of each variant segment")
+    parser.add_argument(
+        "--force", action="store_true", help="build even while a run trains on the current version (it keeps it)"
+    )
     opts = parser.parse_args(argv)
     numbers = {
         "segment": cli.number(opts.segment, "SEGMENT"),
@@ -63,9 +68,13 @@ def main(argv=None) -> None:
         augment=opts.augment,
         **numbers,
     )
-    out = build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty())
+    out = build_manifests(opts.data, opts.name, options, progress=sys.stderr.isatty(), force=opts.force)
     print(summary(json.loads((out / "report.json").read_text())))
-    print(f"Written to {out} (report.json, dset.yaml); train with: make train MODEL=<model> NAME={opts.name}")
+    version = read_version(out.resolve()) or {}
+    print(
+        f"Written to {out} -> {out.resolve()} (content hash {version.get('hash', '?')[:HASH_LENGTH]}; report.json, "
+        f"dset.yaml); train with: make train MODEL=<model> NAME={opts.name}"
+    )
 
 
 if __name__ == "__main__":

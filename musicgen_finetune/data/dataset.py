@@ -1,5 +1,6 @@
 """One reader of a `manifests/<name>/` folder (written by `make manifests`), for training and evaluation.
 
+    manifests/<name>                            a link to the current version (data/versions.py), resolved once
     manifests/<name>/{train,valid}/data.jsonl   AudioCraft manifests
     manifests/<name>/dset.yaml                  the overrides `make train NAME=<name>` passes to dora
     manifests/<name>/audio/...                  segments and their MusicInfo sidecars
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 from ..config import hydra_value, leaves
 from ..errors import UserError
 from ..paths import manifests_root
+from . import versions
 
 SPLITS = ("train", "valid")
 MANIFEST = "data.jsonl"
@@ -30,18 +32,25 @@ class DatasetNotFoundError(UserError, FileNotFoundError):
 
 
 class PreparedDataset:
-    """`manifests/<name>/`, checked to hold what training and evaluation read. `variable` is how the user named
-    it (NAME, GENERAL) in the messages."""
+    """`manifests/<name>/`, checked to hold what training and evaluation read, at its current version (the link
+    resolved once: every read of this object is of one version). `variable` is how the user named it (NAME,
+    GENERAL) in the messages."""
 
     def __init__(self, name: str, variable: str = "NAME"):
-        self.name, self.root = name, manifests_root() / name
+        self.name, self.root = name, (manifests_root() / name).resolve()
         for path in (self.manifest("train"), self.manifest("valid"), self.root / DSET_FILE):
             if not path.is_file():
+                known = dataset_names()
                 raise DatasetNotFoundError(
-                    f"{variable}={name}: {path} does not exist. Run "
-                    f"`make manifests DATA=<your folder> NAME={name}` first."
+                    f"{variable}={name}: {path} does not exist. Run `make manifests DATA=<your folder> NAME={name}` "
+                    "first" + (f"; the datasets there are: {', '.join(known)}." if known else ".")
                 )
         self.dset = OmegaConf.to_container(OmegaConf.load(self.root / DSET_FILE), resolve=True)
+
+    @property
+    def version(self) -> tp.Optional[dict]:
+        """Its version.json (name, content hash, created), None for a dataset written before versions."""
+        return versions.read_version(self.root)
 
     def manifest(self, split: str) -> Path:
         return self.root / split / MANIFEST
@@ -83,6 +92,16 @@ class PreparedDataset:
             num_samples=len(meta),
         )
         return read_each_segment_once(dataset)
+
+
+def dataset_names() -> tp.List[str]:
+    """The datasets `make manifests` wrote (manifests/<name> with a dset.yaml)."""
+    root = manifests_root()
+    return (
+        sorted(p.name for p in root.glob(f"*/{DSET_FILE}") if not p.parent.name.startswith("."))
+        if root.is_dir()
+        else []
+    )
 
 
 def count_segments(split_path: tp.Union[str, Path]) -> int:

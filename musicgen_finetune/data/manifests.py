@@ -1,13 +1,17 @@
 """From a folder of captioned audio to an AudioCraft dataset (`make manifests`).
 
-    manifests/<name>/{train,valid}/data.jsonl   AudioCraft manifests (one AudioMeta per line, absolute paths, the
-                                                true duration and sample rate of each written file)
+    manifests/<name>                            a link to the dataset's current version (data/versions.py): a
+                                                run reads the version it started on to its end
+    manifests/<name>/{train,valid}/data.jsonl   AudioCraft manifests (one AudioMeta per line, absolute paths into
+                                                the version's folder, the true duration and sample rate of each
+                                                written file)
     manifests/<name>/audio/<source>-<hash>/     converted segments (wav) and their MusicInfo sidecars (.json, every
                                                 field present); source.json caches the conversion for re-runs
     manifests/<name>/dset.yaml                  what `make train NAME=<name>` passes to dora (paths, segment plan)
     manifests/<name>/report.json                files found, used, skipped with reasons, splits, distributions
 
-The user's files are only read. The whole folder is replaced only once the new one is complete.
+The user's files are only read. A new version is built beside the current one and replaces it once complete;
+building refuses while a run trains on the current version, unless FORCE=1.
 """
 
 import collections
@@ -19,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import replaced_when_complete
 from ..paths import manifests_root
 from . import audio as aa
 from . import augment
@@ -28,6 +31,7 @@ from .captions import with_tempo_and_key
 from .conversion import run_workers
 from .options import DatasetError, ManifestOptions, tempo_range_bounds
 from .sources import SPLITS, Collector, Source, balance_splits, collect_sources
+from .versions import new_version
 
 # MusicDataset (data/music_dataset.py ~105) raises KeyError for a sidecar missing any of these.
 MUSIC_INFO_FIELDS = ("title", "artist", "key", "bpm", "genre", "moods", "description", "name", "instrument")
@@ -168,10 +172,12 @@ def build_manifests(
     options: tp.Optional[ManifestOptions] = None,
     out_root: tp.Optional[Path] = None,
     progress: bool = False,
+    force: bool = False,
 ) -> Path:
     """`make manifests`: the folder `data_dir` of captioned audio as the dataset `manifests/<name>` (see the module's
-    docstring), replaced only once complete; returns its folder. `out_root` moves it (tests), `progress` shows a
-    bar. Raises DatasetError naming the file or setting and the fix."""
+    docstring), a new version published only once complete; returns the dataset's link. `out_root` moves it
+    (tests), `progress` shows a bar, `force` builds even while a run reads the current version. Raises DatasetError
+    naming the file or setting and the fix."""
     options = options or ManifestOptions()
     folder = Path(data_dir).expanduser().resolve()
     if not folder.is_dir():
@@ -187,7 +193,7 @@ def build_manifests(
     collector = Collector(options.strict)
     sources, found = collect_sources(folder, options, collector)
     cut = cut_length([aa.duration_seconds(s.path) for s in sources], options)
-    with replaced_when_complete(out) as staging:
+    with new_version(out, force) as (staging, version):
         records = run_workers(sources, staging, out, dataclasses.replace(options, segment=cut), progress)
         used = []
         for source, record in zip(sources, records, strict=True):
@@ -230,7 +236,7 @@ def build_manifests(
                 elif variants:
                     weight = 1.0
                 wav.with_suffix(".json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-                final = out / wav.relative_to(staging)
+                final = version / wav.relative_to(staging)
                 manifests[source.split].append(
                     json.dumps(
                         {
