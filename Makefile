@@ -98,6 +98,16 @@ BENCH_ARGS ?=
 MODULES ?=
 RECORD ?=
 
+# Every variable given on the command line must be one the goal reads (tools/check_make_vars.py), checked before
+# anything runs: `make train ... EPOCH=2` would otherwise train the preset's epochs as a new experiment.
+GIVEN_VARIABLES := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
+ifneq ($(strip $(GIVEN_VARIABLES)),)
+UNKNOWN_VARIABLE := $(shell python3 tools/check_make_vars.py --goals "$(MAKECMDGOALS)" $(GIVEN_VARIABLES))
+ifneq ($(UNKNOWN_VARIABLE),)
+$(error $(UNKNOWN_VARIABLE))
+endif
+endif
+
 .PHONY: help setup demo test test-long test-all breaks mutate lint manifests plan train grid runs board eval listen export generate import-hf export-hf export-peft doctor bench smoke-full tiny-model demo-data \
 	clean
 
@@ -112,17 +122,17 @@ demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data
 	$(PY) tools/manifests.py --data $(DEMO_GENERAL_DATA) --name $(DEMO_GENERAL_NAME) --model $(DEMO_MODEL) --segment 2 \
 		--valid 0.25
 	$(PY) tools/train.py --model $(DEMO_MODEL) --name $(DEMO_GENERAL_NAME) --preset finetune/cpu_tiny \
-		--args "optim.epochs=12 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp --fresh
+		--args="optim.epochs=12 $(ARGS)" --xp-file $(DEMO_OUT)/general.xp --fresh
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/general.xp) --out $(DEMO_OUT)/models/general
 	@echo "== 2. fine-tune it on 808 beats: fully, with LoRA, and fully with prior preservation (PRIOR=1)"
 	$(PY) tools/manifests.py --data $(DEMO_DATA) --name $(DEMO_NAME) --model $(DEMO_MODEL) --segment 2 --valid 0.25 \
 		$(if $(AUGMENT),--augment "$(AUGMENT)" --augment-weight $(AUGMENT_WEIGHT))
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny \
-		--args "$(ARGS)" --xp-file $(DEMO_OUT)/full.xp --fresh
+		--args="$(ARGS)" --xp-file $(DEMO_OUT)/full.xp --fresh
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny_lora \
-		--args "$(ARGS)" --xp-file $(DEMO_OUT)/lora.xp --fresh
+		--args="$(ARGS)" --xp-file $(DEMO_OUT)/lora.xp --fresh
 	$(PY) tools/train.py --model $(DEMO_OUT)/models/general --name $(DEMO_NAME) --preset finetune/cpu_tiny --prior \
-		--args "$(ARGS)" --xp-file $(DEMO_OUT)/prior.xp --fresh
+		--args="$(ARGS)" --xp-file $(DEMO_OUT)/prior.xp --fresh
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/full.xp) --out $(DEMO_OUT)/models/full
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/lora.xp) --out $(DEMO_OUT)/models/lora
 	$(PY) tools/export.py --xp $$(cat $(DEMO_OUT)/prior.xp) --out $(DEMO_OUT)/models/prior
@@ -162,14 +172,14 @@ manifests: setup  ## DATA=<folder> NAME=<dataset> [MODEL=] [SEGMENT=30] [VALID=0
 
 plan: setup  ## MODEL=<folder|musicgen-small|-medium|-large> [NAME=] [LORA=1] [PRESET=] [ARGS=] [GPU_MEM=] [BATCHES=] [SEGMENT=] [OUT=]: predicted GPU memory and time
 	@test -n "$(MODEL)" || { echo "usage: make plan MODEL=<folder|musicgen-small|musicgen-medium|musicgen-large>"; exit 2; }
-	$(PY) tools/plan.py --model "$(MODEL)" --preset "$(PRESET)" --args "$(ARGS)" $(if $(filter 1 true yes,$(LORA)),--lora) \
+	$(PY) tools/plan.py --model "$(MODEL)" --preset "$(PRESET)" --args="$(ARGS)" $(if $(filter 1 true yes,$(LORA)),--lora) \
 		$(if $(NAME),--name "$(NAME)") $(if $(GPU_MEM),--gpu-mem $(GPU_MEM)) $(if $(GPU_NAME),--gpu-name "$(GPU_NAME)") \
 		$(if $(BATCHES),--batches $(BATCHES)) $(if $(filter command line environment,$(origin SEGMENT)),--segment $(SEGMENT)) \
 		$(if $(OUT),--out "$(OUT)")
 
 train: setup  ## MODEL=<musicgen folder> NAME=<dataset> [LORA=1] [T5=] [PRESET=] [ARGS='k=v ...'] [GPUS=N|all] [FRESH=1] [PRIOR=1] [PRIOR_PROMPTS=<file>] [GENERAL=<dataset>]
 	@test -n "$(MODEL)" -a -n "$(NAME)" || { echo "usage: make train MODEL=<folder> NAME=<dataset> [ARGS='key=value ...']"; exit 2; }
-	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args "$(ARGS)" \
+	$(PY) tools/train.py --model "$(MODEL)" --name "$(NAME)" --preset "$(PRESET)$(if $(filter 1 true yes,$(LORA)),_lora)" --args="$(ARGS)" \
 		$(if $(T5),--t5 "$(T5)") --gpus $(GPUS) $(if $(filter 1 true yes,$(FRESH)),--fresh) \
 		$(if $(filter 1 true yes,$(PRIOR)),--prior) $(if $(PRIOR_PROMPTS),--prior-prompts "$(PRIOR_PROMPTS)") \
 		$(if $(GENERAL),--general "$(GENERAL)")

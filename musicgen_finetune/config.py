@@ -10,6 +10,7 @@ check_values           the values of the keys people change most: type and range
 import dataclasses
 import difflib
 import math
+import shlex
 import typing as tp
 from pathlib import Path
 
@@ -175,6 +176,19 @@ def closest_keys(key: str, known: tp.Sequence[str], count: int = 3) -> tp.List[s
     close = sorted((k for k, score in scores.items() if score >= max(0.75, best - 0.03)), key=lambda k: -scores[k])
     same_name = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
     return list(dict.fromkeys(close + same_name))[:count]
+
+
+def overrides_from_args(args: str) -> tp.List[str]:
+    """ARGS (one string, as the shell would split it) as Hydra overrides; a token written as a command-line flag
+    (`--optim.epochs=3`) is refused with the way to write it, where Hydra or argparse would print a usage dump."""
+    overrides = shlex.split(args)
+    for token in overrides:
+        if token.startswith("-"):
+            raise OverrideError(
+                f"ARGS: {token!r} is written as a flag; write each override as key=value, without dashes: "
+                f"ARGS='{token.lstrip('-')}'."
+            )
+    return overrides
 
 
 def check_override_keys(overrides: tp.Sequence[str], cfg: DictConfig, search_path: tp.Sequence[Path]) -> None:

@@ -3,10 +3,10 @@
 times of one training update per micro-batch, traced on fake tensors (no GPU, no weights)."""
 
 import argparse
-import shlex
 from pathlib import Path
 
 from musicgen_finetune import cli
+from musicgen_finetune.config import overrides_from_args
 from musicgen_finetune.launch import DEFAULT_PRESET
 from musicgen_finetune.planning import command
 from musicgen_finetune.planning.fit import ASSUMED_MFU
@@ -34,7 +34,7 @@ def main(argv=None) -> None:
         model=opts.model,
         name=opts.name,
         preset=opts.preset + ("_lora" if opts.lora and not opts.preset.endswith("_lora") else ""),
-        extra=shlex.split(opts.args),
+        extra=overrides_from_args(opts.args),
         segment_s=opts.segment,
     )
     result, text = command.plan(

@@ -2,10 +2,10 @@
 [PRIOR=1] [PRIOR_PROMPTS=<file>] [GENERAL=<dataset>]"""
 
 import argparse
-import shlex
 from pathlib import Path
 
 from musicgen_finetune import cli, launch
+from musicgen_finetune.config import overrides_from_args
 
 
 def main(argv=None) -> None:
@@ -29,7 +29,10 @@ def main(argv=None) -> None:
     parser.add_argument("--prior-prompts", default=None, help="file of general prompts for the prior set, one a line")
     parser.add_argument("--general", default=None, help="a dataset to replay into training at replay.share")
     opts = parser.parse_args(argv)
-    extra = [*launch.preservation_overrides(opts.prior, opts.prior_prompts, opts.general), *shlex.split(opts.args)]
+    extra = [
+        *launch.preservation_overrides(opts.prior, opts.prior_prompts, opts.general),
+        *overrides_from_args(opts.args),
+    ]
     folder = launch.run(opts.model, opts.name, opts.t5, opts.preset, extra, opts.gpus, opts.fresh)
     if opts.xp_file:
         Path(opts.xp_file).parent.mkdir(parents=True, exist_ok=True)
