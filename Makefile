@@ -58,8 +58,8 @@ OUT ?=
 WHICH ?= best
 ADAPTER ?=
 PROMPTS ?=
-# unset: the defaults of musicgen_finetune.generate.Sampling (duration 10 s, top-k 250, top-p 0, temperature 1,
-# CFG 3, batch 4), which the tools read
+# unset: the defaults of musicgen_finetune.generate.Sampling (duration 10 s, top-k 250 or all codes if fewer, top-p 0,
+# temperature 1, CFG 3, batch 4), which the tools read
 DURATION ?=
 SEED ?= 0
 TOP_K ?=

@@ -13,6 +13,7 @@ MusicGen, converted on the fly), and works offline whatever segment length the m
 import dataclasses
 import json
 import re
+import sys
 import typing as tp
 from pathlib import Path
 
@@ -36,12 +37,16 @@ class GenerationError(UserError, ValueError):
     """Bad input to generation; the message names the value and the fix."""
 
 
+# MusicGen's own default (audiocraft/models/musicgen.py set_generation_params)
+DEFAULT_TOP_K = 250
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How audio is sampled from a model; the defaults of `make generate` and `make eval` (MusicGen's own)."""
 
     duration: float = 10.0  # seconds of audio per prompt
-    top_k: int = 250  # sample among the k likeliest codes (0: off)
+    top_k: tp.Optional[int] = None  # the k likeliest codes (0: off); None: DEFAULT_TOP_K, or all codes if fewer
     top_p: float = 0.0  # nucleus sampling threshold (0: off)
     temperature: float = 1.0
     cfg_coef: float = 3.0  # classifier-free guidance
@@ -56,9 +61,9 @@ class Sampling:
                 f"DURATION={self.duration:g}: must be above 0 and at most {LONGEST:g} s (past "
                 f"{MAX_DURATION:g} s the audio is extended window by window)"
             )
-        if self.top_k < 0:
+        if self.top_k is not None and self.top_k < 0:
             problems.append(f"TOP_K={self.top_k}: must be >= 0 (0 disables top-k)")
-        elif card is not None and self.top_k > card:
+        elif card is not None and self.top_k is not None and self.top_k > card:
             problems.append(
                 f"TOP_K={self.top_k} is more than the {card} codes of this model's codebooks; use at "
                 f"most {card} (0 disables top-k)"
@@ -74,11 +79,25 @@ class Sampling:
         if problems:
             raise GenerationError("; ".join(problems) + ".")
 
+    def for_model(self, card: int) -> "Sampling":
+        """These settings for a model whose codebooks have `card` codes: the default top-k lowered to `card` when
+        it has fewer (said on stderr), a top-k the user gave checked against it (GenerationError)."""
+        if self.top_k is not None:
+            self.check(card)
+            return self
+        if card < DEFAULT_TOP_K:
+            print(
+                f"top-k: {card}, every code of this model's codebooks (the default {DEFAULT_TOP_K} is more than that)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return dataclasses.replace(self, top_k=min(DEFAULT_TOP_K, card))
+
     def generation_params(self) -> dict:
         """What `MusicGen.set_generation_params` takes."""
         return {
             "use_sampling": True,
-            "top_k": self.top_k,
+            "top_k": DEFAULT_TOP_K if self.top_k is None else self.top_k,
             "top_p": self.top_p,
             "temperature": self.temperature,
             "duration": self.duration,
@@ -121,7 +140,10 @@ def load(
         lora.merge(lm)
     lm.eval()
     compression = loaders.load_compression_model(str(files.root), device=device)
-    return MusicGen(files.root.name, compression, lm.to(device), max_duration=MAX_DURATION)
+    model = MusicGen(files.root.name, compression, lm.to(device), max_duration=MAX_DURATION)
+    # MusicGen.__init__ sets top_k=250 (models/musicgen.py set_generation_params); torch.topk fails past the codebook
+    model.generation_params["top_k"] = min(DEFAULT_TOP_K, int(lm.card))
+    return model
 
 
 def read_prompts(prompts: str) -> tp.List[str]:
@@ -160,7 +182,7 @@ def generate(
     settings. The same model, prompts, seeds and settings give the same audio. Returns `out`."""
     texts = read_prompts(prompts)
     sampling.check()  # before reading the model: a wrong value fails at once
-    sampling.check(card=int(open_model(model_folder, t5).xp_cfg.transformer_lm.card))
+    sampling = sampling.for_model(int(open_model(model_folder, t5).xp_cfg.transformer_lm.card))
     model = load(model_folder, adapter, t5=t5)
     out = Path(out).expanduser().resolve()
     items = write_samples(model, texts, out, sampling, seeds, progress)

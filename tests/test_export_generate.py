@@ -162,11 +162,23 @@ def test_bad_generation_input_fails_before_loading(tmp_path, full_export):
     with pytest.raises(generate.GenerationError, match="DURATION=0"):
         generate.generate(full_export, PROMPT, tmp_path / "out", sampling=generate.Sampling(duration=0))
     with pytest.raises(generate.GenerationError, match="TOP_K=250 is more than the 64 codes"):
-        generate.generate(full_export, PROMPT, tmp_path / "out", sampling=generate.Sampling(duration=1.0))
+        generate.generate(full_export, PROMPT, tmp_path / "out", sampling=generate.Sampling(duration=1.0, top_k=250))
     with pytest.raises(model_dir.ModelDirError, match="is not a folder"):
         generate.load(tmp_path / "no-model")
     with pytest.raises(generate.GenerationError, match="does not exist"):
         generate.load(full_export, adapter=tmp_path / "missing.safetensors")
+
+
+def test_the_default_top_k_fits_a_model_with_fewer_codes(tmp_path, full_export, capfd):
+    """The tiny model's codebooks have 64 codes: MusicGen's default top-k of 250 becomes 64, said on stderr, in
+    make generate and in load() (whose MusicGen would otherwise fail in torch.topk)."""
+    out = generate.generate(full_export, PROMPT, tmp_path / "out", sampling=generate.Sampling(duration=0.5))
+    assert json.loads((out / "generated.json").read_text())["settings"]["top_k"] == 64
+    assert "top-k: 64" in capfd.readouterr().err
+    model = generate.load(full_export)
+    assert model.generation_params["top_k"] == 64
+    model.set_generation_params(duration=0.2, top_k=model.generation_params["top_k"])
+    assert model.generate(["a beat"]).shape[-1] > 0
 
 
 def test_export_errors_name_the_experiment(tmp_path, first_run):

@@ -313,7 +313,7 @@ def measure(
     if options.general:
         general = PreparedDataset(options.general, "GENERAL")
         general_ce = cross_entropy(model, general.segments_once("valid", rate, channels))
-    sampling = dataclasses.replace(options.sampling, top_k=min(options.sampling.top_k, int(model.lm.card)))
+    sampling = options.sampling.for_model(int(model.lm.card))
     folder = out_dir / "samples" / spec.id
     samples = []
     for item in write_samples(
