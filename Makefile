@@ -210,9 +210,9 @@ export: setup  ## XP=<signature or folder> [OUT=] [WHICH=best|last]: a model fol
 	@test -n "$(XP)" || { echo "usage: make export XP=<signature> [OUT=<folder>] [WHICH=best|last]"; exit 2; }
 	$(PY) tools/export.py --xp "$(XP)" --which $(WHICH) $(if $(OUT),--out "$(OUT)")
 
-generate: setup  ## MODEL= PROMPTS=<file or "text"> [ADAPTER=<ours or a PEFT folder>] [DURATION=10] [SEED=0,1] [OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]
-	@test -n "$(MODEL)" -a -n "$(PROMPTS)" || { echo "usage: make generate MODEL=<folder> PROMPTS=<file or text>"; exit 2; }
-	$(PY) tools/generate.py --model "$(MODEL)" --prompts "$(PROMPTS)" --seeds $(SEED) \
+generate: setup  ## MODEL= PROMPTS=<file or "several words"> or TEXT=<prompt> [ADAPTER=<ours or a PEFT folder>] [DURATION=10] [SEED=0,1] [OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]
+	@test -n "$(MODEL)" -a -n "$(PROMPTS)$(TEXT)" || { echo "usage: make generate MODEL=<folder> PROMPTS=<file or text> (or TEXT=<prompt>)"; exit 2; }
+	$(PY) tools/generate.py --model "$(MODEL)" $(if $(TEXT),--text "$(TEXT)",--prompts "$(PROMPTS)") --seeds $(SEED) \
 		$(if $(DURATION),--duration $(DURATION)) $(if $(TOP_K),--top-k $(TOP_K)) $(if $(TOP_P),--top-p $(TOP_P)) \
 		$(if $(TEMPERATURE),--temperature $(TEMPERATURE)) $(if $(CFG),--cfg $(CFG)) $(if $(BATCH),--batch $(BATCH)) \
 		$(if $(ADAPTER),--adapter "$(ADAPTER)") $(if $(OUT),--out "$(OUT)") $(if $(T5),--t5 "$(T5)")

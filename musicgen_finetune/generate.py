@@ -11,6 +11,7 @@ MusicGen, converted on the fly), and works offline whatever segment length the m
 """
 
 import dataclasses
+import datetime
 import json
 import re
 import sys
@@ -37,6 +38,7 @@ class GenerationError(UserError, ValueError):
     """Bad input to generation; the message names the value and the fix."""
 
 
+SHORTEST = 0.5  # seconds: AudioCraft's loudness normalisation (audio_write) fails under one 400 ms block
 # MusicGen's own default (audiocraft/models/musicgen.py set_generation_params)
 DEFAULT_TOP_K = 250
 
@@ -56,10 +58,11 @@ class Sampling:
         """GenerationError naming every value out of range (as the Makefile variable that sets it); `card`: the
         model's codebook size, which top-k may not exceed."""
         problems = []
-        if not 0 < self.duration <= LONGEST:
+        if not SHORTEST <= self.duration <= LONGEST:
             problems.append(
-                f"DURATION={self.duration:g}: must be above 0 and at most {LONGEST:g} s (past "
-                f"{MAX_DURATION:g} s the audio is extended window by window)"
+                f"DURATION={self.duration:g}: must be at least {SHORTEST:g} s (a clip's loudness is measured over "
+                f"400 ms blocks) and at most {LONGEST:g} s (past {MAX_DURATION:g} s the audio is extended window by "
+                "window)"
             )
         if self.top_k is not None and self.top_k < 0:
             problems.append(f"TOP_K={self.top_k}: must be >= 0 (0 disables top-k)")
@@ -146,8 +149,14 @@ def load(
     return model
 
 
-def read_prompts(prompts: str) -> tp.List[str]:
-    """PROMPTS= is a file (one prompt a line, # comments) or the prompt itself."""
+def read_prompts(prompts: str, text: bool = False) -> tp.List[str]:
+    """PROMPTS= is a file (one prompt a line, # comments), or the prompt itself when it has a space in it; `text`
+    (TEXT=): the prompt itself, whatever it looks like. A single word that names no file is refused: it is more
+    likely a file name mistyped than a prompt."""
+    if text:
+        if not prompts.strip():
+            raise GenerationError("TEXT is empty: give the prompt text.")
+        return [prompts.strip()]
     path = Path(prompts).expanduser()
     if path.is_file():
         lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
@@ -157,11 +166,26 @@ def read_prompts(prompts: str) -> tp.List[str]:
         return found
     if not prompts.strip():
         raise GenerationError("PROMPTS is empty: give a prompt text, or a file with one prompt per line.")
-    if re.fullmatch(r"\S+\.(txt|csv|lst|prompts)", prompts.strip(), re.IGNORECASE):
+    if not re.search(r"\s", prompts.strip()):
         raise GenerationError(
-            f"PROMPTS={prompts}: no such file ({path.resolve()}); give an existing file, or the prompt text itself."
+            f"PROMPTS={prompts}: no such file ({path.resolve()}). Give an existing file, a prompt of several words, "
+            f"or a one-word prompt as TEXT={prompts}."
         )
     return [prompts.strip()]
+
+
+def new_samples_folder(parent: Path) -> Path:
+    """`parent/<UTC time>/`, created now and empty, so that no run of `make generate` writes over another's."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for suffix in ("", *(f"-{i}" for i in range(1, 1000))):
+        folder = parent / f"{stamp}{suffix}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise GenerationError(f"no free folder name under {parent}")
 
 
 def slug(text: str, length: int = 48) -> str:
@@ -177,14 +201,21 @@ def generate(
     seeds: tp.Sequence[int] = (0,),
     progress: bool = True,
     t5: tp.Optional[str] = None,
+    text: bool = False,
 ) -> Path:
     """`make generate`: one wav per prompt and seed in `out`, and generated.json saying what was made with which
-    settings. The same model, prompts, seeds and settings give the same audio. Returns `out`."""
-    texts = read_prompts(prompts)
+    settings. The same model, prompts, seeds and settings give the same audio. `out` must not hold another
+    generation's generated.json (nothing is written over); `text`: `prompts` is the prompt itself. Returns `out`."""
+    texts = read_prompts(prompts, text)
+    out = Path(out).expanduser().resolve()
+    if (out / "generated.json").exists():
+        raise GenerationError(
+            f"OUT={out} already holds the samples of another run (generated.json): give another OUT, or leave OUT "
+            "unset for a new folder under output/samples/<model>/."
+        )
     sampling.check()  # before reading the model: a wrong value fails at once
     sampling = sampling.for_model(int(open_model(model_folder, t5).xp_cfg.transformer_lm.card))
     model = load(model_folder, adapter, t5=t5)
-    out = Path(out).expanduser().resolve()
     items = write_samples(model, texts, out, sampling, seeds, progress)
     manifest = {
         "model": str(Path(model_folder).expanduser().resolve()),

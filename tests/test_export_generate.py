@@ -2,11 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import soundfile as sf
 import torch
-from conftest import run_tool, xp_folder
+from conftest import one_error_line, run_tool, xp_folder
 
 from musicgen_finetune import export, generate, lora
 from musicgen_finetune.checkpoints import resolve_best_state
@@ -213,3 +214,37 @@ def test_generate_command_writes_one_wav_per_prompt_and_seed(full_export, workdi
     manifest = json.loads((tmp_path / "wavs" / "generated.json").read_text())
     assert len(manifest["items"]) == 4 and manifest["settings"]["top_k"] == 50
     assert all((tmp_path / "wavs" / item["file"]).is_file() for item in manifest["items"])
+
+
+def test_each_generate_command_writes_a_folder_of_its_own_and_never_over_another(full_export, workdir):
+    def run(*args):
+        return run_tool(["tools/generate.py", "--model", str(full_export), "--duration", "0.5", *args], workdir)
+
+    def folder_of(result):
+        assert result.returncode == 0, result.stderr[-3000:]
+        last = result.stdout.strip().splitlines()[-1]
+        assert last.startswith("Generated into ")
+        return Path(last.split()[2])
+
+    first, second = folder_of(run("--text", "boom")), folder_of(run("--prompts", "two words"))
+    assert first != second and first.parent == second.parent == workdir / "output" / "samples" / full_export.name
+    assert [i["prompt"] for i in json.loads((first / "generated.json").read_text())["items"]] == ["boom"]
+    assert [i["prompt"] for i in json.loads((second / "generated.json").read_text())["items"]] == ["two words"]
+    listed = sorted(first.parent.iterdir())
+    again = run("--text", "boom", "--out", str(first))
+    assert again.returncode == 2 and "already holds the samples of another run" in one_error_line(again.stderr)
+    word = run("--prompts", "prompts")
+    assert word.returncode == 2 and "TEXT=prompts" in one_error_line(word.stderr)
+    assert sorted(first.parent.iterdir()) == listed  # no folder left by the refusals
+
+
+def test_prompts_is_a_file_or_words_and_text_is_always_the_prompt(tmp_path):
+    listed = tmp_path / "prompts"
+    listed.write_text("one\n# not this\ntwo words\n")
+    assert generate.read_prompts(str(listed)) == ["one", "two words"]
+    assert generate.read_prompts("a trap beat") == ["a trap beat"]
+    assert generate.read_prompts(str(listed), text=True) == [str(listed)]
+    with pytest.raises(generate.GenerationError, match="TEXT=boom"):
+        generate.read_prompts("boom")
+    with pytest.raises(generate.GenerationError, match="TEXT is empty"):
+        generate.read_prompts(" ", text=True)

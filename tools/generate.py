@@ -1,11 +1,13 @@
-"""make generate MODEL=<folder> PROMPTS=<file or "text"> [ADAPTER=] [DURATION=] [SEED=0] [OUT=] [TOP_K TOP_P
-TEMPERATURE CFG BATCH]; unset values take the defaults of musicgen_finetune.generate.Sampling."""
+"""make generate MODEL=<folder> PROMPTS=<file or "several words"> | TEXT=<prompt> [ADAPTER=] [DURATION=] [SEED=0]
+[OUT=] [TOP_K TOP_P TEMPERATURE CFG BATCH]; unset values take the defaults of musicgen_finetune.generate.Sampling.
+Each run writes a folder of its own, output/samples/<model>/<UTC time>/ (or OUT=), named on the last line."""
 
 import argparse
 import sys
+from pathlib import Path
 
 from musicgen_finetune import cli, output_dir
-from musicgen_finetune.generate import GenerationError, Sampling, generate, slug
+from musicgen_finetune.generate import GenerationError, Sampling, generate, new_samples_folder, slug
 
 
 def seeds_of(text: str) -> list:
@@ -18,7 +20,9 @@ def seeds_of(text: str) -> list:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True)
-    parser.add_argument("--prompts", required=True, help="a text file, one prompt a line, or the prompt itself")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompts", help="a text file, one prompt a line, or a prompt of several words")
+    prompts.add_argument("--text", help="the prompt itself, whatever it looks like")
     parser.add_argument(
         "--adapter", default=None, help="LoRA adapters.safetensors, or a PEFT LoRA folder, to apply on the model"
     )
@@ -41,11 +45,24 @@ def main(argv=None) -> None:
             if parts[-1].endswith(".safetensors")
             else "-".join(parts[-2:] if parts[-1] == "peft" else parts[-1:])
         )
-    out = opts.out or output_dir() / "samples" / slug(name)
+    out = opts.out or new_samples_folder(output_dir() / "samples" / slug(name))
     sampling = Sampling(opts.duration, opts.top_k, opts.top_p, opts.temperature, opts.cfg, opts.batch)
-    folder = generate(
-        opts.model, opts.prompts, out, opts.adapter, sampling, seeds, progress=sys.stderr.isatty(), t5=opts.t5
-    )
+    try:
+        folder = generate(
+            opts.model,
+            opts.text if opts.text is not None else opts.prompts,
+            out,
+            opts.adapter,
+            sampling,
+            seeds,
+            progress=sys.stderr.isatty(),
+            t5=opts.t5,
+            text=opts.text is not None,
+        )
+    except BaseException:
+        if not opts.out and not any(Path(out).iterdir()):
+            Path(out).rmdir()  # the new folder, left empty by a refusal
+        raise
     print(f"Generated into {folder} (generated.json lists prompts, seeds and settings)")
 
 
