@@ -100,8 +100,9 @@ RECORD ?=
 
 # Every variable given on the command line must be one the goal reads (tools/check_make_vars.py), checked before
 # anything runs: `make train ... EPOCH=2` would otherwise train the preset's epochs as a new experiment.
+# Only the make a user typed: one started by a recipe (a test calling `make -n`) inherits its variables.
 GIVEN_VARIABLES := $(foreach v,$(.VARIABLES),$(if $(filter command line,$(origin $(v))),$(v)))
-ifneq ($(strip $(GIVEN_VARIABLES)),)
+ifeq ($(MAKELEVEL)$(if $(strip $(GIVEN_VARIABLES)),,none),0)
 UNKNOWN_VARIABLE := $(shell python3 tools/check_make_vars.py --goals "$(MAKECMDGOALS)" $(GIVEN_VARIABLES))
 ifneq ($(UNKNOWN_VARIABLE),)
 $(error $(UNKNOWN_VARIABLE))

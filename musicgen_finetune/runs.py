@@ -17,6 +17,7 @@ import json
 import typing as tp
 from pathlib import Path
 
+from .data.versions import VERSIONS_FOLDER
 from .experiments import best_epoch, is_running, valid_value
 from .files import write_text_atomically
 from .models.folder import PRETRAINED_PREFIX
@@ -27,11 +28,13 @@ COLUMNS = ("signature", "model", "dataset", "kind", "epochs", "best", "valid", "
 
 
 def dataset_name(split_manifest: tp.Optional[str]) -> tp.Optional[str]:
-    """manifests/<name>/{train,valid}(.jsonl) -> <name>."""
+    """manifests/<name>/{train,valid}(.jsonl), or the version a run pinned, manifests/.versions/<name>/<time>/valid,
+    -> <name>."""
     if not split_manifest:
         return None
     path = Path(split_manifest)
-    return path.parent.name if path.name.startswith(("train", "valid")) else path.name
+    folder = path.parent if path.name.startswith(("train", "valid")) else path
+    return folder.parent.name if folder.parent.parent.name == VERSIONS_FOLDER else folder.name
 
 
 def write_status(

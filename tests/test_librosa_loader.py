@@ -1,8 +1,10 @@
 """librosa's import waits for the lock that keeps two processes from writing numba's cache at once (numba#10128)."""
 
 import fcntl
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 from musicgen_finetune.data.librosa_loader import EAGERLY_COMPILED, load_librosa, lock_path
@@ -16,10 +18,12 @@ IMPORT_AND_REPORT = (
 UNLOCKED_IMPORT_SECONDS = 10
 
 
-def test_import_waits_for_the_lock_then_loads_every_eagerly_compiled_module():
+def test_import_waits_for_the_lock_then_loads_every_eagerly_compiled_module(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # a lock of this test's own: other tests import librosa
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
     with open(lock_path(), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another process compiling
-        child = subprocess.Popen([sys.executable, "-c", IMPORT_AND_REPORT], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen([sys.executable, "-c", IMPORT_AND_REPORT], stdout=subprocess.PIPE, text=True, env=env)
         assert child.stdout.readline().strip() == "ready"
         time.sleep(UNLOCKED_IMPORT_SECONDS)
         assert child.poll() is None, "librosa was imported while another process held the lock"
@@ -29,8 +33,9 @@ def test_import_waits_for_the_lock_then_loads_every_eagerly_compiled_module():
     assert out.strip() == str(sorted(EAGERLY_COMPILED))
 
 
-def test_the_lock_is_released_after_loading():
-    load_librosa()
+def test_the_lock_is_released_after_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    load_librosa.__wrapped__()  # not the cached module: the locking again
     with open(lock_path(), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError if still held
 

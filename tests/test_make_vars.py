@@ -1,6 +1,7 @@
 """Every variable on `make`'s command line is one the goal reads (tools/check_make_vars.py): a typo stops `make`
 before anything runs, naming the closest variable, and a training setting is shown as the ARGS override it is."""
 
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,9 @@ MAKEFILE = (REPO / "Makefile").read_text()
 
 
 def make_dry_run(*args):
-    return subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True)
+    """`make -n` as a user types it: not as a make inside `make test`, whose variables it would inherit."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    return subprocess.run(["make", "-n", *args], cwd=REPO, capture_output=True, text=True, env=env)
 
 
 def test_a_training_setting_given_as_a_variable_stops_make_naming_the_override():

@@ -306,6 +306,7 @@ def test_runs_rows_and_table_in_this_process(tmp_path):
 
 def test_dataset_names_from_manifests():
     assert runs.dataset_name("/x/manifests/beats/train") == "beats"
+    assert runs.dataset_name("/x/manifests/.versions/beats/20261207T101010/valid") == "beats"  # as a run pins it
     assert runs.dataset_name("/x/manifests/beats/valid.jsonl") == "beats"
     assert runs.dataset_name("/x/manifests/beats") == "beats"
     assert runs.dataset_name(None) is None and runs.dataset_name("") is None
