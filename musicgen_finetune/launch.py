@@ -21,7 +21,7 @@ from .cli import USER_ERROR_STATUS
 from .config import OverrideError, check_override_keys, check_values, hydra_value
 from .data.dataset import PreparedDataset
 from .errors import UserError
-from .experiments import CHECKPOINT_FILE, LOG_FILE, RunLock
+from .experiments import CHECKPOINT_FILE, LOG_FILE, RunLock, read_done
 from .lora import LoraConfig, check_continuable
 from .models import folder as model_dir
 from .models import xp_cfg
@@ -240,6 +240,7 @@ def run(
     check_not_running(xp.folder)
     if fresh and xp.folder.exists():
         print(f"FRESH: removing {xp.folder} and starting this experiment again", flush=True)
+    ended = None if fresh else read_done(xp.folder)
     command = dora_command(overrides, processes, fresh)
     print("Running: " + shlex.join(command), flush=True)
     if xp.cfg.logging.get("log_tensorboard"):
@@ -259,6 +260,12 @@ def run(
         raise SystemExit(USER_ERROR_STATUS)  # the run printed its one error line
     if returncode != 0:
         raise SystemExit(f"Training failed (exit {returncode}); the log is {log}.")
+    if ended:
+        print(
+            f"Experiment {xp.sig} had already ended ({ended['reason']}, {ended['epochs']} epochs, best epoch "
+            f"{ended['best_epoch']}): nothing was trained. FRESH=1 trains it again from the start; more epochs "
+            "(ARGS='optim.epochs=<n>') make a new experiment."
+        )
     print(
         f"Experiment {xp.sig}: {xp.folder}\n"
         f"  checkpoint {checkpoint}\n"

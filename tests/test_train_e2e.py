@@ -61,6 +61,7 @@ def test_rerun_resumes_instead_of_restarting(first_run, workdir, tiny_model):
     log = again.stderr + again.stdout
     assert f"Loading existing checkpoint: {folder / 'checkpoint.th'}" in log
     assert "Train | Epoch" not in log  # nothing retrained
+    assert "had already ended (completed" in again.stdout and "nothing was trained" in again.stdout
     assert (folder / "history.json").read_text() == history_before
 
 

@@ -117,6 +117,7 @@ def test_no_gpu_names_the_cpu_presets(tiny_model, dataset, monkeypatch):
         ({"segment": -1}, "SEGMENT=-1: must be a number of seconds >= 1"),
         ({"valid": 1.5}, "VALID=1.5: must be a fraction in [0, 1)"),
         ({"valid": -0.1}, "VALID=-0.1: must be a fraction in [0, 1)"),
+        ({"valid": 0}, "VALID=0: training validates after every epoch"),
         ({"seed": 1.5}, "SPLIT_SEED=1.5: must be a whole number"),
     ],
 )

@@ -68,6 +68,11 @@ def check_options(options: "ManifestOptions", augmenting: bool) -> None:
             f"VALID={options.valid}: must be a fraction in [0, 1), the share of files held out for "
             "validation (0.2: one in five)"
         )
+    elif options.valid == 0:  # the split would get a file anyway (sources.balance_splits), unannounced
+        problems.append(
+            "VALID=0: training validates after every epoch (its loss picks the best epoch and stops early), so "
+            "at least one file is held out; give a fraction such as VALID=0.1"
+        )
     if isinstance(options.seed, bool) or not isinstance(options.seed, int):
         problems.append(f"SPLIT_SEED={options.seed}: must be a whole number (it picks the validation files)")
     if augmenting and not (isinstance(options.augment_weight, (int, float)) and options.augment_weight > 0):
