@@ -233,3 +233,10 @@ def test_gain_variants_scale_and_stay_under_the_peak_ceiling():
     loud = augment.render(audio, 8000, augment.Variant("gain_db", 12))  # 0.25 x 3.98 = 0.995: limited to 0.99
     assert abs(float(np.abs(loud).max()) - 0.99) < 1e-6
     np.testing.assert_allclose(loud, audio / np.abs(audio).max() * 0.99, rtol=1e-5)
+
+
+def test_a_key_written_in_capitals_keeps_its_flat():
+    """`EB MAJOR` (a tag written in capitals) is E-flat major, not E major: the flat read in either case."""
+    assert augment.transpose_key("EB MAJOR", 0) == "Eb major"
+    assert augment.transpose_key("EB major", 2) == "F major"
+    assert augment.transpose_key("E major", 2) == "F# major"
