@@ -51,6 +51,8 @@ def test_known_and_environment_variables_pass():
     for args in (
         ("train", "MODEL=m", "NAME=n", "LORA=1", "ARGS=optim.epochs=2", "OUTPUT=o", "CUDA_VISIBLE_DEVICES=1"),
         ("manifests", "DATA=d", "NAME=n", "SEGMENT=10", "FORCE=1"),
+        ("test-all", "PYTEST_ARGS=-x", "TEST_WORKERS=1"),  # read by its prerequisites' recipes, not its own
+        ("manifests", "DATA=d", "NAME=n", "PYTHON=python3"),  # read by tools/setup.sh, which `setup` runs first
     ):
         result = make_dry_run(*args)
         assert result.returncode == 0, result.stderr
