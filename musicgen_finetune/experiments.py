@@ -24,7 +24,7 @@ import typing as tp
 from pathlib import Path
 
 from .errors import UserError
-from .files import write_text_atomically
+from .files import lock_held, write_text_atomically
 from .paths import experiments_dir
 
 CHECKPOINT_FILE = "checkpoint.th"
@@ -77,16 +77,7 @@ class RunLock:
 
 def is_running(folder: tp.Union[str, Path]) -> bool:
     """Whether a process holds the experiment's run lock now."""
-    path = Path(folder) / LOCK_FILE
-    if not path.is_file():
-        return False
-    with open(path) as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(file, fcntl.LOCK_UN)
-    return False
+    return lock_held(Path(folder) / LOCK_FILE)
 
 
 class ExperimentNotFoundError(UserError, FileNotFoundError):

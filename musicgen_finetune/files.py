@@ -8,6 +8,7 @@ Both leave their outputs with the permissions of an ordinary file of this proces
 """
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -79,3 +80,17 @@ def replaced_when_complete(out: Path) -> tp.Iterator[Path]:
         out.rename(previous)  # until the new folder is in place, the old one can be recovered from here
     staging.rename(out)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def lock_held(path: Path, exclusive: bool = False) -> bool:
+    """Whether some process holds a flock on the file `path` that a shared (or, `exclusive`, an exclusive) lock
+    would wait for; False when the file does not exist."""
+    if not path.is_file():
+        return False
+    with open(path) as file:
+        try:
+            fcntl.flock(file, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(file, fcntl.LOCK_UN)
+    return False

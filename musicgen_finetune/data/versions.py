@@ -29,6 +29,7 @@ import typing as tp
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import lock_held
 from ..paths import experiments_dir
 
 VERSIONS_FOLDER = ".versions"
@@ -74,16 +75,7 @@ def read_version(root: Path) -> tp.Optional[dict]:
 
 def readers_busy(root: Path) -> bool:
     """Whether a process holds the version's readers lock (a run is training on it)."""
-    lock = root / READERS_LOCK
-    if not lock.is_file():
-        return False
-    with open(lock, "a") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(file, fcntl.LOCK_UN)
-    return False
+    return lock_held(root / READERS_LOCK, exclusive=True)  # readers hold it shared
 
 
 def experiments_reading(root: Path) -> tp.List[str]:
