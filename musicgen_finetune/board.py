@@ -6,6 +6,8 @@ TensorBoard serves its bundled page and reads the event files in Python (`--load
 binary); nothing is fetched from the network.
 """
 
+import logging
+import re
 import threading
 import typing as tp
 from pathlib import Path
@@ -37,11 +39,41 @@ def log_dir(xp: tp.Optional[str] = None) -> Path:
     return (folder / TENSORBOARD_DIR).resolve()
 
 
+class ResumedRunNote(logging.Filter):
+    """TensorBoard's warning when it drops the updates an interrupted process logged past the checkpoint its run
+    resumed from ("Detected out of order event.step likely caused by a TensorFlow restart. Purging expired events
+    ...", tensorboard/backend/event_processing/plugin_event_accumulator.py `_Purge`) reads as a fault. It is what
+    the resumed process asked for (its SummaryWriter's purge_step, watch.py), so it is said as that, one line."""
+
+    # plugin_event_accumulator's wording (make board's reader); event_accumulator's says "Removing N scalars"
+    PURGE = re.compile(r"Detected out of order event\.step.*?Purging (\d+) expired .*?current step: (\d+)", re.S)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = self.PURGE.search(record.getMessage())
+        if found:
+            scalars, step = found.groups()
+            record.msg = (
+                "a resumed run: %s values logged from update %s on by the process that was interrupted are replaced "
+                "by the resumed process's (not an error)"
+            )
+            record.args = (scalars, step)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def explain_resumed_runs() -> None:
+    """ResumedRunNote on TensorBoard's logger (tensorboard/util/tb_logging.py: logging.getLogger("tensorboard"))."""
+    tensorboard_logger = logging.getLogger("tensorboard")
+    if not any(isinstance(f, ResumedRunNote) for f in tensorboard_logger.filters):
+        tensorboard_logger.addFilter(ResumedRunNote())
+
+
 def serve(xp: tp.Optional[str] = None, port: int = 6006, host: str = "127.0.0.1") -> tp.NoReturn:
     """Start TensorBoard, print its address, serve until interrupted."""
     from tensorboard import program
 
     logdir = log_dir(xp)
+    explain_resumed_runs()
     board = program.TensorBoard()
     board.configure(argv=[None, "--logdir", str(logdir), "--host", host, "--port", str(port), "--load_fast=false"])
     try:

@@ -75,7 +75,9 @@ def write_peft_folder(staging: Path, out: Path, base_dir: Path, base_hash: str) 
     """<export>/peft/: the adapters as a PEFT LoRA folder on the transformers form of the base (found, or converted
     once). None when written, else why not: printed, and the rest of the export stands."""
     try:
-        hf_base = peft_lora.transformers_base(base_dir, base_hash)
+        hf_base, users_own = peft_lora.transformers_base(base_dir, base_hash)
+        if not users_own:  # <export>/transformers-base/, which peft/ names as ../transformers-base
+            hf_base = peft_lora.place_beside(hf_base, staging / "peft")
         config, metadata, tensors = lora.read_adapters(staging / "adapters.safetensors")
         (staging / "peft").mkdir()
         peft_lora.write_peft(
@@ -90,6 +92,7 @@ def write_peft_folder(staging: Path, out: Path, base_dir: Path, base_hash: str) 
         return None
     except UserError as err:
         shutil.rmtree(staging / "peft", ignore_errors=True)
+        shutil.rmtree(staging / peft_lora.BESIDE_BASE, ignore_errors=True)
         print(f"peft/ not written (the rest of the export is): {err}", flush=True)
         return str(err)
 

@@ -40,6 +40,33 @@ def test_transformers_format_folder_gets_a_hint(tmp_path):
         model_dir.check(tmp_path)  # the check alone only reads, and says what it sees
 
 
+def test_a_parent_folder_names_the_model_below_it(tiny_model, tmp_path):
+    """MODEL=<the folder holding the model>, or a hub cache's models--... folder: the line names the folder below."""
+    copy_model(tiny_model, tmp_path / "models", "musicgen-small")
+    (tmp_path / "models" / "notes").mkdir()
+    with pytest.raises(model_dir.ModelDirError, match=f"MODEL={tmp_path / 'models' / 'musicgen-small'}\\.$"):
+        open_model(tmp_path / "models")
+    cache = tmp_path / "models--facebook--musicgen-small"
+    copy_model(tiny_model, cache / "snapshots", "0123abc")
+    with pytest.raises(model_dir.ModelDirError, match=f"below it: MODEL={cache / 'snapshots' / '0123abc'}"):
+        open_model(cache)
+    with pytest.raises(model_dir.ModelDirError, match="lacks state_dict.bin"):
+        open_model(tmp_path / "models" / "notes")  # nothing below either: the usual line
+
+
+def test_adapters_given_as_model_suggest_adapter(tmp_path):
+    adapters = tmp_path / "adapters.safetensors"
+    adapters.write_bytes(b"")
+    (tmp_path / "adapters.safetensors.json").write_text("{}")
+    with pytest.raises(model_dir.ModelDirError, match=f"a LoRA adapter file, not a model: give it as ADAPTER={adapters},"):
+        open_model(adapters)
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_config.json").write_text("{}")
+    with pytest.raises(model_dir.ModelDirError, match=f"a PEFT adapter folder, not a model: give it as ADAPTER={peft},"):
+        open_model(peft)
+
+
 def test_training_checkpoint_is_not_a_model(tiny_model, tmp_path):
     model = copy_model(tiny_model, tmp_path)
     torch.save({"model": {}, "xp.cfg": "{}"}, model / "state_dict.bin")

@@ -315,10 +315,16 @@ def lora_export(lora_run, tmp_path_factory):
 
 
 def test_make_export_writes_a_peft_folder_that_transformers_loads_and_runs(lora_export, lora_model):
-    folder = lora_export / "peft"
     assert json.loads((lora_export / "export.json").read_text())["peft"] == {"folder": "peft"}
-    base = Path(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
-    assert hf_bridge.is_hf_folder(base)  # the tiny AudioCraft base, converted once
+    # portable: the converted base sits beside peft/ and is named relative to it, so the export moves as one folder
+    moved = lora_export.parent / "moved" / "elsewhere"
+    shutil.copytree(lora_export, moved)
+    folder = moved / "peft"
+    reference = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert reference == "../transformers-base"
+    base = (folder / reference).resolve()
+    assert base == moved / "transformers-base" and hf_bridge.is_hf_folder(base)  # the tiny base, converted
+    assert '"<this folder>") / "../transformers-base"' in (folder / "README.md").read_text()
     sequence = delayed_sequence(unmerged_lm(lora_model), batch=1, steps=10, seed=5)
     model = peft_model(base, folder)
     ours = load(lora_model, adapter=lora_export / "adapters.safetensors", device="cpu").lm
@@ -344,6 +350,10 @@ def test_export_peft_tool(lora_export, workdir, tmp_path):
     assert f"Exported to {out}" in result.stdout and (not log.exists() or log.read_text() == "")
     made, by_export = (load_file(f / "adapter_model.safetensors") for f in (out, lora_export / "peft"))
     assert made.keys() == by_export.keys() and all(torch.equal(made[k], by_export[k]) for k in made)
+    # the converted base is placed beside the folder written, never named inside our cache (output/hf_bases)
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert written["base_model_name_or_path"] == "../transformers-base"
+    assert hf_bridge.is_hf_folder(tmp_path / "transformers-base")
     alone = tmp_path / "alone"
     alone.mkdir()
     for name in ("adapters.safetensors", "adapters.safetensors.json"):

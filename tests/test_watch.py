@@ -5,6 +5,7 @@ One tiny run (cpu_tiny, 2 epochs, samples at the last) is killed in the middle o
 command, as a preempted job would be: its curves must continue without a repeated or missing step."""
 
 import json
+import logging
 import os
 import re
 import socket
@@ -246,6 +247,32 @@ def test_board_serves_the_runs_on_localhost(watched, workdir):
         board.kill()
         board.wait()
     assert not guard.exists() or guard.read_text() == ""  # offline
+
+
+def test_board_says_a_resumed_runs_purge_is_not_an_error(watched, caplog):
+    """TensorBoard's reader (the one make board runs, --load_fast=false) warns "out of order event ... TensorFlow
+    restart" when it drops what the killed process logged past its checkpoint; make board says what it is."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    from musicgen_finetune import board
+
+    folder, updates, _, _ = watched
+    tensorboard_logger = logging.getLogger("tensorboard")
+    with caplog.at_level(logging.INFO, logger="tensorboard"):
+        plugin_event_accumulator.EventAccumulator(str(folder / "tensorboard")).Reload()
+    assert "out of order event" in caplog.text  # TensorBoard's own line, without make board
+    caplog.clear()
+    board.explain_resumed_runs()
+    try:
+        with caplog.at_level(logging.INFO, logger="tensorboard"):
+            plugin_event_accumulator.EventAccumulator(str(folder / "tensorboard")).Reload()
+    finally:
+        tensorboard_logger.filters = [f for f in tensorboard_logger.filters if not isinstance(f, board.ResumedRunNote)]
+    assert "out of order" not in caplog.text and "TensorFlow" not in caplog.text
+    # the killed process logged update updates + 1 (the first of epoch 2) on three update/ tags; all of it replaced
+    [record] = [r for r in caplog.records if "a resumed run" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert record.getMessage().startswith(f"a resumed run: 3 values logged from update {updates + 1} on by the process")
 
 
 def test_runs_rows_and_table_in_this_process(tmp_path):

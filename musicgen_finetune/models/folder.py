@@ -9,6 +9,7 @@ Transformers files in the same folder (config.json, model.safetensors, ...) are 
 """
 
 import dataclasses
+import json
 import os
 import typing as tp
 from pathlib import Path
@@ -140,10 +141,55 @@ def find_t5(root: Path, name: str, explicit: tp.Optional[tp.Union[str, Path]] = 
     )
 
 
+def holds_model(folder: Path) -> bool:
+    """Whether `folder` holds a model MODEL= takes: the AudioCraft layout, or a transformers MusicGen (not the T5
+    folder a model carries beside its weights)."""
+    if (folder / LM_FILE).is_file() and (folder / COMPRESSION_FILE).is_file():
+        return True
+    if not ((folder / "config.json").is_file() and (folder / "model.safetensors").is_file()):
+        return False
+    try:
+        return str(json.loads((folder / "config.json").read_text()).get("model_type", "")).startswith("musicgen")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def models_below(root: Path) -> tp.List[Path]:
+    """Model folders one level below `root`, or two where the level between is a hub cache's `snapshots/<hash>`
+    (so MODEL=<the hub cache's models--facebook--musicgen-small> finds its snapshot)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and holds_model(child):
+            found.append(child)
+    snapshots = root / "snapshots"
+    if snapshots.is_dir():
+        found += [child for child in sorted(snapshots.iterdir()) if child.is_dir() and holds_model(child)]
+    return found
+
+
+def adapter_hint(root: Path) -> tp.Optional[str]:
+    """The line for MODEL= given LoRA adapters (our adapters.safetensors or a PEFT folder) instead of a model."""
+    if root.is_file() and root.suffix == ".safetensors" and Path(f"{root}.json").is_file():
+        what = "a LoRA adapter file"
+    elif root.is_dir() and (root / "adapter_config.json").is_file() and not holds_model(root):
+        what = "a PEFT adapter folder"
+    else:
+        return None
+    return (
+        f"MODEL={root} is {what}, not a model: give it as ADAPTER={root}, with MODEL=<the base model it was "
+        "trained on>."
+    )
+
+
 def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = None) -> ModelFiles:
     """Everything a fine-tune of the AudioCraft-layout folder `model` needs, or a ModelDirError naming what is
     missing and how to fix it. Only reads (weights memory-mapped)."""
     root = Path(model).expanduser().resolve()
+    adapter = adapter_hint(root)
+    if adapter:
+        raise ModelDirError(adapter)
     if not root.is_dir():
         raise ModelDirError(
             f"MODEL={model}: {root} is not a folder. Point MODEL at a local copy of "
@@ -152,6 +198,12 @@ def check(model: tp.Union[str, Path], t5: tp.Optional[tp.Union[str, Path]] = Non
     lm, compression = root / LM_FILE, root / COMPRESSION_FILE
     missing = [p for p in (lm, compression) if not p.is_file()]
     if missing:
+        below = models_below(root)
+        if below:
+            raise ModelDirError(
+                f"MODEL={root} holds no model itself, but {'models are' if len(below) > 1 else 'a model is'} in "
+                f"the folder below it: {' or '.join(f'MODEL={path}' for path in below[:3])}."
+            )
         hint = ""
         if (root / "model.safetensors").is_file() and (root / "config.json").is_file():
             hint = (

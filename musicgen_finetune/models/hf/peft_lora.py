@@ -28,7 +28,9 @@ accounts for every one, both sides: each tensor maps to exactly one adapter of t
 import dataclasses
 import json
 import math
+import os
 import re
+import shutil
 import typing as tp
 from pathlib import Path
 
@@ -50,6 +52,10 @@ PREFIX = "base_model.model."  # PeftModel's own prefix, as save_pretrained write
 DECODER = "decoder.model.decoder"
 BASE_HASH_KEY = "musicgen_finetune.base_hash"  # in the safetensors metadata of folders written here
 BASES_SUBDIR = "hf_bases"  # <output>/hf_bases/<base>-<hash>: transformers copies of AudioCraft bases, for PEFT
+# A converted base goes beside the PEFT folder under this name (hard links into hf_bases/ where the disk allows), and
+# base_model_name_or_path says `../transformers-base`: the two folders move together, and no path into our cache
+# (which another machine does not have) is ever written.
+BESIDE_BASE = "transformers-base"
 AUTO_MAPPING = {  # what PEFT writes for a model of no task type: AutoPeftModel.from_pretrained(<folder>) works too
     "base_model_class": "MusicgenForConditionalGeneration",
     "parent_library": "transformers.models.musicgen.modeling_musicgen",
@@ -196,11 +202,11 @@ def checked_transformers_base(folder: Path, base_hash: str) -> Path:
     return folder
 
 
-def transformers_base(base: Path, base_hash: str) -> Path:
-    """A transformers MusicGen folder of the AudioCraft model folder `base` (whose LM hashes to `base_hash`): the
-    folder it was imported from (hf_import.json), or `base` itself when it also holds the transformers files (as
-    the facebook/musicgen-small snapshot does), when its decoder hashes the same; else `base` converted by
-    `export_hf`, once, into <output>/hf_bases/<name>-<hash>."""
+def transformers_base(base: Path, base_hash: str) -> tp.Tuple[Path, bool]:
+    """A transformers MusicGen folder of the AudioCraft model folder `base` (whose LM hashes to `base_hash`), and
+    whether it is the user's own: the folder it was imported from (hf_import.json), or `base` itself when it also
+    holds the transformers files (as the facebook/musicgen-small snapshot does), when its decoder hashes the same;
+    else (not theirs) `base` converted by `export_hf`, once, into <output>/hf_bases/<name>-<hash>."""
     files = model_dir.check(base)
     actual = lora.base_model_hash(model_dir.load_package(files.lm)["best_state"])
     if actual != base_hash:
@@ -214,12 +220,40 @@ def transformers_base(base: Path, base_hash: str) -> Path:
     candidates.append(base)
     for candidate in candidates:
         if is_hf_folder(candidate) and lora.base_model_hash(transformers_lm_state(candidate)) == base_hash:
-            return candidate
+            return candidate, True
     converted = output_dir() / BASES_SUBDIR / f"{base.name}-{base_hash[:16]}"
     if not is_hf_folder(converted):
         print(f"Converting the base {base} to the transformers format, once, for PEFT: {converted}", flush=True)
         export_hf(base, converted)
-    return converted
+    return converted, False
+
+
+def place_beside(converted: Path, peft_folder: Path) -> Path:
+    """The converted base `converted` as <peft_folder's parent>/transformers-base: hard links (no second copy of
+    the weights) where the two share a file system, else copies; kept when it is already there."""
+    beside = peft_folder.parent / BESIDE_BASE
+    if is_hf_folder(beside) and all(
+        (beside / f.name).is_file() and (beside / f.name).stat().st_size == f.stat().st_size
+        for f in converted.iterdir()
+        if f.is_file()
+    ):
+        return beside
+    with replaced_when_complete(beside) as staging:
+        for file in converted.iterdir():
+            if file.is_file():
+                try:
+                    os.link(file, staging / file.name)
+                except OSError:  # another file system, or one without hard links
+                    shutil.copyfile(file, staging / file.name)
+    return beside
+
+
+def base_reference(base_hf: Path, peft_folder: Path) -> str:
+    """base_model_name_or_path: `../<name>` when the base sits beside the PEFT folder (the two move together),
+    else the base's absolute path (the user's own transformers folder)."""
+    if base_hf.resolve().parent == peft_folder.resolve().parent:
+        return os.path.join(os.pardir, base_hf.name)
+    return str(base_hf)
 
 
 def write_peft(
@@ -232,7 +266,8 @@ def write_peft(
     source: str,
 ) -> Path:
     """Write `folder` (existing, empty) as a PEFT LoRA folder of our adapters (`adapted`, `tensors`) for the
-    transformers MusicGen `base_hf`: adapter_config.json, adapter_model.safetensors, README.md."""
+    transformers MusicGen `base_hf` (beside `folder`, or the user's own): adapter_config.json,
+    adapter_model.safetensors, README.md."""
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
@@ -268,7 +303,7 @@ def write_peft(
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": str(base_hf),
+        "base_model_name_or_path": base_reference(base_hf, folder),
         "revision": None,
         "r": config.rank,
         "lora_alpha": alpha,
@@ -290,24 +325,33 @@ def write_peft(
     (folder / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n")
     tensors_out = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in converted.items()}
     save_file(tensors_out, str(folder / WEIGHTS_FILE), metadata={"format": "pt", BASE_HASH_KEY: base_hash})
-    (folder / "README.md").write_text(readme(config, adapted, source, base_hf, base_hash))
+    (folder / "README.md").write_text(readme(config, adapted, source, base_reference(base_hf, folder), base_hash))
     return folder
 
 
-def readme(config: lora.LoraConfig, adapted: tp.Sequence[str], source: str, base_hf: Path, base_hash: str) -> str:
+def readme(config: lora.LoraConfig, adapted: tp.Sequence[str], source: str, base: str, base_hash: str) -> str:
     layers = "every layer" if config.layers is None else f"layers {', '.join(map(str, config.layers))}"
+    beside = not os.path.isabs(base)
+    where = (
+        f"`{base}`, relative to this folder: the transformers form of the model the adapter was trained on, beside "
+        "it (move or copy the two folders together)"
+        if beside
+        else f"{base}, the transformers form of the model the adapter was trained on"
+    )
+    base_path = f'Path("<this folder>") / "{base}"' if beside else f'"{base}"'
     return (
         "# LoRA adapter for transformers' MusicGen (PEFT)\n\n"
         f"Converted by musicgen-finetune from {source}: rank {config.rank}, alpha {config.alpha:g}, dropout "
-        f"{config.dropout:g}, on {', '.join(config.targets)} ({len(adapted)} modules, {layers}). Its base is "
-        f"{base_hf} (`base_model_name_or_path`), the transformers form of the model the adapter was trained on "
-        f"(base hash {base_hash[:16]}).\n\n"
+        f"{config.dropout:g}, on {', '.join(config.targets)} ({len(adapted)} modules, {layers}). Its base "
+        f"(`base_model_name_or_path`) is {where}; base hash {base_hash[:16]}.\n\n"
         "```python\n"
+        "from pathlib import Path\n\n"
         "from peft import PeftModel\n"
         "from transformers import AutoProcessor, MusicgenForConditionalGeneration\n\n"
-        f'base = MusicgenForConditionalGeneration.from_pretrained("{base_hf}")\n'
+        f"base_path = {base_path}\n"
+        "base = MusicgenForConditionalGeneration.from_pretrained(base_path)\n"
         'model = PeftModel.from_pretrained(base, "<this folder>").eval()  # .merge_and_unload(): a plain model\n'
-        f'processor = AutoProcessor.from_pretrained("{base_hf}")\n'
+        "processor = AutoProcessor.from_pretrained(base_path)\n"
         'inputs = processor(text=["hip hop 808 beat, 140 bpm"], padding=True, return_tensors="pt")\n'
         "audio = model.generate(**inputs, do_sample=True, max_new_tokens=500)  # 10 s at 50 frames/s\n"
         "```\n\n"
@@ -329,7 +373,8 @@ def export_peft(
         out: the folder to write (default: `peft/` beside the adapter).
         base_hf: the transformers MusicGen of the adapters' base; checked by its decoder's hash.
         base: without `base_hf`, the AudioCraft base folder (default: the one export.json beside the adapter names),
-            whose transformers form is found or converted once (`transformers_base`).
+            whose transformers form is found (the user's own) or converted once and placed beside `out` as
+            transformers-base/ (`transformers_base`, `place_beside`).
     Returns:
         The folder written.
     """
@@ -348,8 +393,10 @@ def export_peft(
                 f"ADAPTER={adapter} has no export.json beside it naming its base model: give "
                 "BASE_HF=<the transformers MusicGen folder of the base it was trained on>."
             )
-        hf = transformers_base(Path(base).expanduser().resolve(), metadata["base_hash"])
+        hf, users_own = transformers_base(Path(base).expanduser().resolve(), metadata["base_hash"])
     out = Path(out).expanduser().resolve() if out else adapter.parent / "peft"
+    if not base_hf and not users_own:
+        hf = place_beside(hf, out)
     with replaced_when_complete(out) as staging:
         write_peft(staging, config, tensors, metadata["adapted"], metadata["base_hash"], hf, str(adapter))
     return out
