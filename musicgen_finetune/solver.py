@@ -191,6 +191,7 @@ class FinetuneSolver(MusicGenSolver):
                 "A dataset of this run was rebuilt while its processes were starting (they read different "
                 "versions): run the same command again."
             )
+        fresh = not self.checkpoint_path().exists()  # a new experiment, not a resumed one
         for record in records:
             if record["hash"]:
                 self.logger.info(
@@ -199,7 +200,25 @@ class FinetuneSolver(MusicGenSolver):
                     record["version"],
                     record["hash"][: versions.HASH_LENGTH],
                 )
-        if flashy.distrib.is_rank_zero():  # who reads which version, for `make manifests` (versions.py)
+            earlier = versions.trained_on_other_versions(record, self.folder) if fresh and record["hash"] else []
+            if earlier and flashy.distrib.is_rank_zero():
+                self.logger.warning(
+                    "NAME=%s was rebuilt since experiment %s trained on it (content hash %s): this new experiment, "
+                    "%s, trains on the new data (%s), so its results and theirs are on different data.",
+                    record["name"],
+                    ", ".join(sorted({sig for sig, _ in earlier})),
+                    ", ".join(sorted({h[: versions.HASH_LENGTH] for _, h in earlier})),
+                    self.folder.name,
+                    record["hash"][: versions.HASH_LENGTH],
+                )
+        if fresh:  # a resumed run records them once they are checked against its checkpoint (load_state_dict)
+            self.record_datasets()
+
+    def record_datasets(self) -> None:
+        """<xp>/datasets.json: the versions this run reads, for `make manifests` (versions.py) and for the next
+        experiment on a rebuilt dataset (`trained_on_other_versions`)."""
+        if flashy.distrib.is_rank_zero():
+            records = [pin.record() for pin in getattr(self, "dataset_pins", [])]
             write_text_atomically(self.folder / versions.PINNED_FILE, json.dumps(records, indent=2) + "\n")
 
     def check_datasets(self, saved: tp.List[dict]) -> None:
@@ -613,6 +632,7 @@ class FinetuneSolver(MusicGenSolver):
         saved_datasets = state.pop("datasets", None)
         if saved_datasets:
             self.check_datasets(saved_datasets)
+        self.record_datasets()
         ref = checkpoints.referenced(state.get("best_state"))
         if ref is not None:  # a lean checkpoint of this experiment
             state["best_state"] = checkpoints.resolve_best_state(self.folder, state)

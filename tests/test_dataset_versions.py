@@ -176,3 +176,11 @@ def test_rebuilding_under_a_running_experiment_refuses_then_force_keeps_its_data
     line = one_error_line(resumed.stderr)
     old_hash, new_hash = read_version(first)["hash"], read_version(second)["hash"]
     assert old_hash[:16] in line and new_hash[:16] in line and "FRESH=1" in line
+    assert json.loads((xp / "datasets.json").read_text())[0]["version"] == str(first)  # what it trained on, still
+    # another setting (a new signature: a new experiment, as a rebuild with another SEGMENT gives) starts on the new
+    # data and says that the earlier experiment trained on the earlier version
+    other = run_tool([*command[:-1], "optim.epochs=1"], workdir, env)
+    assert other.returncode == 0, other.stderr[-3000:]
+    [warning] = [line for line in other.stderr.splitlines() if "was rebuilt since experiment" in line]
+    assert f"NAME=moving was rebuilt since experiment {xp.name} trained on it (content hash {old_hash[:16]})" in warning
+    assert f"trains on the new data ({new_hash[:16]})" in warning

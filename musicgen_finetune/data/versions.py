@@ -219,6 +219,26 @@ def pin_splits(datasource: tp.MutableMapping[str, tp.Any]) -> tp.List[Pin]:
     return list(pins.values())
 
 
+def trained_on_other_versions(record: dict, folder: Path) -> tp.List[tp.Tuple[str, str]]:
+    """(signature, content hash) of the other experiments whose last run read the dataset named in `record` at
+    another content hash (their datasets.json): a new experiment on a rebuilt dataset says so."""
+    found = []
+    for pinned in sorted(experiments_dir().glob(f"*/{PINNED_FILE}")):
+        if pinned.parent.resolve() == folder.resolve():
+            continue
+        try:
+            records = json.loads(pinned.read_text())
+        except (OSError, ValueError):
+            continue
+        for other in records if isinstance(records, list) else []:
+            if isinstance(other, dict) and other.get("name") == record["name"] and other.get("hash") not in (
+                None,
+                record["hash"],
+            ):
+                found.append((pinned.parent.name, other["hash"]))
+    return found
+
+
 def changed(saved: tp.Sequence[dict], now: tp.Sequence[dict]) -> tp.List[tp.Tuple[dict, tp.Optional[dict]]]:
     """The saved dataset records whose dataset now reads as another hash (or is gone), with what is there now."""
     current = {r["name"]: r for r in now if r.get("name")}
