@@ -118,6 +118,11 @@ help:  ## this list
 setup:  ## .venv with the pinned stack, AudioCraft's source in audiocraft/, ffmpeg on PATH (seconds when done)
 	@bash tools/setup.sh
 
+# The demo's tools and the tiny model's codec training on one thread, as config/solver/finetune/cpu_tiny.yaml's runs:
+# its matrices are small, and OpenMP threads on shared cores spin-wait (4.7x slower under load, one thread 1.35x
+# slower idle).
+demo tiny-model: export OMP_NUM_THREADS ?= 1
+demo tiny-model: export MKL_NUM_THREADS ?= 1
 demo: tiny-model  ## the whole job on the embedded tiny model and synthetic data, on the CPU: train, compare, listen
 	@echo "== 1. a 'general' base: the random tiny model trained briefly on another style (chiptune)"
 	$(PY) tools/manifests.py --data $(DEMO_GENERAL_DATA) --name $(DEMO_GENERAL_NAME) --model $(DEMO_MODEL) --segment 2 \
