@@ -10,6 +10,7 @@ check_values           the values of the keys people change most: type and range
 import dataclasses
 import difflib
 import math
+import re
 import shlex
 import typing as tp
 from pathlib import Path
@@ -52,9 +53,19 @@ def hydra_value(value: tp.Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(hydra_value(v) for v in value) + "]"
     text = str(value)
-    if text and all(c.isalnum() or c in "-_./" for c in text):
-        return text
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if text and all(c.isalnum() or c in "-_./" for c in text) and reads_back_as(text) == text:
+        return text  # plain, unless Hydra would read it as another type: `null`, `true`, `2024`, `1e-4`, `inf`
+    # Hydra's quoted strings (hydra/core/override_parser/overrides_visitor.py, visitQuotedValue): a backslash is
+    # literal unless a run of them precedes a quote, where each is written twice; the quote itself is escaped.
+    escaped = re.sub(r"(\\*)'", lambda run: run.group(1) * 2 + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda run: run.group(1) * 2, escaped)
+    return f"'{escaped}'"
+
+
+def reads_back_as(text: str) -> tp.Any:
+    """The value Hydra reads from the override value `text`."""
+    [override] = OverridesParser.create().parse_overrides([f"key={text}"])
+    return override.value()
 
 
 # -- checking what a user overrides, before anything is created -------------------------------------------------

@@ -58,12 +58,16 @@ def test_adapters_given_as_model_suggest_adapter(tmp_path):
     adapters = tmp_path / "adapters.safetensors"
     adapters.write_bytes(b"")
     (tmp_path / "adapters.safetensors.json").write_text("{}")
-    with pytest.raises(model_dir.ModelDirError, match=f"a LoRA adapter file, not a model: give it as ADAPTER={adapters},"):
+    with pytest.raises(
+        model_dir.ModelDirError, match=f"a LoRA adapter file, not a model: give it as ADAPTER={adapters},"
+    ):
         open_model(adapters)
     peft = tmp_path / "peft"
     peft.mkdir()
     (peft / "adapter_config.json").write_text("{}")
-    with pytest.raises(model_dir.ModelDirError, match=f"a PEFT adapter folder, not a model: give it as ADAPTER={peft},"):
+    with pytest.raises(
+        model_dir.ModelDirError, match=f"a PEFT adapter folder, not a model: give it as ADAPTER={peft},"
+    ):
         open_model(peft)
 
 

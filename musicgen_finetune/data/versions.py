@@ -231,9 +231,14 @@ def trained_on_other_versions(record: dict, folder: Path) -> tp.List[tp.Tuple[st
         except (OSError, ValueError):
             continue
         for other in records if isinstance(records, list) else []:
-            if isinstance(other, dict) and other.get("name") == record["name"] and other.get("hash") not in (
-                None,
-                record["hash"],
+            if (
+                isinstance(other, dict)
+                and other.get("name") == record["name"]
+                and other.get("hash")
+                not in (
+                    None,
+                    record["hash"],
+                )
             ):
                 found.append((pinned.parent.name, other["hash"]))
     return found
