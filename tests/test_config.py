@@ -51,6 +51,8 @@ def test_runs_need_no_slurm_git_or_xformers_kernel():
 def test_cpu_preset_runs_without_cuda():
     cfg = compose(["solver=finetune/cpu_tiny"])
     assert cfg.device == "cpu" and not cfg.autocast and cfg.dataset.num_workers == 0
+    # one thread: on shared cores torch's OpenMP threads spin-wait (the demo under a test run's load, issue 26)
+    assert cfg.num_threads == 1
 
 
 def test_config_resolves_without_user(monkeypatch):
