@@ -147,6 +147,33 @@ def test_our_adapter_exported_gives_our_logits_in_peft(hf_model, imported, seque
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
+def test_the_written_adapter_config_is_what_peft_itself_writes_for_those_settings(hf_model, imported, tmp_path):
+    """PEFT is the oracle: its own LoraConfig for the same rank, alpha, dropout and targets, saved by PEFT, holds
+    the same value for every key we write (PEFT's defaults included: bias, fan_in_fan_out, init, patterns, ...)."""
+    from peft import LoraConfig
+
+    lm = unmerged_lm(imported)
+    config = lora.LoraConfig(enabled=True, rank=4, alpha=6.0, dropout=0.1, targets="attention_ff")
+    lora.inject(lm, config)
+    folder = peft_lora.export_peft(
+        lora.save_adapters(lm, tmp_path / "adapters.safetensors", config), tmp_path / "peft", base_hf=hf_model
+    )
+    written = json.loads((folder / "adapter_config.json").read_text())
+    theirs = LoraConfig(
+        r=4,
+        lora_alpha=6,
+        lora_dropout=0.1,
+        target_modules=written["target_modules"],
+        base_model_name_or_path=str(hf_model),
+        inference_mode=True,
+    )
+    theirs.save_pretrained(tmp_path / "theirs")
+    saved = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    # auto_mapping: PEFT fills it in when it saves from a model of no task type (PeftModel.save_pretrained)
+    differing = {k: (v, saved.get(k)) for k, v in written.items() if k != "auto_mapping" and saved.get(k) != v}
+    assert differing == {} and set(written) <= set(saved)
+
+
 def test_a_peft_adapter_made_on_transformers_loads_as_adapter(hf_model, user_adapter, sequence, capsys):
     """The user's own transformers folder as MODEL (converted once), their PEFT folder as ADAPTER."""
     theirs = transformers_logits(peft_model(hf_model, user_adapter), hf_model, sequence)
