@@ -77,7 +77,7 @@ def write_peft_folder(staging: Path, out: Path, base_dir: Path, base_hash: str) 
     try:
         hf_base, users_own = peft_lora.transformers_base(base_dir, base_hash)
         if not users_own:  # <export>/transformers-base/, which peft/ names as ../transformers-base
-            hf_base = peft_lora.place_beside(hf_base, staging / "peft")
+            hf_base = peft_lora.place_beside(hf_base, staging / "peft", base_hash)
         config, metadata, tensors = lora.read_adapters(staging / "adapters.safetensors")
         (staging / "peft").mkdir()
         peft_lora.write_peft(

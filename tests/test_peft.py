@@ -365,7 +365,7 @@ def test_make_export_writes_a_peft_folder_that_transformers_loads_and_runs(lora_
     assert "PeftModel.from_pretrained" in (folder / "README.md").read_text()
 
 
-def test_export_peft_tool(lora_export, workdir, tmp_path):
+def test_export_peft_tool(lora_export, hf_model, workdir, tmp_path):
     out = tmp_path / "peft"
     log = workdir / "export_peft_network.log"
     result = run_tool(
@@ -381,6 +381,13 @@ def test_export_peft_tool(lora_export, workdir, tmp_path):
     written = json.loads((out / "adapter_config.json").read_text())
     assert written["base_model_name_or_path"] == "../transformers-base"
     assert hf_bridge.is_hf_folder(tmp_path / "transformers-base")
+    # a second export beside it reuses that base; another base there is refused, never silently named
+    peft_lora.export_peft(lora_export / "adapters.safetensors", tmp_path / "again")
+    shutil.rmtree(tmp_path / "transformers-base")
+    shutil.copytree(hf_model, tmp_path / "transformers-base")
+    with pytest.raises(peft_lora.PeftAdapterError, match="holds the transformers form of another base model"):
+        peft_lora.export_peft(lora_export / "adapters.safetensors", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
     alone = tmp_path / "alone"
     alone.mkdir()
     for name in ("adapters.safetensors", "adapters.safetensors.json"):

@@ -228,16 +228,18 @@ def transformers_base(base: Path, base_hash: str) -> tp.Tuple[Path, bool]:
     return converted, False
 
 
-def place_beside(converted: Path, peft_folder: Path) -> Path:
-    """The converted base `converted` as <peft_folder's parent>/transformers-base: hard links (no second copy of
-    the weights) where the two share a file system, else copies; kept when it is already there."""
+def place_beside(converted: Path, peft_folder: Path, base_hash: str) -> Path:
+    """The converted base `converted` (whose decoder hashes to `base_hash`) as <peft_folder's parent>/
+    transformers-base: hard links (no second copy of the weights) where the two share a file system, else copies;
+    kept when that base is already there, refused when another base is (a PEFT folder beside it names it)."""
     beside = peft_folder.parent / BESIDE_BASE
-    if is_hf_folder(beside) and all(
-        (beside / f.name).is_file() and (beside / f.name).stat().st_size == f.stat().st_size
-        for f in converted.iterdir()
-        if f.is_file()
-    ):
-        return beside
+    if is_hf_folder(beside):
+        if lora.base_model_hash(transformers_lm_state(beside)) == base_hash:
+            return beside
+        raise PeftAdapterError(
+            f"{beside} holds the transformers form of another base model, which PEFT folders beside it may name: "
+            f"write this adapter's PEFT folder into another folder (OUT=<another folder>/peft)."
+        )
     with replaced_when_complete(beside) as staging:
         for file in converted.iterdir():
             if file.is_file():
@@ -396,7 +398,7 @@ def export_peft(
         hf, users_own = transformers_base(Path(base).expanduser().resolve(), metadata["base_hash"])
     out = Path(out).expanduser().resolve() if out else adapter.parent / "peft"
     if not base_hf and not users_own:
-        hf = place_beside(hf, out)
+        hf = place_beside(hf, out, metadata["base_hash"])
     with replaced_when_complete(out) as staging:
         write_peft(staging, config, tensors, metadata["adapted"], metadata["base_hash"], hf, str(adapter))
     return out
